@@ -1,0 +1,47 @@
+"""The app factory: wires settings, the engine, middleware, error handlers and routers; no route logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from hearth import __version__
+from hearth.api import health, runners
+from hearth.api.errors import install_error_handlers
+from hearth.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from hearth.api.openai import chat, completions, models
+from hearth.engine import Engine
+from hearth.settings import Settings
+
+log = logging.getLogger("hearth.api")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    engine = Engine(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        preload = asyncio.create_task(engine.preload())
+        try:
+            yield
+        finally:
+            preload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await preload
+            await engine.stop()
+            log.info("all runners stopped")
+
+    app = FastAPI(title="Hearth", version=__version__, lifespan=lifespan)
+    app.state.engine = engine
+    install_error_handlers(app)
+    for router in (health.router, models.router, chat.router, completions.router, runners.router):
+        app.include_router(router)
+    # Outermost first: refuse unauthenticated requests before reading their bodies.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    return app

@@ -1,0 +1,113 @@
+"""ASGI middleware: API keys on every route but health, and a request body size limit."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hearth.api.errors import error_body
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _presented_key(scope: Scope) -> str | None:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    authorization = headers.get("authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return headers.get("x-api-key") or None
+
+
+class ApiKeyMiddleware:
+    """When keys are configured, every HTTP route but /healthz and /readyz needs one of them."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys if key]
+
+    def _valid(self, presented: str) -> bool:
+        candidate = presented.encode()
+        matched = False
+        for key in self.keys:  # compare against every key, so timing does not reveal which one is close
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        presented = _presented_key(scope)
+        if presented is None:
+            message = "missing API key: send it as 'Authorization: Bearer KEY' or in the 'x-api-key' header"
+        elif not self._valid(presented):
+            message = "invalid API key"
+        else:
+            await self.app(scope, receive, send)
+            return
+        await _send_json(send, 401, error_body(message, type="authentication_error", code="invalid_api_key"),
+                         {"WWW-Authenticate": "Bearer"})
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over `limit` bytes with 413, by Content-Length or while reading."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self) -> dict[str, Any]:
+        return error_body(f"the request body is larger than the server's limit of {self.limit} bytes",
+                          type="invalid_request_error", code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.limit:
+                    await _send_json(send, 413, self._too_large())
+                    return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge(413, self._too_large()["error"]["message"])
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_json(send, 413, self._too_large())
+
+
+class _BodyTooLarge(HTTPException):
+    """An HTTPException, so the framework's body parser passes it on instead of calling it a parse error."""

@@ -1,0 +1,136 @@
+"""What chat and completions share: sampling fields, their defaults from the YAML, usage and timings."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hearth.config.schema import ModelConfig
+from hearth.errors import InvalidRequest
+from hearth.runner import hearth_pb2 as pb
+
+MAX_STOP_SEQUENCES = 4
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """Fields OpenAI (and llama.cpp's server) accept on both chat and completions; unknown ones are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repeat_penalty: float | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def refuse_unsupported(request: SamplingRequest) -> None:
+    if request.n is not None and request.n > 1:
+        raise InvalidRequest("n > 1 is not supported yet; send one request per choice", param="n")
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def stop_list(request: SamplingRequest, config: ModelConfig) -> list[str]:
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}",
+                             param="stop")
+    if any(not s for s in stops):
+        raise InvalidRequest("stop sequences must not be empty", param="stop")
+    return stops + [s for s in config.stopwords if s and s not in stops]
+
+
+def _logit_bias(request: SamplingRequest) -> dict[int, float]:
+    biases: dict[int, float] = {}
+    for key, value in (request.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequest(f"logit_bias keys must be token ids, got '{key}'", param="logit_bias") from None
+        if token < 0:
+            raise InvalidRequest(f"logit_bias token id {token} is negative", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise InvalidRequest(f"logit_bias values must be between -100 and 100, got {value}",
+                                 param="logit_bias")
+        biases[token] = value
+    return biases
+
+
+def sampling_params(request: SamplingRequest, config: ModelConfig) -> pb.SamplingParams:
+    """Request values beat the model YAML's `parameters`, which beat the backend's defaults."""
+    defaults = config.parameters
+    params = pb.SamplingParams()
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                 "frequency_penalty"):
+        value = getattr(request, name)
+        if value is None:
+            value = getattr(defaults, name)
+        if value is not None:
+            setattr(params, name, value)
+    seed = request.seed if request.seed is not None else defaults.seed
+    if seed is not None and seed >= 0:
+        params.seed = seed & 0xFFFFFFFF
+    for token, bias in _logit_bias(request).items():
+        params.logit_bias[token] = bias
+    return params
+
+
+def usage_dict(usage: pb.Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def add_usage(total: pb.Usage, more: pb.Usage) -> None:
+    total.prompt_tokens += more.prompt_tokens
+    total.completion_tokens += more.completion_tokens
+    total.cached_tokens += more.cached_tokens
+
+
+def timings_dict(timings: pb.Timings) -> dict[str, Any]:
+    """The prompt and generation speed, in llama-server's `timings` shape."""
+    def per_second(n: int, ms: float) -> float:
+        return round(n / (ms / 1000), 2) if ms > 0 else 0.0
+
+    return {
+        "prompt_n": timings.prompt_n,
+        "prompt_ms": round(timings.prompt_ms, 3),
+        "prompt_per_second": per_second(timings.prompt_n, timings.prompt_ms),
+        "predicted_n": timings.predicted_n,
+        "predicted_ms": round(timings.predicted_ms, 3),
+        "predicted_per_second": per_second(timings.predicted_n, timings.predicted_ms),
+    }

@@ -1,0 +1,221 @@
+"""POST /v1/completions: request model, serving logic, route."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+
+from hearth.api.openai.common import (
+    SamplingRequest,
+    add_usage,
+    new_id,
+    now,
+    refuse_unsupported,
+    sampling_params,
+    stop_list,
+    timings_dict,
+    usage_dict,
+)
+from hearth.api.streaming import primed, sse_response, until_disconnect
+from hearth.engine import Engine
+from hearth.errors import InvalidRequest
+from hearth.runner import hearth_pb2 as pb
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = Field(None, ge=1)
+
+
+def _prompts(request: CompletionRequest) -> list[str | list[int]]:
+    """The prompt field as a list of prompts, each text or token ids."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequest("prompt must not be an empty list", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    prompts: list[str | list[int]] = []
+    for index, item in enumerate(prompt):
+        if isinstance(item, list) and not item:
+            raise InvalidRequest(f"prompt[{index}] is an empty token list", param="prompt")
+        prompts.append(item)  # type: ignore[arg-type]
+    return prompts
+
+
+def _refuse_unsupported(request: CompletionRequest) -> None:
+    refuse_unsupported(request)
+    if request.logprobs:
+        raise InvalidRequest("logprobs are not supported yet by this Hearth version", param="logprobs")
+    if request.best_of is not None and request.best_of > 1:
+        raise InvalidRequest("best_of > 1 is not supported yet", param="best_of")
+
+
+def _chunk(request_id: str, created: int, model: str, index: int, text: str, finish: str | None) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+async def completion_events(request: CompletionRequest, engine: Engine) -> AsyncIterator[dict[str, Any]]:
+    """Completion chunks for every prompt, generated concurrently and interleaved; each carries its index."""
+    _refuse_unsupported(request)
+    prompts = _prompts(request)
+    config = engine.model(request.model)
+    stops = stop_list(request, config)
+    sampling = sampling_params(request, config)
+    max_tokens = request.max_tokens or config.parameters.max_tokens or DEFAULT_MAX_TOKENS
+    request_id, created = new_id("cmpl"), now()
+
+    async with engine.runner(config, "generate") as runner:
+
+        def generate_request(prompt: str | list[int]) -> pb.GenerateRequest:
+            message = pb.GenerateRequest(add_special=True, parse_special=False, max_tokens=max_tokens, stop=stops,
+                                         sampling=sampling, request_id=request_id)
+            if isinstance(prompt, str):
+                message.prompt = prompt
+            else:
+                message.prompt_tokens.extend(prompt)
+            if request.suffix is not None:
+                message.suffix = request.suffix
+            return message
+
+        async def one(index: int, prompt: str | list[int]) -> AsyncIterator[dict[str, Any]]:
+            if request.echo:
+                echoed = prompt if isinstance(prompt, str) else await runner.call("detokenize", prompt)
+                yield _chunk(request_id, created, request.model, index, echoed, None)
+            async for reply in runner.generate(generate_request(prompt)):
+                if reply.text:
+                    yield _chunk(request_id, created, request.model, index, reply.text, None)
+                if reply.finish_reason:
+                    final = _chunk(request_id, created, request.model, index, "", reply.finish_reason)
+                    final["usage"] = usage_dict(reply.usage)
+                    final["timings"] = timings_dict(reply.timings)
+                    final["_usage"] = reply.usage
+                    yield final
+
+        if len(prompts) == 1:
+            async for chunk in one(0, prompts[0]):
+                yield chunk
+            return
+        async for chunk in _merge([one(i, p) for i, p in enumerate(prompts)]):
+            yield chunk
+
+
+async def _merge(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
+    """Interleave several streams as their items arrive; an error in one ends them all."""
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(("item", item))
+        except BaseException as exc:  # forwarded to the consumer, which re-raises it
+            await queue.put(("error", exc))
+            return
+        await queue.put(("done", None))
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            kind, value = await queue.get()
+            if kind == "item":
+                yield value
+            elif kind == "done":
+                remaining -= 1
+            else:
+                raise value
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _total_usage(chunks: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    total = pb.Usage()
+    timings = None
+    for chunk in chunks:
+        add_usage(total, chunk["_usage"])
+        timings = chunk.get("timings")
+    return usage_dict(total), timings
+
+
+async def create_completion(request: CompletionRequest, engine: Engine) -> dict[str, Any]:
+    texts: dict[int, list[str]] = {}
+    finishes: dict[int, str] = {}
+    finals: list[dict[str, Any]] = []
+    request_id, created = "", 0
+    async for chunk in completion_events(request, engine):
+        request_id, created = chunk["id"], chunk["created"]
+        choice = chunk["choices"][0]
+        texts.setdefault(choice["index"], []).append(choice["text"])
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+            finals.append(chunk)
+    usage, timings = _total_usage(finals)
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": request.model,
+        "choices": [
+            {"text": "".join(texts[i]), "index": i, "logprobs": None, "finish_reason": finishes.get(i, "stop")}
+            for i in sorted(texts)
+        ],
+        "usage": usage,
+        "timings": timings,
+    }
+
+
+def _public_chunks(events: AsyncIterator[dict[str, Any]], include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    """Strip per-choice usage; with include_usage, send the summed usage in a last chunk of its own."""
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        finals = []
+        last = None
+        async with contextlib.aclosing(events):
+            async for chunk in events:
+                chunk.pop("usage", None)
+                if "_usage" in chunk:
+                    finals.append(dict(chunk))
+                    chunk.pop("_usage")
+                if include_usage:
+                    chunk["usage"] = None
+                last = chunk
+                yield chunk
+        if include_usage and last is not None:
+            usage, _ = _total_usage(finals)
+            yield {**last, "choices": [], "usage": usage}
+
+    return chunks()
+
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+@router.post("/completions", include_in_schema=False)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    engine: Engine = request.app.state.engine
+    if body.stream:
+        events = await primed(_public_chunks(completion_events(body, engine), body.include_usage()))
+        return sse_response(events)
+    return await until_disconnect(request, create_completion(body, engine))

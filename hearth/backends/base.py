@@ -1,0 +1,165 @@
+"""What a backend is: the capabilities a runner can ask of it, and the plain types they use."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from hearth.errors import CapabilityNotSupported, ModelLoadFailed
+
+# Canonical backend name -> module that defines `Backend` (imported only inside the runner).
+BACKEND_MODULES = {
+    "llama-cpp": "hearth.backends.llama_cpp",
+    "fake": "hearth.backends.fake",
+}
+
+
+@dataclass
+class LoadSpec:
+    model_name: str
+    backend: str
+    model_path: str
+    config: dict[str, Any]
+    threads: int
+    context_size: int = 0
+    parallel: int = 0
+    files: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, model_name: str, backend: str, model_path: str, config_json: str, **rest: Any) -> LoadSpec:
+        return cls(model_name=model_name, backend=backend, model_path=model_path,
+                   config=json.loads(config_json or "{}"), **rest)
+
+
+@dataclass
+class Sampling:
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repeat_last_n: int | None = None
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str = ""
+
+
+@dataclass
+class GenerationSpec:
+    prompt: str | None
+    prompt_tokens: list[int] | None
+    parse_special: bool = False
+    add_special: bool = True
+    suffix: str | None = None
+    max_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
+    ignore_eos: bool = False
+    request_id: str = ""
+
+
+@dataclass
+class GenerationChunk:
+    text: str = ""
+    token_count: int = 0
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0
+
+
+@dataclass
+class ModelDescription:
+    backend: str
+    capabilities: list[str]
+    context_size: int = 0
+    train_context_size: int = 0
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
+    add_bos: bool = False
+    architecture: str = ""
+    parameter_count: int = 0
+    size_bytes: int = 0
+    embedding_size: int = 0
+    parallel: int = 1
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Backend:
+    """Base class: a backend overrides the capabilities it has; the rest refuse clearly."""
+
+    name = "base"
+
+    def load(self, spec: LoadSpec) -> ModelDescription:
+        raise NotImplementedError
+
+    def generate(self, spec: GenerationSpec, cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
+        raise CapabilityNotSupported(f"backend '{self.name}' does not generate text")
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        raise CapabilityNotSupported(f"backend '{self.name}' has no tokenizer")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        raise CapabilityNotSupported(f"backend '{self.name}' has no tokenizer")
+
+    def active_requests(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Free the model; called once before the runner exits."""
+
+
+def create_backend(name: str) -> Backend:
+    module_name = BACKEND_MODULES.get(name)
+    if module_name is None:
+        raise ModelLoadFailed(f"this runner has no backend '{name}'; it has: {', '.join(sorted(BACKEND_MODULES))}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = {"llama-cpp": "llama"}.get(name, "all")
+        raise ModelLoadFailed(
+            f"backend '{name}' is not installed ({exc.name or exc}); install it with: pip install 'hearth[{extra}]'"
+        ) from None
+    return module.Backend()
+
+
+class StopBuffer:
+    """Holds back text that may be the start of a stop string, so stop strings never reach the client."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._pending = ""
+        self._pattern = re.compile("|".join(re.escape(s) for s in self.stops)) if self.stops else None
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add generated text; return (text safe to send, whether a stop string was hit)."""
+        if self._pattern is None:
+            return text, False
+        self._pending += text
+        match = self._pattern.search(self._pending)
+        if match:
+            out = self._pending[: match.start()]
+            self._pending = ""
+            return out, True
+        keep = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self._pending)), keep, -1):
+                if self._pending.endswith(stop[:n]):
+                    keep = n
+                    break
+        out = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out

@@ -1,0 +1,416 @@
+"""llama.cpp through llama-cpp-python's low-level C API: GGUF models, sampling in C, a per-sequence KV cache."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import llama_cpp.llama_cpp as L
+
+from hearth.backends.base import Backend as BaseBackend
+from hearth.backends.base import (
+    GenerationChunk,
+    GenerationSpec,
+    LoadSpec,
+    ModelDescription,
+    Sampling,
+    StopBuffer,
+)
+from hearth.errors import BackendError, ContextLengthExceeded, InvalidRequest, ModelLoadFailed
+
+DEFAULT_CONTEXT = 8192
+GGML_LOG_LEVEL_WARN = 3
+GGML_LOG_LEVEL_ERROR = 4
+# llama.cpp's own sampling defaults (common/common.h), used where neither request nor YAML says.
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0, "repeat_last_n": 64}
+RANDOM_SEED = 0xFFFFFFFF
+
+
+class _LlamaLog:
+    """Collects llama.cpp's warnings and errors so a failed load can say why."""
+
+    def __init__(self) -> None:
+        self.lines: deque[str] = deque(maxlen=50)
+
+        @L.llama_log_callback
+        def callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+            if level >= GGML_LOG_LEVEL_WARN and level != 5:  # 5 continues the previous line
+                message = text.decode("utf-8", errors="replace").strip()
+                if message:
+                    self.lines.append(message)
+
+        self._callback = callback  # keep a reference: C holds only the pointer
+        L.llama_log_set(callback, ctypes.c_void_p(0))
+
+    def reason(self) -> str:
+        interesting = [line for line in self.lines if "error" in line.lower() or "failed" in line.lower()]
+        return "; ".join(interesting[-3:] or list(self.lines)[-3:])
+
+
+_LOG: _LlamaLog | None = None
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class _FifoLock:
+    """A lock granted in arrival order, so queued requests are served first come, first served."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+        self._held = False
+
+    def acquire(self, cancelled: Callable[[], bool]) -> bool:
+        with self._mutex:
+            if not self._held and not self._waiters:
+                self._held = True
+                return True
+            ticket = threading.Event()
+            self._waiters.append(ticket)
+        while not ticket.wait(0.1):
+            if cancelled():
+                with self._mutex:
+                    if ticket in self._waiters:
+                        self._waiters.remove(ticket)
+                        return False
+                # granted while we gave up: hand it on
+                self.release()
+                return False
+        return True
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._held = False
+
+    def waiting(self) -> int:
+        return len(self._waiters) + (1 if self._held else 0)
+
+
+class Backend(BaseBackend):
+    name = "llama-cpp"
+
+    def __init__(self) -> None:
+        self.model = None
+        self.ctx = None
+        self.vocab = None
+        self.n_ctx = 0
+        self.n_batch = 512
+        self.n_vocab = 0
+        self._batch = None
+        self._turn = _FifoLock()
+        self._cached: list[int] = []  # tokens whose KV entries sit in sequence 0
+
+    # -- loading ---------------------------------------------------------------------------------------
+
+    def load(self, spec: LoadSpec) -> ModelDescription:
+        global _LOG
+        path = Path(spec.model_path)
+        if not path.exists():
+            raise ModelLoadFailed(f"model file {path.name} does not exist in the models directory")
+        if not path.is_file():
+            raise ModelLoadFailed(f"model path {path.name} is not a file")
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadFailed(f"{path.name} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        size = path.stat().st_size
+        available = _mem_available()
+        if available is not None and size > available:
+            raise ModelLoadFailed(f"not enough memory: {path.name} needs {_gib(size)} but only {_gib(available)} "
+                                  f"is available")
+
+        if _LOG is None:
+            _LOG = _LlamaLog()
+            L.llama_backend_init()
+        _LOG.lines.clear()
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.model = L.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise ModelLoadFailed(f"llama.cpp could not load {path.name}: {_LOG.reason() or 'unknown reason'}")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        train_ctx = L.llama_model_n_ctx_train(self.model)
+        self.n_ctx = spec.context_size or min(train_ctx or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+
+        kv_bytes = self._kv_bytes(self.n_ctx)
+        available = _mem_available()
+        if available is not None and kv_bytes > available:
+            raise ModelLoadFailed(
+                f"not enough memory: a {self.n_ctx}-token context for this model needs {_gib(kv_bytes)} but only "
+                f"{_gib(available)} is available; lower context_size in the model's YAML")
+
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = spec.threads
+        cparams.n_threads_batch = spec.threads
+        cparams.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise ModelLoadFailed(f"llama.cpp could not create a context of {self.n_ctx} tokens for {path.name}: "
+                                  f"{_LOG.reason() or 'unknown reason'}")
+        self._batch = L.llama_batch_init(self.n_batch, 0, 1)
+
+        template = L.llama_model_chat_template(self.model, None)
+        capabilities = ["generate", "tokenize"]
+        if template:
+            capabilities.append("chat")
+        if self._fim_tokens():
+            capabilities.append("fim")
+        return ModelDescription(
+            backend=self.name,
+            capabilities=capabilities,
+            context_size=self.n_ctx,
+            train_context_size=train_ctx,
+            chat_template=template.decode("utf-8", errors="replace") if template else "",
+            bos_token=self._token_text(L.llama_vocab_bos(self.vocab)),
+            eos_token=self._token_text(L.llama_vocab_eos(self.vocab)),
+            add_bos=bool(L.llama_vocab_get_add_bos(self.vocab)),
+            architecture=self._meta("general.architecture"),
+            parameter_count=int(L.llama_model_n_params(self.model)),
+            size_bytes=int(L.llama_model_size(self.model)),
+            embedding_size=int(L.llama_model_n_embd(self.model)),
+            parallel=1,
+            metadata={key: value for key in ("general.name", "general.file_type", "general.quantization_version")
+                      if (value := self._meta(key))},
+        )
+
+    def _kv_bytes(self, n_ctx: int) -> int:
+        n_layer = L.llama_model_n_layer(self.model)
+        n_head = max(L.llama_model_n_head(self.model), 1)
+        n_head_kv = L.llama_model_n_head_kv(self.model)
+        head_dim = L.llama_model_n_embd(self.model) // n_head
+        return n_layer * n_ctx * n_head_kv * head_dim * 2 * 2  # K and V, f16
+
+    def _meta(self, key: str) -> str:
+        buffer = ctypes.create_string_buffer(512)
+        n = L.llama_model_meta_val_str(self.model, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", errors="replace") if n >= 0 else ""
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        text = L.llama_vocab_get_text(self.vocab, token)
+        return text.decode("utf-8", errors="replace") if text else ""
+
+    def _fim_tokens(self) -> tuple[int, int, int] | None:
+        tokens = (L.llama_vocab_fim_pre(self.vocab), L.llama_vocab_fim_suf(self.vocab),
+                  L.llama_vocab_fim_mid(self.vocab))
+        return tokens if all(t >= 0 for t in tokens) else None
+
+    def close(self) -> None:
+        if self._batch is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if self.ctx:
+            L.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            L.llama_model_free(self.model)
+            self.model = None
+
+    # -- tokens ----------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        while True:
+            buffer = (L.llama_token * capacity)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_special, parse_special)
+            if n >= 0:
+                return list(buffer[:n])
+            capacity = -n
+
+    def detokenize(self, tokens: list[int]) -> str:
+        self._check_tokens(tokens, "tokens")
+        array = (L.llama_token * max(len(tokens), 1))(*tokens)
+        capacity = len(tokens) * 16 + 16
+        while True:
+            buffer = ctypes.create_string_buffer(capacity)
+            n = L.llama_detokenize(self.vocab, array, len(tokens), buffer, capacity, False, True)
+            if n >= 0:
+                return buffer.raw[:n].decode("utf-8", errors="replace")
+            capacity = -n
+
+    def _check_tokens(self, tokens: list[int], param: str) -> None:
+        for token in tokens:
+            if not 0 <= token < self.n_vocab:
+                raise InvalidRequest(f"token {token} is not in the model's vocabulary (0..{self.n_vocab - 1})",
+                                     param=param)
+
+    def _piece(self, token: int, buffer: ctypes.Array) -> bytes:
+        n = L.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+        return buffer.raw[:n]
+
+    # -- generation ------------------------------------------------------------------------------------
+
+    def active_requests(self) -> int:
+        return self._turn.waiting()
+
+    def _prompt_tokens(self, spec: GenerationSpec) -> list[int]:
+        if spec.prompt_tokens is not None:
+            self._check_tokens(spec.prompt_tokens, "prompt")
+            tokens = list(spec.prompt_tokens)
+        else:
+            tokens = self.tokenize(spec.prompt or "", spec.add_special, spec.parse_special)
+        if spec.suffix is not None:
+            fim = self._fim_tokens()
+            if fim is None:
+                raise InvalidRequest("this model has no fill-in-the-middle tokens, so 'suffix' is not supported",
+                                     param="suffix")
+            bos = [L.llama_vocab_bos(self.vocab)] if L.llama_vocab_get_add_bos(self.vocab) else []
+            prefix = self.tokenize(spec.prompt or "", False, False) if spec.prompt_tokens is None else tokens
+            tokens = [*bos, fim[0], *prefix, fim[1], *self.tokenize(spec.suffix, False, False), fim[2]]
+        if not tokens:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        return tokens
+
+    def _sampler(self, sampling: Sampling) -> ctypes.c_void_p:
+        def value(name: str):
+            given = getattr(sampling, name)
+            return DEFAULTS[name] if given is None else given
+
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if sampling.logit_bias:
+            biases = (L.llama_logit_bias * len(sampling.logit_bias))(
+                *[L.llama_logit_bias(token, bias) for token, bias in sampling.logit_bias.items()])
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(self.n_vocab, len(sampling.logit_bias),
+                                                                             biases))
+        repeat, freq, presence = value("repeat_penalty"), value("frequency_penalty"), value("presence_penalty")
+        if repeat != 1.0 or freq != 0.0 or presence != 0.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(value("repeat_last_n"), repeat, freq,
+                                                                            presence))
+        temperature = value("temperature")
+        if temperature <= 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+            return chain
+        top_k = value("top_k")
+        if top_k > 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(top_k))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(value("top_p"), 1))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(value("min_p"), 1))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(temperature))
+        seed = RANDOM_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+        return chain
+
+    def _decode(self, tokens: list[int], start: int) -> None:
+        """Feed `tokens` at positions start.. into sequence 0, asking for logits of the last one only."""
+        batch = self._batch
+        for offset in range(0, len(tokens), self.n_batch):
+            part = tokens[offset: offset + self.n_batch]
+            for i, token in enumerate(part):
+                batch.token[i] = token
+                batch.pos[i] = start + offset + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = offset + i == len(tokens) - 1
+            batch.n_tokens = len(part)
+            result = L.llama_decode(self.ctx, batch)
+            if result != 0:
+                self._forget_cache()
+                raise BackendError(f"llama_decode failed with code {result}")
+
+    def _forget_cache(self) -> None:
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        self._cached = []
+
+    def generate(self, spec: GenerationSpec, cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
+        tokens = self._prompt_tokens(spec)
+        if len(tokens) >= self.n_ctx:
+            raise ContextLengthExceeded(
+                f"the prompt is {len(tokens)} tokens, but the model's context is {self.n_ctx} tokens; "
+                f"shorten the prompt or raise context_size", param="messages")
+        if spec.max_tokens and len(tokens) + spec.max_tokens > self.n_ctx:
+            raise ContextLengthExceeded(
+                f"the model's context is {self.n_ctx} tokens, but {len(tokens) + spec.max_tokens} were requested "
+                f"({len(tokens)} in the prompt, {spec.max_tokens} for the completion); lower max_tokens",
+                param="max_tokens")
+        if not self._turn.acquire(cancelled):
+            return
+        try:
+            yield from self._generate_locked(spec, tokens, cancelled)
+        finally:
+            self._turn.release()
+
+    def _generate_locked(self, spec: GenerationSpec, tokens: list[int],
+                         cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
+        started = time.perf_counter()
+        # Reuse the longest prefix already in the KV cache; always recompute at least the last token.
+        common = 0
+        for a, b in zip(self._cached, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)
+        L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), 0, common, -1)
+        self._cached = self._cached[:common]
+        self._decode(tokens[common:], common)
+        self._cached = list(tokens)
+        prompt_ms = (time.perf_counter() - started) * 1000
+
+        sampler = self._sampler(spec.sampling)
+        for token in tokens[-(spec.sampling.repeat_last_n or DEFAULTS["repeat_last_n"]):]:
+            L.llama_sampler_accept(sampler, token)  # penalties look back into the prompt, as llama-server's do
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopBuffer(spec.stop)
+        buffer = ctypes.create_string_buffer(256)
+        limit = spec.max_tokens or (self.n_ctx - len(tokens))
+        produced, finish, hit = 0, "length", False
+        gen_started = time.perf_counter()
+        try:
+            while produced < limit:
+                if cancelled():
+                    return
+                token = L.llama_sampler_sample(sampler, self.ctx, -1)
+                if not spec.ignore_eos and L.llama_vocab_is_eog(self.vocab, token):
+                    finish = "stop"
+                    break
+                produced += 1
+                text, hit = stops.push(decoder.decode(self._piece(token, buffer)))
+                if text:
+                    yield GenerationChunk(text=text, token_count=1)
+                if hit:
+                    finish = "stop"
+                    break
+                if len(self._cached) >= self.n_ctx:
+                    break
+                self._decode([token], len(self._cached))
+                self._cached.append(token)
+            if not hit:
+                rest, hit = stops.push(decoder.decode(b"", final=True))
+                tail = rest if hit else rest + stops.flush()
+                if tail:
+                    yield GenerationChunk(text=tail)
+        finally:
+            L.llama_sampler_free(sampler)
+        predicted_ms = (time.perf_counter() - gen_started) * 1000
+        yield GenerationChunk(finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=produced,
+                              cached_tokens=common, prompt_ms=prompt_ms, predicted_ms=predicted_ms)

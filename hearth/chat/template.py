@@ -1,0 +1,143 @@
+"""Rendering a model's Jinja chat template the way Hugging Face's tokenizers do."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import TemplateSyntaxError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from hearth.errors import InvalidRequest
+
+_GO_TEMPLATE = re.compile(r"\{\{-?\s*\.[A-Za-z]")
+
+
+class TemplateRaised(Exception):
+    """The template itself called raise_exception (e.g. "roles must alternate")."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateRaised(message)
+
+
+def _tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False,
+            ensure_ascii: bool = False) -> str:
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+@lru_cache(maxsize=64)
+def _compile(source: str) -> Any:
+    return _environment().from_string(source)
+
+
+def check_template(source: str) -> str | None:
+    """Why `source` cannot be used as a chat template, or None when it compiles."""
+    try:
+        _compile(source)
+    except TemplateSyntaxError as exc:
+        hint = ""
+        if _GO_TEMPLATE.search(source):
+            hint = (" (this looks like a LocalAI Go template; Hearth uses Jinja chat templates: remove "
+                    "template.chat to use the model's own template, or rewrite it in Jinja)")
+        return f"invalid Jinja at line {exc.lineno}: {exc.message}{hint}"
+    return None
+
+
+def _text_of(content: Any) -> str:
+    """Content as plain text: a string, or the text parts of a list joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "text":
+            parts.append(str(part.get("text", "")))
+    return "\n".join(parts)
+
+
+def _arguments_object(arguments: Any) -> Any:
+    """Templates index tool-call arguments as objects; OpenAI sends them as JSON strings."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments
+
+
+def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages in the shape chat templates expect."""
+    normalized = []
+    for message in messages:
+        item = {key: value for key, value in message.items() if value is not None}
+        item["content"] = _text_of(message.get("content"))
+        if message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                call = dict(call)
+                function = dict(call.get("function") or {})
+                function["arguments"] = _arguments_object(function.get("arguments"))
+                call["function"] = function
+                calls.append(call)
+            item["tool_calls"] = calls
+        normalized.append(item)
+    return normalized
+
+
+def render_chat(
+    source: str,
+    messages: list[dict[str, Any]],
+    *,
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+    strip_bos: bool = False,
+    **extra: Any,
+) -> str:
+    """The prompt text for `messages`; InvalidRequest when the template refuses them.
+
+    strip_bos drops a leading BOS the template wrote, for tokenizers that add BOS themselves (as llama.cpp
+    does), so the prompt does not start with two.
+    """
+    try:
+        template = _compile(source)
+    except TemplateSyntaxError as exc:
+        raise InvalidRequest(f"the model's chat template is invalid: {exc.message}") from None
+    context = {
+        "messages": normalize_messages(messages),
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "add_generation_prompt": add_generation_prompt,
+        **extra,
+    }
+    if tools:
+        context["tools"] = tools
+    try:
+        text = template.render(**context)
+    except TemplateRaised as exc:
+        raise InvalidRequest(f"the model's chat template refused these messages: {exc}", param="messages") from None
+    except Exception as exc:  # a third-party template can fail in any way on unexpected messages
+        raise InvalidRequest(f"the model's chat template failed on these messages: {exc}", param="messages") from None
+    if strip_bos and bos_token and text.startswith(bos_token):
+        text = text[len(bos_token):]
+    return text

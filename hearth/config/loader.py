@@ -1,0 +1,238 @@
+"""Loading the models directory: YAML configs, loose model files, aliases, and the checks on both."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from hearth.chat.template import check_template
+from hearth.config.schema import BACKEND_ALIASES, ModelConfig, canonical_backend
+from hearth.errors import ConfigError, ModelDisabled, ModelNotFound
+
+log = logging.getLogger("hearth.config")
+
+YAML_SUFFIXES = (".yaml", ".yml")
+LOOSE_SUFFIXES = (".gguf",)
+
+
+def resolve_inside(models_dir: Path, relative: str, *, what: str = "file") -> Path:
+    """The absolute path of `relative` inside `models_dir`, or ConfigError if it would leave it."""
+    if not relative or "\x00" in relative:
+        raise ConfigError(f"{what} path is empty or invalid")
+    root = models_dir.resolve()
+    candidate = Path(relative)
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    if ".." in Path(relative).parts:
+        raise ConfigError(f"{what} path '{relative}' contains '..'; paths must stay inside the models directory {root}")
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(root):
+        raise ConfigError(f"{what} path '{relative}' resolves to {resolved}, outside the models directory {root}")
+    return resolved
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Line (1-based) of each top-level key, for pointing at the field a validation error names."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, _value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                lines[str(key.value)] = key.start_mark.line + 1
+    return lines
+
+
+def _describe_validation(error: ValidationError) -> tuple[str, str | None]:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    top = str(first["loc"][0]) if first["loc"] else None
+    return (f"field '{loc}': {first['msg']}" if loc else first["msg"]), top
+
+
+@dataclass
+class ModelTable:
+    """A consistent view of the models directory at one moment."""
+
+    configs: dict[str, ModelConfig] = field(default_factory=dict)  # by canonical name
+    names: dict[str, str] = field(default_factory=dict)  # name or alias -> canonical name
+    errors: list[ConfigError] = field(default_factory=list)
+    broken_names: dict[str, str] = field(default_factory=dict)  # name -> why its config was refused
+
+
+class ModelRegistry:
+    """The models a client can ask for, re-read when the directory changes."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self._lock = threading.Lock()
+        self._table = ModelTable()
+        self._stamp: tuple[Any, ...] | None = None
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def _directory_stamp(self) -> tuple[Any, ...]:
+        try:
+            entries = sorted(os.scandir(self.models_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return ()
+        stamp = []
+        for entry in entries:
+            if entry.name.endswith(YAML_SUFFIXES + LOOSE_SUFFIXES):
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                stamp.append((entry.name, st.st_mtime_ns, st.st_size))
+        return tuple(stamp)
+
+    def refresh(self, *, force: bool = False) -> ModelTable:
+        with self._lock:
+            stamp = self._directory_stamp()
+            if force or stamp != self._stamp:
+                first = self._stamp is None
+                self._table = self._scan()
+                self._stamp = stamp
+                for problem in self._table.errors:
+                    log.warning("skipping model config %s", problem)
+                if first or force:
+                    log.info("models directory %s: %d model(s)", self.models_dir, len(self._table.configs))
+            return self._table
+
+    def _scan(self) -> ModelTable:
+        table = ModelTable()
+        if not self.models_dir.is_dir():
+            return table
+        referenced: set[Path] = set()
+        files = sorted(p for p in self.models_dir.iterdir() if p.is_file())
+        for path in files:
+            if path.suffix.lower() in YAML_SUFFIXES:
+                for cfg in self._load_yaml(path, table):
+                    self._add(table, cfg)
+                    if cfg.model_path:
+                        referenced.add(Path(cfg.model_path))
+        for path in files:
+            if path.suffix.lower() in LOOSE_SUFFIXES and path.resolve() not in referenced:
+                cfg = ModelConfig(name=path.stem, backend="llama-cpp", alias=[path.name])
+                cfg.parameters.model = path.name
+                cfg.model_path = str(path.resolve())
+                cfg.source_file = str(path)
+                self._add(table, cfg, loose=True)
+        return table
+
+    def _add(self, table: ModelTable, cfg: ModelConfig, *, loose: bool = False) -> None:
+        for name in cfg.names:
+            if name in table.names:
+                if loose:
+                    return
+                owner = table.configs[table.names[name]].source_file
+                table.errors.append(
+                    ConfigError(f"model name '{name}' is already used by {owner}", file=cfg.source_file)
+                )
+                return
+        table.configs[cfg.name] = cfg
+        for name in cfg.names:
+            table.names[name] = cfg.name
+
+    def _load_yaml(self, path: Path, table: ModelTable) -> list[ModelConfig]:
+        try:
+            text = path.read_text(encoding="utf-8")
+            documents = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            problem = getattr(exc, "problem", None) or str(exc)
+            table.errors.append(ConfigError(f"invalid YAML: {problem}", file=str(path),
+                                            line=mark.line + 1 if mark else None))
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            table.errors.append(ConfigError(f"cannot read: {exc}", file=str(path)))
+            return []
+        if documents is None:
+            return []
+        items = documents if isinstance(documents, list) else [documents]
+        lines = _key_lines(text) if not isinstance(documents, list) else {}
+        configs = []
+        for item in items:
+            try:
+                configs.append(self._validate(item, path, lines))
+            except ConfigError as exc:
+                table.errors.append(exc)
+                if isinstance(item, dict) and isinstance(item.get("name"), str):
+                    table.broken_names[item["name"]] = str(exc)
+        return configs
+
+    def _validate(self, item: Any, path: Path, lines: dict[str, int]) -> ModelConfig:
+        if not isinstance(item, dict):
+            raise ConfigError("a model config must be a mapping of fields", file=str(path))
+        item = dict(item)
+        item.setdefault("name", path.stem)
+        try:
+            cfg = ModelConfig.model_validate(item)
+        except ValidationError as exc:
+            message, top = _describe_validation(exc)
+            raise ConfigError(message, file=str(path), line=lines.get(top or "")) from None
+        cfg.source_file = str(path)
+        cfg.model_path = None
+        for unknown in cfg.unknown_fields():
+            log.warning("%s: unknown field '%s' is kept but ignored", path, unknown)
+
+        if cfg.backend is None and cfg.parameters.model and cfg.parameters.model.lower().endswith(".gguf"):
+            cfg.backend = "llama-cpp"
+        if cfg.backend is None:
+            raise ConfigError("no backend given and none can be inferred from the model file; set 'backend:'",
+                              file=str(path), line=lines.get("backend"))
+        if canonical_backend(cfg.backend) is None:
+            known = ", ".join(sorted(set(BACKEND_ALIASES.values())))
+            raise ConfigError(f"unknown backend '{cfg.backend}'; this Hearth knows: {known}",
+                              file=str(path), line=lines.get("backend"))
+        if cfg.parameters.model:
+            cfg.model_path = str(resolve_inside(self.models_dir, cfg.parameters.model, what="model"))
+        elif cfg.canonical_backend != "fake":
+            raise ConfigError("'parameters.model' is required: the model file, relative to the models directory",
+                              file=str(path), line=lines.get("parameters"))
+        if cfg.template.chat:
+            problem = check_template(cfg.template.chat)
+            if problem:
+                raise ConfigError(f"template.chat: {problem}", file=str(path), line=lines.get("template"))
+        return cfg
+
+    # -- lookups ---------------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelConfig]:
+        return list(self.refresh().configs.values())
+
+    def lookup(self, name: str) -> ModelConfig | None:
+        table = self.refresh()
+        canonical = table.names.get(name)
+        return table.configs[canonical] if canonical else None
+
+    def get(self, name: str, *, allow_disabled: bool = False) -> ModelConfig:
+        """The config clients mean by `name`, or a ModelNotFound that says what is installed."""
+        table = self.refresh()
+        canonical = table.names.get(name)
+        if canonical is None:
+            if name in table.broken_names:
+                raise ModelNotFound(
+                    f"model '{name}' cannot be used: its config was refused ({table.broken_names[name]})",
+                    param="model",
+                )
+            installed = sorted(table.names)
+            listing = ", ".join(installed) if installed else "none"
+            raise ModelNotFound(
+                f"model '{name}' not found; installed models: {listing}. "
+                f"Add a model config or .gguf file to {self.models_dir}, or run `hearth run` to install the defaults.",
+                param="model",
+            )
+        cfg = table.configs[canonical]
+        if cfg.disabled and not allow_disabled:
+            raise ModelDisabled(f"model '{name}' is disabled in its config ({cfg.source_file})", param="model")
+        return cfg

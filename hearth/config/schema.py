@@ -1,0 +1,112 @@
+"""The model YAML schema, with LocalAI's field names; unknown fields are kept, not rejected."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Hearth's backends, by canonical name, with the LocalAI spellings that mean the same one.
+BACKEND_ALIASES: dict[str, str] = {
+    "llama-cpp": "llama-cpp",
+    "llama.cpp": "llama-cpp",
+    "llama": "llama-cpp",
+    "llamacpp": "llama-cpp",
+    "fake": "fake",
+}
+
+# What each backend can serve once loaded (the runner confirms at load time).
+BACKEND_USECASES: dict[str, list[str]] = {
+    "llama-cpp": ["chat", "completion", "tokenize"],
+    "fake": ["chat", "completion", "tokenize"],
+}
+
+
+def canonical_backend(name: str) -> str | None:
+    return BACKEND_ALIASES.get(name.strip().lower())
+
+
+class _Open(BaseModel):
+    """A block that keeps fields it does not know."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def unknown_fields(self, prefix: str = "") -> list[str]:
+        found = [f"{prefix}{key}" for key in (self.model_extra or {})]
+        for name, value in self:
+            if isinstance(value, _Open):
+                found += value.unknown_fields(f"{prefix}{name}.")
+        return found
+
+
+class Parameters(_Open):
+    """`parameters:` — the model file and default sampling values."""
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    repeat_penalty: float | None = Field(None, ge=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+
+class TemplateConfig(_Open):
+    """`template:` — Hearth reads `chat` as a Jinja chat template (HF style, `messages` in scope)."""
+
+    chat: str | None = None
+
+
+class ModelConfig(_Open):
+    """One model: what clients call it, which backend runs it, and its files and defaults."""
+
+    name: str
+    backend: str | None = None
+    parameters: Parameters = Field(default_factory=Parameters)
+    context_size: int | None = Field(None, ge=16)
+    threads: int | None = Field(None, ge=1)
+    parallel: int | None = Field(None, ge=1)
+    stopwords: list[str] = Field(default_factory=list)
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
+    alias: list[str] = Field(default_factory=list)
+    disabled: bool = False
+    description: str = ""
+    known_usecases: list[str] = Field(default_factory=list)
+    # Options of the deterministic test backend (see backends/fake.py).
+    fake: dict[str, Any] | None = None
+
+    # Filled by the loader, never read from YAML.
+    source_file: str | None = Field(None, exclude=True)
+    model_path: str | None = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("name must not be empty")
+        if len(value) > 256:
+            raise ValueError("name is longer than 256 characters")
+        if any(ord(ch) < 32 for ch in value):
+            raise ValueError("name contains control characters")
+        return value
+
+    @field_validator("alias", "stopwords", "known_usecases", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name, *self.alias]
+
+    @property
+    def canonical_backend(self) -> str:
+        return canonical_backend(self.backend or "") or ""

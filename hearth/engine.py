@@ -1,0 +1,66 @@
+"""The one internal entry point the API adapters share: resolve a model, get its runner, run a capability."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from hearth.config.loader import ModelRegistry
+from hearth.config.schema import ModelConfig
+from hearth.errors import CapabilityNotSupported, HearthError, InvalidRequest
+from hearth.runner import hearth_pb2 as pb
+from hearth.runtime.manager import Runner, RunnerManager
+from hearth.settings import Settings
+
+log = logging.getLogger("hearth.engine")
+
+
+class Engine:
+    """Models directory + runners: what every serving function is given."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings.models_dir)
+        self.runners = RunnerManager(settings)
+        self.ready = False
+        self.preload_errors: dict[str, str] = {}
+
+    async def start(self) -> None:
+        self.registry.refresh(force=True)
+        await self.runners.start()
+
+    async def preload(self) -> None:
+        for name in self.settings.preload:
+            try:
+                await self.runners.ensure_loaded(self.registry.get(name))
+            except HearthError as exc:
+                self.preload_errors[name] = exc.message
+                log.error("preloading '%s' failed: %s", name, exc.message)
+        self.ready = True
+
+    async def stop(self) -> None:
+        await self.runners.shutdown()
+
+    def model(self, name: str) -> ModelConfig:
+        return self.registry.get(name)
+
+    @contextlib.asynccontextmanager
+    async def runner(self, config: ModelConfig, capability: str) -> AsyncIterator[Runner]:
+        """The model's ready runner, after checking the loaded model really has `capability`."""
+        async with self.runners.use(config) as runner:
+            assert runner.info is not None
+            if capability not in runner.info.capabilities:
+                raise CapabilityNotSupported(_missing_capability(config.name, capability, runner.info),
+                                             param="model")
+            yield runner
+
+
+def _missing_capability(name: str, capability: str, info: pb.ModelInfo) -> str:
+    has = ", ".join(info.capabilities) or "nothing"
+    return f"model '{name}' ({info.backend}) does not support {capability}; it supports: {has}"
+
+
+def require(condition: bool, message: str, param: str | None = None) -> None:
+    if not condition:
+        raise InvalidRequest(message, param=param)

@@ -1,0 +1,27 @@
+"""Start a runner: `python -m hearth.runner --listen unix:/path/to.sock` (or `--listen 0.0.0.0:50051`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from hearth.runner.server import serve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m hearth.runner", description=__doc__)
+    parser.add_argument("--listen", required=True, help="unix:/path/to.sock or host:port")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process goes away")
+    parser.add_argument("--log-level", default=os.environ.get("HEARTH_LOG_LEVEL", "info"))
+    parser.add_argument("--name", default="", help="model name, for log lines")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s runner[{args.name or os.getpid()}] %(message)s",
+    )
+    serve(args.listen, parent_pid=args.parent_pid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The runner process: one backend, one model, served over gRPC (usually on a Unix socket)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+
+from hearth import errors
+from hearth.backends.base import Backend, GenerationSpec, LoadSpec, ModelDescription, Sampling, create_backend
+from hearth.runner import hearth_pb2 as pb
+from hearth.runner import hearth_pb2_grpc as pb_grpc
+from hearth.runner.wire import to_status
+
+log = logging.getLogger("hearth.runner")
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+T = TypeVar("T")
+
+
+def _abort(context: grpc.ServicerContext, error: errors.HearthError) -> None:
+    code, trailers = to_status(error)
+    context.set_trailing_metadata(trailers)
+    context.abort(code, error.message)
+
+
+def _guard(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
+    """Run a unary call, turning Hearth errors into statuses and anything else into INTERNAL."""
+    try:
+        return call()
+    except errors.HearthError as exc:
+        _abort(context, exc)
+    except Exception as exc:
+        log.exception("backend failed")
+        _abort(context, errors.BackendError(f"the backend failed: {type(exc).__name__}: {exc}"))
+    raise AssertionError("unreachable")
+
+
+def _guard_stream(context: grpc.ServicerContext, stream: Callable[[], Iterator[T]]) -> Iterator[T]:
+    try:
+        yield from stream()
+    except errors.HearthError as exc:
+        _abort(context, exc)
+    except Exception as exc:
+        log.exception("backend failed")
+        _abort(context, errors.BackendError(f"the backend failed: {type(exc).__name__}: {exc}"))
+
+
+def _describe(info: ModelDescription, load_seconds: float) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        backend=info.backend,
+        capabilities=info.capabilities,
+        context_size=info.context_size,
+        train_context_size=info.train_context_size,
+        chat_template=info.chat_template,
+        bos_token=info.bos_token,
+        eos_token=info.eos_token,
+        add_bos=info.add_bos,
+        architecture=info.architecture,
+        parameter_count=info.parameter_count,
+        size_bytes=info.size_bytes,
+        embedding_size=info.embedding_size,
+        parallel=info.parallel,
+        load_seconds=load_seconds,
+        metadata=info.metadata,
+    )
+
+
+def _generation_spec(request: pb.GenerateRequest) -> GenerationSpec:
+    s = request.sampling
+
+    def opt(name: str) -> Any:
+        return getattr(s, name) if s.HasField(name) else None
+
+    sampling = Sampling(
+        temperature=opt("temperature"),
+        top_p=opt("top_p"),
+        top_k=opt("top_k"),
+        min_p=opt("min_p"),
+        repeat_penalty=opt("repeat_penalty"),
+        presence_penalty=opt("presence_penalty"),
+        frequency_penalty=opt("frequency_penalty"),
+        repeat_last_n=opt("repeat_last_n"),
+        seed=opt("seed"),
+        logit_bias=dict(s.logit_bias),
+        grammar=s.grammar,
+    )
+    return GenerationSpec(
+        prompt=request.prompt if not request.prompt_tokens else None,
+        prompt_tokens=list(request.prompt_tokens) if request.prompt_tokens else None,
+        parse_special=request.parse_special,
+        add_special=request.add_special,
+        suffix=request.suffix if request.HasField("suffix") else None,
+        max_tokens=request.max_tokens,
+        stop=list(request.stop),
+        sampling=sampling,
+        ignore_eos=request.ignore_eos,
+        request_id=request.request_id,
+    )
+
+
+class RunnerService(pb_grpc.RunnerServicer):
+    """Serves one backend; Load must come first."""
+
+    def __init__(self) -> None:
+        self.backend: Backend | None = None
+        self.spec: LoadSpec | None = None
+        self.info: pb.ModelInfo | None = None
+        self._load_lock = threading.Lock()
+
+    def _loaded(self) -> Backend:
+        if self.backend is None:
+            raise errors.ModelLoadFailed("no model is loaded in this runner; call Load first")
+        return self.backend
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        return pb.HealthReply(
+            loaded=self.backend is not None,
+            backend=self.spec.backend if self.spec else "",
+            model_name=self.spec.model_name if self.spec else "",
+            pid=os.getpid(),
+            active_requests=self.backend.active_requests() if self.backend else 0,
+        )
+
+    def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        def load() -> pb.ModelInfo:
+            with self._load_lock:
+                if self.backend is not None and self.info is not None:
+                    if self.spec and self.spec.model_path == request.model_path:
+                        return self.info
+                    raise errors.ModelLoadFailed(
+                        f"this runner already serves '{self.spec.model_name if self.spec else '?'}'")
+                spec = LoadSpec.from_json(
+                    request.model_name, request.backend, request.model_path, request.config_json,
+                    threads=request.threads or (os.cpu_count() or 1), context_size=request.context_size,
+                    parallel=request.parallel, files=dict(request.files),
+                )
+                log.info("loading model '%s' with backend %s from %s", spec.model_name, spec.backend,
+                         spec.model_path)
+                started = time.perf_counter()
+                backend = create_backend(spec.backend)
+                description = backend.load(spec)
+                elapsed = time.perf_counter() - started
+                self.backend, self.spec = backend, spec
+                self.info = _describe(description, elapsed)
+                log.info("model '%s' loaded in %.2f s", spec.model_name, elapsed)
+                return self.info
+
+        return _guard(context, load)
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateReply]:
+        def stream() -> Iterator[pb.GenerateReply]:
+            backend = self._loaded()
+            spec = _generation_spec(request)
+            produced, finished = 0, False
+            try:
+                for chunk in backend.generate(spec, cancelled=lambda: not context.is_active()):
+                    produced += chunk.token_count
+                    finished = finished or bool(chunk.finish_reason)
+                    reply = pb.GenerateReply(text=chunk.text, token_count=chunk.token_count)
+                    if chunk.finish_reason:
+                        reply.finish_reason = chunk.finish_reason
+                        reply.usage.CopyFrom(pb.Usage(prompt_tokens=chunk.prompt_tokens,
+                                                      completion_tokens=chunk.completion_tokens,
+                                                      cached_tokens=chunk.cached_tokens))
+                        reply.timings.CopyFrom(pb.Timings(prompt_n=chunk.prompt_tokens - chunk.cached_tokens,
+                                                          prompt_ms=chunk.prompt_ms,
+                                                          predicted_n=chunk.completion_tokens,
+                                                          predicted_ms=chunk.predicted_ms))
+                        _log_timings(spec, chunk)
+                    yield reply
+            except GeneratorExit:
+                # gRPC stops pulling (and closes) this generator when the caller goes away
+                if not finished:
+                    log.info("request %s cancelled by the client after %d tokens", spec.request_id or "-",
+                             produced)
+                raise
+
+        return _guard_stream(context, stream)
+
+    def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeReply:
+        return _guard(context, lambda: pb.TokenizeReply(
+            tokens=self._loaded().tokenize(request.text, request.add_special, request.parse_special)))
+
+    def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.ServicerContext) -> pb.DetokenizeReply:
+        return _guard(context, lambda: pb.DetokenizeReply(text=self._loaded().detokenize(list(request.tokens))))
+
+    def _missing(self, what: str, context: grpc.ServicerContext) -> Any:
+        name = self.spec.backend if self.spec else "this runner"
+        _abort(context, errors.CapabilityNotSupported(f"backend '{name}' does not support {what}"))
+
+    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedReply:
+        return self._missing("embeddings", context)
+
+    def Rerank(self, request: pb.RerankRequest, context: grpc.ServicerContext) -> pb.RerankReply:
+        return self._missing("reranking", context)
+
+    def Transcribe(self, request: pb.TranscribeRequest, context: grpc.ServicerContext) -> Any:
+        return self._missing("transcription", context)
+
+    def Speak(self, request: pb.SpeakRequest, context: grpc.ServicerContext) -> Any:
+        return self._missing("speech synthesis", context)
+
+    def GenerateImage(self, request: pb.ImageRequest, context: grpc.ServicerContext) -> Any:
+        return self._missing("image generation", context)
+
+    def close(self) -> None:
+        if self.backend is not None:
+            with contextlib.suppress(Exception):
+                self.backend.close()
+            self.backend = None
+
+
+def _log_timings(spec: GenerationSpec, chunk: Any) -> None:
+    prompt_n = chunk.prompt_tokens - chunk.cached_tokens
+    pp = prompt_n / (chunk.prompt_ms / 1000) if chunk.prompt_ms > 0 else 0.0
+    tg = chunk.completion_tokens / (chunk.predicted_ms / 1000) if chunk.predicted_ms > 0 else 0.0
+    log.info("request %s: prompt %d tokens (%d cached) at %.1f tok/s, generated %d tokens at %.1f tok/s (%s)",
+             spec.request_id or "-", chunk.prompt_tokens, chunk.cached_tokens, pp, chunk.completion_tokens, tg,
+             chunk.finish_reason)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the API process goes away, even if it was killed and could not stop us."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def serve(address: str, *, parent_pid: int | None = None, max_workers: int = 64) -> None:
+    """Serve until SIGTERM/SIGINT; `address` is `unix:/path` or `host:port`."""
+    service = RunnerService()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+    )
+    pb_grpc.add_RunnerServicer_to_server(service, server)
+    if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
+        raise SystemExit(f"cannot listen on {address}")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if parent_pid:
+        _die_with_parent(parent_pid)
+    server.start()
+    log.info("runner %d listening on %s", os.getpid(), address)
+    print(json.dumps({"event": "listening", "address": address, "pid": os.getpid()}), flush=True)
+    stop.wait()
+    log.info("runner %d stopping", os.getpid())
+    server.stop(grace=2.0).wait(3.0)
+    service.close()
+    if address.startswith("unix:"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.removeprefix("unix:"))

@@ -1,0 +1,76 @@
+"""A typed RPC client for one runner; gRPC failures come back as Hearth's own errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from hearth import errors
+from hearth.runner import hearth_pb2 as pb
+from hearth.runner import hearth_pb2_grpc as pb_grpc
+from hearth.runner.server import MAX_MESSAGE_BYTES
+from hearth.runner.wire import from_status
+
+
+class RunnerGone(Exception):
+    """The connection to the runner broke (it crashed, was killed, or was stopped)."""
+
+
+def _translate(exc: aio.AioRpcError) -> Exception:
+    typed = from_status(exc.details() or "", exc.trailing_metadata())
+    if typed is not None:
+        return typed
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+                      grpc.StatusCode.INTERNAL):
+        return RunnerGone(exc.details() or exc.code().name)
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.ServiceUnavailable("the model runner did not answer in time")
+    return errors.BackendError(f"runner error {exc.code().name}: {exc.details()}")
+
+
+class RunnerClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = aio.insecure_channel(
+            address,
+            options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        )
+        self.stub = pb_grpc.RunnerStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout)
+        except aio.AioRpcError as exc:
+            raise _translate(exc) from None
+
+    async def health(self, timeout: float = 5.0) -> pb.HealthReply:
+        return await self._unary(self.stub.Health, pb.HealthRequest(), timeout)
+
+    async def load(self, request: pb.LoadRequest, timeout: float) -> pb.ModelInfo:
+        return await self._unary(self.stub.Load, request, timeout)
+
+    async def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        reply = await self._unary(self.stub.Tokenize,
+                                  pb.TokenizeRequest(text=text, add_special=add_special, parse_special=parse_special))
+        return list(reply.tokens)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return (await self._unary(self.stub.Detokenize, pb.DetokenizeRequest(tokens=tokens))).text
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateReply]:
+        call = self.stub.Generate(request)
+        try:
+            async for reply in call:
+                yield reply
+        except aio.AioRpcError as exc:
+            raise _translate(exc) from None
+        finally:
+            # Leaving early (client gone, error) tells the runner to stop generating.
+            call.cancel()

@@ -1,0 +1,242 @@
+"""Which runner serves a model: start on first use, reuse, evict (LRU and idle), restart after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hearth.config.schema import ModelConfig
+from hearth.errors import BackendError, HearthError, ModelLoadFailed, RunnerCrashed
+from hearth.runner import hearth_pb2 as pb
+from hearth.runtime.client import RunnerClient, RunnerGone
+from hearth.runtime.process import RunnerProcess
+from hearth.settings import Settings
+
+log = logging.getLogger("hearth.runtime")
+
+
+@dataclass
+class Runner:
+    """One loaded (or loading) model and the process that holds it."""
+
+    name: str
+    config: ModelConfig
+    process: RunnerProcess
+    client: RunnerClient | None = None
+    info: pb.ModelInfo | None = None
+    state: str = "loading"  # loading | ready | stopping | dead
+    active: int = 0
+    loaded_at: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None and self.state == "ready"
+
+    async def crash_error(self, what: str = "serving this request") -> HearthError:
+        """Why the connection broke: a dead process becomes RunnerCrashed, anything else a backend error."""
+        exited = await self.process.wait_exit(2.0)
+        if exited:
+            self.state = "dead"
+            return RunnerCrashed(
+                f"the runner for model '{self.name}' stopped ({self.process.exit_description()}) while {what}; "
+                f"it will be restarted on the next request")
+        return BackendError(f"lost the connection to the runner for model '{self.name}'")
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateReply]:
+        assert self.client is not None
+        try:
+            async for reply in self.client.generate(request):
+                yield reply
+        except RunnerGone:
+            raise await self.crash_error() from None
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A unary RPC (tokenize, detokenize, …) with crash handling."""
+        assert self.client is not None
+        try:
+            return await getattr(self.client, method)(*args, **kwargs)
+        except RunnerGone:
+            raise await self.crash_error() from None
+
+    def status(self) -> dict[str, Any]:
+        info = self.info
+        return {
+            "name": self.name,
+            "backend": self.config.canonical_backend,
+            "state": self.state,
+            "pid": self.process.pid,
+            "active_requests": self.active,
+            "loaded_at": self.started_wall,
+            "idle_seconds": round(time.monotonic() - self.last_used, 1),
+            "context_size": info.context_size if info else None,
+            "capabilities": list(info.capabilities) if info else [],
+            "load_seconds": round(info.load_seconds, 3) if info else None,
+        }
+
+
+class RunnerManager:
+    """Owns every runner process of the server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runners: dict[str, Runner] = {}
+        self.failures: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._socket_dir: Path | None = None
+        self._counter = 0
+        self._reaper: asyncio.Task | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="hearth-"))
+        self._socket_dir.chmod(0o700)
+        if self.settings.idle_unload_minutes > 0:
+            self._reaper = asyncio.create_task(self._reap_idle())
+
+    # -- using a model ---------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def use(self, config: ModelConfig) -> AsyncIterator[Runner]:
+        """The ready runner for `config`, loading it first if needed; held busy while the block runs."""
+        runner = await self.ensure_loaded(config)
+        runner.active += 1
+        try:
+            yield runner
+        finally:
+            runner.active -= 1
+            runner.last_used = time.monotonic()
+            if runner.state == "dead":
+                await self._forget(runner)
+
+    async def ensure_loaded(self, config: ModelConfig) -> Runner:
+        runner = self.runners.get(config.name)
+        if runner and runner.alive and runner.config == config:
+            runner.last_used = time.monotonic()
+            return runner
+        lock = self._locks.setdefault(config.name, asyncio.Lock())
+        async with lock:
+            runner = self.runners.get(config.name)
+            if runner and runner.alive and (runner.config == config or runner.active > 0):
+                runner.last_used = time.monotonic()
+                return runner
+            if runner:
+                reason = "its config changed" if runner.alive else f"it {runner.process.exit_description()}"
+                log.info("restarting the runner for '%s': %s", config.name, reason)
+                await self._forget(runner)
+            await self._make_room()
+            return await self._load(config)
+
+    async def _load(self, config: ModelConfig) -> Runner:
+        if self._closing or self._socket_dir is None:
+            raise ModelLoadFailed("the server is shutting down")
+        self._counter += 1
+        process = RunnerProcess(config.name, self._socket_dir / f"r{self._counter}.sock",
+                                log_level=self.settings.log_level)
+        runner = Runner(name=config.name, config=config, process=process)
+        self.runners[config.name] = runner
+        backend = config.canonical_backend
+        log.info("Loading model '%s' with backend %s", config.name, backend)
+        started = time.monotonic()
+        try:
+            try:
+                await process.start(self.settings.runner_start_timeout)
+            except RuntimeError as exc:
+                raise ModelLoadFailed(f"could not start a runner for model '{config.name}': {exc}") from None
+            runner.client = RunnerClient(process.address)
+            request = pb.LoadRequest(
+                model_name=config.name,
+                backend=backend,
+                model_path=config.model_path or "",
+                config_json=config.model_dump_json(),
+                threads=config.threads or self.settings.threads,
+                context_size=config.context_size or 0,
+                parallel=config.parallel or 0,
+            )
+            try:
+                runner.info = await runner.client.load(request, timeout=self.settings.load_timeout)
+            except RunnerGone:
+                crash = await runner.crash_error("loading the model")
+                hint = " (the system may be out of memory)" if "SIGKILL" in crash.message else ""
+                raise ModelLoadFailed(f"{crash.message.split(';')[0]}{hint}{process.last_words()}") from None
+            except ModelLoadFailed as exc:
+                raise ModelLoadFailed(f"model '{config.name}' failed to load: {exc.message}") from None
+        except HearthError as exc:
+            self.failures[config.name] = exc.message
+            log.error("%s", exc.message)
+            await self._forget(runner)
+            raise ModelLoadFailed(exc.message) from None
+        except BaseException:
+            await self._forget(runner)
+            raise
+        runner.state = "ready"
+        runner.loaded_at = time.monotonic()
+        self.failures.pop(config.name, None)
+        log.info("model '%s' ready in %.2f s (runner pid %s)", config.name, time.monotonic() - started, process.pid)
+        return runner
+
+    async def _make_room(self) -> None:
+        """Unload least recently used idle runners until a new one fits under max_loaded_models."""
+        while len(self.runners) >= self.settings.max_loaded_models:
+            idle = [r for r in self.runners.values() if r.active == 0 and r.state == "ready"]
+            if not idle:
+                log.warning("all %d loaded models are busy; loading one more than max_loaded_models",
+                            len(self.runners))
+                return
+            victim = min(idle, key=lambda r: r.last_used)
+            log.info("unloading '%s' (least recently used) to make room", victim.name)
+            await self._forget(victim)
+
+    async def _forget(self, runner: Runner) -> None:
+        if self.runners.get(runner.name) is runner:
+            del self.runners[runner.name]
+        if runner.state != "dead":
+            runner.state = "stopping"
+        if runner.client is not None:
+            with contextlib.suppress(Exception):
+                await runner.client.close()
+        await runner.process.stop()
+        runner.state = "dead"
+
+    # -- management ------------------------------------------------------------------------------------
+
+    async def unload(self, name: str) -> bool:
+        runner = self.runners.get(name)
+        if runner is None:
+            return False
+        log.info("unloading model '%s'", name)
+        await self._forget(runner)
+        return True
+
+    async def _reap_idle(self) -> None:
+        limit = self.settings.idle_unload_minutes * 60
+        while True:
+            await asyncio.sleep(min(max(limit / 4, 1.0), 30.0))
+            now = time.monotonic()
+            for runner in list(self.runners.values()):
+                if runner.active == 0 and runner.state == "ready" and now - runner.last_used >= limit:
+                    log.info("unloading '%s': idle for %.0f s", runner.name, now - runner.last_used)
+                    await self._forget(runner)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [runner.status() for runner in self.runners.values()]
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        if self._reaper:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await asyncio.gather(*(self._forget(r) for r in list(self.runners.values())), return_exceptions=True)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None

@@ -1,0 +1,118 @@
+"""Starting and stopping one runner process, and reading what it says on stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections import deque
+from pathlib import Path
+
+log = logging.getLogger("hearth.runtime")
+
+
+class RunnerProcess:
+    """A `python -m hearth.runner` child listening on a Unix socket the server chose."""
+
+    def __init__(self, name: str, socket_path: Path, *, log_level: str = "info") -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.log_level = log_level
+        self.process: asyncio.subprocess.Process | None = None
+        self.recent_lines: deque[str] = deque(maxlen=40)
+        self._readers: list[asyncio.Task] = []
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket_path}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    async def start(self, timeout: float) -> None:
+        """Spawn the runner and wait until its socket accepts connections."""
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hearth.runner", "--listen", self.address, "--parent-pid", str(os.getpid()),
+            "--log-level", self.log_level, "--name", self.name,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=env, start_new_session=True,
+        )
+        self._readers = [asyncio.create_task(self._pump(self.process.stdout, logging.DEBUG)),
+                         asyncio.create_task(self._pump(self.process.stderr, logging.INFO))]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.socket_path.exists():
+            if self.process.returncode is not None:
+                raise RuntimeError(f"the runner exited ({self.exit_description()}) before it was ready"
+                                   f"{self.last_words()}")
+            if loop.time() > deadline:
+                await self.stop()
+                raise RuntimeError(f"the runner did not start listening within {timeout:.0f} s{self.last_words()}")
+            await asyncio.sleep(0.02)
+
+    async def _pump(self, stream: asyncio.StreamReader | None, level: int) -> None:
+        if stream is None:
+            return
+        while True:
+            try:
+                raw = await stream.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not raw:
+                return
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            if line:
+                self.recent_lines.append(line)
+                log.log(level, "[%s] %s", self.name, line)
+
+    def exit_description(self) -> str:
+        code = self.returncode
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    def last_words(self) -> str:
+        lines = [line for line in self.recent_lines if "Traceback" not in line][-3:]
+        return f"; last output: {' | '.join(lines)}" if lines else ""
+
+    async def wait_exit(self, timeout: float) -> bool:
+        if self.process is None:
+            return True
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds; the socket file is removed either way."""
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            if not await self.wait_exit(grace):
+                log.warning("runner for '%s' (pid %s) did not stop in %.0f s; killing it", self.name, self.pid, grace)
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.wait_exit(5.0)
+        for reader in self._readers:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(reader, 1.0)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()

@@ -1,0 +1,68 @@
+"""Server settings: command-line flags beat environment variables (HEARTH_*), which beat defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value else Path.home() / fallback
+
+
+def default_models_dir() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local/share") / "hearth" / "models"
+
+
+def default_cache_dir() -> Path:
+    return _xdg("XDG_CACHE_HOME", ".cache") / "hearth"
+
+
+def _split_list(value: Any) -> Any:
+    """Accept "a,b" (environment) as well as a list (flags, code)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every server setting in one place."""
+
+    model_config = SettingsConfigDict(env_prefix="HEARTH_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    models_dir: Path = Field(default_factory=default_models_dir)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    preload: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_loaded_models: int = Field(4, ge=1, description="least recently used runners are unloaded beyond this")
+    idle_unload_minutes: float = Field(0, ge=0, description="unload a model unused this long; 0 keeps it")
+    max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    runner_start_timeout: float = Field(60.0, gt=0)
+    load_timeout: float = Field(600.0, gt=0)
+    log_level: str = "info"
+
+    @field_validator("api_keys", "preload", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("models_dir", "cache_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+def load_settings(**flags: Any) -> Settings:
+    """Build settings from flags (None = not given), then the environment, then defaults."""
+    given = {key: value for key, value in flags.items() if value is not None and value != []}
+    return Settings(**given)
