@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -55,6 +56,10 @@ def serve(settings: Settings) -> None:
     _configure_logging(settings.log_level)
     logging.getLogger("hearth").info("Hearth %s on http://%s:%d (models: %s)", __version__, settings.host,
                                      settings.port, settings.models_dir)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler found at start;
+    # make that handler a plain exit, so a clean shutdown exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 timeout_graceful_shutdown=10)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,22 @@ log = logging.getLogger("hearth.config")
 
 YAML_SUFFIXES = (".yaml", ".yml")
 LOOSE_SUFFIXES = (".gguf",)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML as LocalAI (Go, YAML 1.2) reads it: only true/false are booleans, so `name: off` stays a string."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 def resolve_inside(models_dir: Path, relative: str, *, what: str = "file") -> Path:
@@ -41,7 +58,7 @@ def resolve_inside(models_dir: Path, relative: str, *, what: str = "file") -> Pa
 def _key_lines(text: str) -> dict[str, int]:
     """Line (1-based) of each top-level key, for pointing at the field a validation error names."""
     try:
-        node = yaml.compose(text)
+        node = yaml.compose(text, Loader=_Yaml12Loader)
     except yaml.YAMLError:
         return {}
     lines: dict[str, int] = {}
@@ -146,7 +163,7 @@ class ModelRegistry:
     def _load_yaml(self, path: Path, table: ModelTable) -> list[ModelConfig]:
         try:
             text = path.read_text(encoding="utf-8")
-            documents = yaml.safe_load(text)
+            documents = load_yaml(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             problem = getattr(exc, "problem", None) or str(exc)

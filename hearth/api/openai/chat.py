@@ -136,7 +136,8 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
         prompt = render_chat(template, _template_messages(request), bos_token=info.bos_token,
                              eos_token=info.eos_token, strip_bos=info.add_bos)
         generate = pb.GenerateRequest(prompt=prompt, parse_special=True, add_special=True, max_tokens=max_tokens,
-                                      stop=stops, sampling=sampling, request_id=request_id)
+                                      stop=stops, sampling=sampling, request_id=request_id,
+                                      ignore_eos=request.ignore_eos)
         first = True
         async for reply in runner.generate(generate):
             if first:

@@ -40,6 +40,7 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=128)
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # llama-server's extension: generate max_tokens whatever the model says
     user: str | None = None
 
     def include_usage(self) -> bool:

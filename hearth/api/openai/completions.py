@@ -86,7 +86,8 @@ async def completion_events(request: CompletionRequest, engine: Engine) -> Async
 
         def generate_request(prompt: str | list[int]) -> pb.GenerateRequest:
             message = pb.GenerateRequest(add_special=True, parse_special=False, max_tokens=max_tokens, stop=stops,
-                                         sampling=sampling, request_id=request_id)
+                                         sampling=sampling, request_id=request_id,
+                                         ignore_eos=request.ignore_eos)
             if isinstance(prompt, str):
                 message.prompt = prompt
             else:

@@ -1,0 +1,199 @@
+"""Runner lifecycle end to end: crashes, shutdown, eviction, preloading, API keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import write_yaml
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    write_yaml(tmp_path, "a", {"name": "model-a", "backend": "fake"})
+    write_yaml(tmp_path, "b", {"name": "model-b", "backend": "fake"})
+    write_yaml(tmp_path, "slow", {"name": "slow-model", "backend": "fake",
+                                  "fake": {"token_delay": 0.1, "reply": " ".join(["word"] * 100)}})
+    write_yaml(tmp_path, "loading", {"name": "slow-load", "backend": "fake", "fake": {"load_delay": 1.5}})
+    return tmp_path
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_runner_killed_mid_request_fails_clearly_and_restarts(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir)
+    client = server.client()
+    client.chat.completions.create(model="slow-model", messages=MESSAGES, max_tokens=1)
+    pid = server.runner_pid("slow-model")
+
+    errors: list[Exception] = []
+
+    def ask() -> None:
+        try:
+            client.chat.completions.create(model="slow-model", messages=MESSAGES, max_tokens=100)
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    assert wait_for(lambda: server.runners()[0]["active_requests"] == 1)
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], openai.APIStatusError)
+    assert errors[0].status_code == 503
+    assert "SIGKILL" in errors[0].message and "restarted" in errors[0].message
+    # The server stays up, and the next request gets a fresh runner.
+    assert server.http().get("/healthz").status_code == 200
+    reply = client.chat.completions.create(model="slow-model", messages=MESSAGES, max_tokens=2)
+    assert reply.choices[0].message.content == "word word "
+    assert server.runner_pid("slow-model") != pid
+
+
+def test_runner_killed_mid_stream_sends_error_then_done(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir)
+    body = {"model": "slow-model", "messages": MESSAGES, "stream": True, "max_tokens": 100}
+    frames: list[str] = []
+    with server.http().stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            frames.append(line[6:])
+            if len(frames) == 3:
+                os.kill(server.runner_pid("slow-model"), signal.SIGKILL)
+    assert frames[-1] == "[DONE]"
+    error = json.loads(frames[-2])["error"]
+    assert error["code"] == "runner_crashed" and "slow-model" in error["message"]
+
+
+def test_sigterm_stops_runners_and_removes_sockets(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir)
+    client = server.client()
+    client.chat.completions.create(model="model-a", messages=MESSAGES)
+    client.chat.completions.create(model="model-b", messages=MESSAGES)
+    pids = [r["pid"] for r in server.runners()]
+    (socket_dir,) = server.socket_dirs()
+    assert len(list(Path(socket_dir).glob("*.sock"))) == 2
+    assert server.stop() == 0
+    assert not Path(socket_dir).exists()
+    for pid in pids:
+        assert wait_for(lambda pid=pid: not _alive(pid), 5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of the (now gone) server counts as stopped
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text()
+
+
+def test_runner_exits_when_server_is_killed(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir)
+    server.client().chat.completions.create(model="model-a", messages=MESSAGES)
+    pid = server.runner_pid("model-a")
+    server.process.kill()
+    server.process.wait()
+    assert wait_for(lambda: not _alive(pid), 10), "an orphaned runner kept running"
+
+
+def test_least_recently_used_model_is_unloaded(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir, "--max-loaded-models", "1")
+    client = server.client()
+    client.chat.completions.create(model="model-a", messages=MESSAGES)
+    assert [r["name"] for r in server.runners()] == ["model-a"]
+    client.chat.completions.create(model="model-b", messages=MESSAGES)
+    assert [r["name"] for r in server.runners()] == ["model-b"]
+    assert "unloading 'model-a' (least recently used)" in server.log()
+
+
+def test_idle_models_are_unloaded(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir, "--idle-unload-minutes", "0.02")  # 1.2 s
+    server.client().chat.completions.create(model="model-a", messages=MESSAGES)
+    assert server.runners()
+    assert wait_for(lambda: not server.runners(), 10)
+
+
+def test_requests_during_load_wait_for_it(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir)
+    client = server.client()
+    results: list[str] = []
+
+    def ask() -> None:
+        results.append(client.chat.completions.create(model="slow-load", messages=MESSAGES).choices[0].finish_reason)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == ["stop"] * 3
+    assert server.log().count("Loading model 'slow-load' with backend fake") == 1
+
+
+def test_preload_and_readiness(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir, "--preload", "slow-load")
+    first = server.http().get("/readyz")
+    assert first.status_code == 503 and first.json()["status"] == "starting"
+    assert wait_for(lambda: server.http().get("/readyz").status_code == 200, 15)
+    assert [r["name"] for r in server.runners()] == ["slow-load"]
+
+
+def test_manual_load_and_unload(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir)
+    http = server.http()
+    loaded = http.post("/runners/load", json={"model": "model-a"}).json()
+    assert loaded["state"] == "ready" and loaded["name"] == "model-a"
+    assert http.post("/runners/unload", json={"model": "model-a"}).json()["unloaded"] is True
+    assert server.runners() == []
+    assert http.post("/runners/unload", json={"model": "nope"}).status_code == 404
+
+
+def test_api_keys_guard_every_route_but_health(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir, "--api-key", "k1", env={"HEARTH_API_KEYS": "k2,k3"})
+    base = server.base_url
+    # flags beat the environment: only k1 is accepted
+    for path in ("/v1/models", "/models", "/version", "/runners"):
+        response = httpx.get(base + path)
+        assert response.status_code == 401, path
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(base + "/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 401
+    assert httpx.get(base + "/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
+    assert httpx.get(base + "/v1/models", headers={"x-api-key": "k1"}).status_code == 200
+    assert httpx.get(base + "/healthz").status_code == 200
+    assert httpx.get(base + "/readyz").status_code in (200, 503)
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    reply = server.client(api_key="k1").chat.completions.create(model="model-a", messages=MESSAGES)
+    assert reply.choices[0].message.content
+    # a big unauthenticated body is refused before it is read
+    response = httpx.post(base + "/v1/chat/completions", content=b"x" * 1000)
+    assert response.status_code == 401
+
+
+def test_api_keys_from_environment(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir, env={"HEARTH_API_KEYS": "k2, k3"})
+    for key in ("k2", "k3"):
+        assert httpx.get(server.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert httpx.get(server.base_url + "/v1/models").status_code == 401

@@ -1,0 +1,89 @@
+"""Small pieces on their own: settings precedence, chat templates, stop strings, errors across gRPC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hearth import errors
+from hearth.backends.base import StopBuffer
+from hearth.chat.template import render_chat
+from hearth.runner.wire import from_status, to_status
+from hearth.settings import load_settings
+
+
+def test_settings_flags_beat_env_beat_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HEARTH_PORT", "9000")
+    monkeypatch.setenv("HEARTH_API_KEYS", "a, b,")
+    monkeypatch.setenv("HEARTH_MODELS_DIR", str(tmp_path))
+    settings = load_settings(port=None, api_keys=None)
+    assert settings.port == 9000 and settings.api_keys == ["a", "b"] and settings.models_dir == tmp_path
+    assert settings.host == "127.0.0.1"  # secure default bind
+    flagged = load_settings(port=9100, api_keys=["c"])
+    assert flagged.port == 9100 and flagged.api_keys == ["c"]
+
+
+def test_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("HEARTH_PORT", "HEARTH_API_KEYS", "HEARTH_MODELS_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    settings = load_settings()
+    assert settings.port == 8080 and settings.api_keys == [] and settings.max_body_bytes == 25 * 1024 * 1024
+    assert settings.models_dir.name == "models" and settings.threads >= 1
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_render_chat_text_parts_and_generation_prompt() -> None:
+    text = render_chat(CHATML, [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                             {"type": "text", "text": "b"}]}])
+    assert text == "<|im_start|>user\na\nb<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_render_chat_strips_duplicate_bos() -> None:
+    template = "{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    messages = [{"role": "user", "content": "x"}]
+    assert render_chat(template, messages, bos_token="<s>") == "<s>[x]"
+    assert render_chat(template, messages, bos_token="<s>", strip_bos=True) == "[x]"
+
+
+def test_render_chat_template_exception_is_a_400() -> None:
+    template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+    with pytest.raises(errors.InvalidRequest, match="system first"):
+        render_chat(template, [{"role": "user", "content": "x"}])
+
+
+def test_render_chat_tool_call_arguments_become_objects() -> None:
+    template = "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments.city }}" \
+               "{% endfor %}{% endfor %}"
+    messages = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}}]}]
+    assert render_chat(template, messages) == "Oslo"
+
+
+def test_stop_buffer_holds_back_partial_stops() -> None:
+    buffer = StopBuffer(["END", "\n\n"])
+    assert buffer.push("hello E") == ("hello ", False)
+    assert buffer.push("N") == ("", False)
+    assert buffer.push("X") == ("ENX", False)
+    assert buffer.push(" more\n") == (" more", False)
+    assert buffer.push("\nignored") == ("", True)
+
+
+def test_stop_buffer_flush_and_no_stops() -> None:
+    buffer = StopBuffer(["abc"])
+    assert buffer.push("xab") == ("x", False)
+    assert buffer.flush() == "ab"
+    assert StopBuffer([]).push("anything") == ("anything", False)
+
+
+def test_typed_errors_cross_grpc_intact() -> None:
+    sent = errors.ContextLengthExceeded("too long", param="messages")
+    code, trailers = to_status(sent)
+    assert code.name == "INVALID_ARGUMENT"
+    received = from_status("too long", trailers)
+    assert isinstance(received, errors.ContextLengthExceeded)
+    assert received.param == "messages" and received.code == "context_length_exceeded" and received.status == 400
+    assert from_status("boom", (("other", "x"),)) is None
