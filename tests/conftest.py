@@ -40,18 +40,19 @@ def write_yaml(directory: Path, name: str, config: dict) -> Path:
 class HearthServer:
     """One `python -m hearth serve` child process and helpers to talk to it."""
 
-    def __init__(self, models_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, models_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None,
+                 command: str = "serve", ready_timeout: float = 30.0) -> None:
         self.models_dir = models_dir
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("w")
-        command = [sys.executable, "-m", "hearth", "serve", "--models-dir", str(models_dir), "--port",
-                   str(self.port), "--threads", THREADS, *args]
+        argv = [sys.executable, "-m", "hearth", command, "--models-dir", str(models_dir), "--port",
+                str(self.port), "--threads", THREADS, *args]
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_")}
         child_env.update(env or {})
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=child_env)
-        self.wait_healthy()
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=child_env)
+        self.wait_healthy(ready_timeout if command == "serve" else 900.0)
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
