@@ -45,10 +45,8 @@ def baseline_rate(path: Path, threads: int, tokens: int) -> float:
         _LLMS[path] = llm
     llm.reset()
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
-    produced = 0
     started = 0.0
-    for _token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-        produced += 1
+    for produced, _token in enumerate(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), 1):
         if produced == 1:
             started = time.perf_counter()
         if produced == tokens:

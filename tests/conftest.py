@@ -99,6 +99,8 @@ class HearthServer:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        # Every runner must stop when asked; a SIGKILL fallback in the log means one hung.
+        assert "did not stop in" not in self.log_path.read_text(errors="replace"), "a runner ignored SIGTERM"
         return self.process.returncode
 
 

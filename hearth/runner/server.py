@@ -259,10 +259,12 @@ def serve(address: str, *, parent_pid: int | None = None, max_workers: int = 64)
     pb_grpc.add_RunnerServicer_to_server(service, server)
     if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
         raise SystemExit(f"cannot listen on {address}")
-    stop = threading.Event()
+    stopping: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
-        stop.set()
+        # Only a plain assignment here: taking a lock (Event.set) in a signal handler can deadlock with the
+        # main thread's own wait on that lock.
+        stopping.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -271,7 +273,8 @@ def serve(address: str, *, parent_pid: int | None = None, max_workers: int = 64)
     server.start()
     log.info("runner %d listening on %s", os.getpid(), address)
     print(json.dumps({"event": "listening", "address": address, "pid": os.getpid()}), flush=True)
-    stop.wait()
+    while not stopping:
+        time.sleep(0.1)
     log.info("runner %d stopping", os.getpid())
     server.stop(grace=2.0).wait(3.0)
     service.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -10,16 +9,17 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from hearth.api.openai.common import (
+    USAGE_KEY,
     SamplingRequest,
     new_id,
     now,
     refuse_unsupported,
+    respond,
     sampling_params,
     stop_list,
     timings_dict,
     usage_dict,
 )
-from hearth.api.streaming import primed, sse_response, until_disconnect
 from hearth.chat.template import render_chat
 from hearth.engine import Engine
 from hearth.errors import CapabilityNotSupported, InvalidRequest
@@ -147,8 +147,8 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
                 yield _chunk(request_id, created, request.model, {"content": reply.text}, None)
             if reply.finish_reason:
                 final = _chunk(request_id, created, request.model, {}, reply.finish_reason)
-                final["usage"] = usage_dict(reply.usage)
                 final["timings"] = timings_dict(reply.timings)
+                final[USAGE_KEY] = reply.usage
                 yield final
 
 
@@ -161,7 +161,7 @@ async def create_chat_completion(request: ChatCompletionRequest, engine: Engine)
         choice = chunk["choices"][0]
         content.append(choice["delta"].get("content") or "")
         if choice["finish_reason"]:
-            finish, usage, timings = choice["finish_reason"], chunk["usage"], chunk["timings"]
+            finish, usage, timings = choice["finish_reason"], usage_dict(chunk[USAGE_KEY]), chunk["timings"]
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -178,22 +178,6 @@ async def create_chat_completion(request: ChatCompletionRequest, engine: Engine)
     }
 
 
-def _public_chunks(events: AsyncIterator[dict[str, Any]], include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-    """Move usage off the last choice chunk into OpenAI's separate usage chunk (only when asked)."""
-
-    async def chunks() -> AsyncIterator[dict[str, Any]]:
-        async with contextlib.aclosing(events):
-            async for chunk in events:
-                usage = chunk.pop("usage", None)
-                if include_usage:
-                    chunk["usage"] = None
-                yield chunk
-                if usage is not None and include_usage:
-                    yield {**chunk, "choices": [], "usage": usage}
-
-    return chunks()
-
-
 router = APIRouter()
 
 
@@ -201,7 +185,5 @@ router = APIRouter()
 @router.post("/chat/completions", include_in_schema=False)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     engine: Engine = request.app.state.engine
-    if body.stream:
-        events = await primed(_public_chunks(chat_completion_events(body, engine), body.include_usage()))
-        return sse_response(events)
-    return await until_disconnect(request, create_chat_completion(body, engine))
+    return await respond(request, body.stream, body.include_usage(), lambda: chat_completion_events(body, engine),
+                         lambda: create_chat_completion(body, engine))

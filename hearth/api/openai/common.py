@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from hearth.api.streaming import primed, sse_response, until_disconnect
 from hearth.config.schema import ModelConfig
 from hearth.errors import InvalidRequest
 from hearth.runner import hearth_pb2 as pb
@@ -135,3 +139,44 @@ def timings_dict(timings: pb.Timings) -> dict[str, Any]:
         "predicted_ms": round(timings.predicted_ms, 3),
         "predicted_per_second": per_second(timings.predicted_n, timings.predicted_ms),
     }
+
+
+USAGE_KEY = "_usage"  # the pb.Usage a choice's last chunk carries inside the serving layer
+
+
+def total_usage(finals: list[dict[str, Any]]) -> dict[str, Any]:
+    """Usage summed over the last chunk of every choice."""
+    total = pb.Usage()
+    for chunk in finals:
+        add_usage(total, chunk[USAGE_KEY])
+    return usage_dict(total)
+
+
+async def public_stream(events: AsyncIterator[dict[str, Any]], include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    """Chunks as OpenAI streams them: with include_usage, `usage: null` on each and a last usage-only chunk."""
+    finals = []
+    last = None
+    async with contextlib.aclosing(events):
+        async for chunk in events:
+            if USAGE_KEY in chunk:
+                finals.append(chunk)
+                chunk = {key: value for key, value in chunk.items() if key != USAGE_KEY}
+            if include_usage:
+                chunk["usage"] = None
+            last = chunk
+            yield chunk
+    if include_usage and last is not None:
+        yield {**last, "choices": [], "usage": total_usage(finals)}
+
+
+async def respond(
+    request: Request,
+    stream: bool,
+    include_usage: bool,
+    events: Callable[[], AsyncIterator[dict[str, Any]]],
+    whole: Callable[[], Awaitable[dict[str, Any]]],
+) -> Any:
+    """The route's whole job: SSE for streams (errors before the first event stay HTTP errors), else JSON."""
+    if stream:
+        return sse_response(await primed(public_stream(events(), include_usage)))
+    return await until_disconnect(request, whole())

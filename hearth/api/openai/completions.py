@@ -11,17 +11,17 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from hearth.api.openai.common import (
+    USAGE_KEY,
     SamplingRequest,
-    add_usage,
     new_id,
     now,
     refuse_unsupported,
+    respond,
     sampling_params,
     stop_list,
     timings_dict,
-    usage_dict,
+    total_usage,
 )
-from hearth.api.streaming import primed, sse_response, until_disconnect
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest
 from hearth.runner import hearth_pb2 as pb
@@ -105,9 +105,8 @@ async def completion_events(request: CompletionRequest, engine: Engine) -> Async
                     yield _chunk(request_id, created, request.model, index, reply.text, None)
                 if reply.finish_reason:
                     final = _chunk(request_id, created, request.model, index, "", reply.finish_reason)
-                    final["usage"] = usage_dict(reply.usage)
                     final["timings"] = timings_dict(reply.timings)
-                    final["_usage"] = reply.usage
+                    final[USAGE_KEY] = reply.usage
                     yield final
 
         if len(prompts) == 1:
@@ -150,15 +149,6 @@ async def _merge(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[
                 await task
 
 
-def _total_usage(chunks: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    total = pb.Usage()
-    timings = None
-    for chunk in chunks:
-        add_usage(total, chunk["_usage"])
-        timings = chunk.get("timings")
-    return usage_dict(total), timings
-
-
 async def create_completion(request: CompletionRequest, engine: Engine) -> dict[str, Any]:
     texts: dict[int, list[str]] = {}
     finishes: dict[int, str] = {}
@@ -171,7 +161,6 @@ async def create_completion(request: CompletionRequest, engine: Engine) -> dict[
         if choice["finish_reason"]:
             finishes[choice["index"]] = choice["finish_reason"]
             finals.append(chunk)
-    usage, timings = _total_usage(finals)
     return {
         "id": request_id,
         "object": "text_completion",
@@ -181,32 +170,9 @@ async def create_completion(request: CompletionRequest, engine: Engine) -> dict[
             {"text": "".join(texts[i]), "index": i, "logprobs": None, "finish_reason": finishes.get(i, "stop")}
             for i in sorted(texts)
         ],
-        "usage": usage,
-        "timings": timings,
+        "usage": total_usage(finals),
+        "timings": finals[-1]["timings"] if finals else None,
     }
-
-
-def _public_chunks(events: AsyncIterator[dict[str, Any]], include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-    """Strip per-choice usage; with include_usage, send the summed usage in a last chunk of its own."""
-
-    async def chunks() -> AsyncIterator[dict[str, Any]]:
-        finals = []
-        last = None
-        async with contextlib.aclosing(events):
-            async for chunk in events:
-                chunk.pop("usage", None)
-                if "_usage" in chunk:
-                    finals.append(dict(chunk))
-                    chunk.pop("_usage")
-                if include_usage:
-                    chunk["usage"] = None
-                last = chunk
-                yield chunk
-        if include_usage and last is not None:
-            usage, _ = _total_usage(finals)
-            yield {**last, "choices": [], "usage": usage}
-
-    return chunks()
 
 
 router = APIRouter()
@@ -216,7 +182,5 @@ router = APIRouter()
 @router.post("/completions", include_in_schema=False)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     engine: Engine = request.app.state.engine
-    if body.stream:
-        events = await primed(_public_chunks(completion_events(body, engine), body.include_usage()))
-        return sse_response(events)
-    return await until_disconnect(request, create_completion(body, engine))
+    return await respond(request, body.stream, body.include_usage(), lambda: completion_events(body, engine),
+                         lambda: create_completion(body, engine))
