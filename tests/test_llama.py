@@ -208,3 +208,14 @@ def test_killed_runner_mid_generation(smol: HearthServer) -> None:
     time.sleep(0.2)
     again = client.completions.create(model="smollm2", prompt="Hi", max_tokens=2)
     assert again.choices[0].text is not None and smol.runner_pid("smollm2") != pid
+
+
+def test_a_chat_that_goes_on_reuses_its_prefix(smol: HearthServer) -> None:
+    client = smol.client()
+    messages = [{"role": "user", "content": "Tell me one fact about the moon."}]
+    first = client.chat.completions.create(model="own-template", messages=messages, max_tokens=16)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And one about the sun?"}]
+    second = client.chat.completions.create(model="own-template", messages=messages, max_tokens=8)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert second.timings["prompt_n"] == second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens  # type: ignore[attr-defined]

@@ -1,0 +1,83 @@
+"""The llama.cpp backend called directly, in-process, on SmolLM2 (no server, no runner process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hearth.backends.base import GenerationChunk, GenerationSpec, LoadSpec, Sampling
+from hearth.backends.llama_cpp import Backend
+from hearth.errors import ContextLengthExceeded, InvalidRequest
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def backend(smollm2_file: Path) -> Backend:
+    loaded = Backend()
+    info = loaded.load(LoadSpec(model_name="smol", backend="llama-cpp", model_path=str(smollm2_file), config={},
+                                threads=2, context_size=512))
+    assert info.context_size == 512 and info.train_context_size == 8192 and info.architecture == "llama"
+    assert "chat" in info.capabilities and "<|im_start|>" in info.chat_template
+    yield loaded
+    loaded.close()
+
+
+def run(backend: Backend, prompt: str, cancel_after: int | None = None, **options) -> list[GenerationChunk]:
+    chunks: list[GenerationChunk] = []
+    spec = GenerationSpec(prompt=prompt, prompt_tokens=None, parse_special=True,
+                          sampling=Sampling(temperature=0), **options)
+    for chunk in backend.generate(spec, cancelled=lambda: cancel_after is not None and len(chunks) >= cancel_after):
+        chunks.append(chunk)
+    return chunks
+
+
+def test_greedy_generation_and_usage(backend: Backend) -> None:
+    chunks = run(backend, "The capital of France is", max_tokens=8)
+    final = chunks[-1]
+    assert final.finish_reason == "length" and final.completion_tokens == 8
+    assert final.prompt_tokens == len(backend.tokenize("The capital of France is", True, True))
+    assert "".join(c.text for c in chunks)
+
+
+def test_prompt_prefix_is_reused_from_the_cache(backend: Backend) -> None:
+    history = "<|im_start|>user\nTell me about the sea.<|im_end|>\n<|im_start|>assistant\n"
+    first = run(backend, history, max_tokens=4)[-1]
+    longer = history + "The sea is big.<|im_end|>\n<|im_start|>user\nAnd rivers?<|im_end|>\n"
+    second = run(backend, longer, max_tokens=4)[-1]
+    assert first.prompt_tokens < second.prompt_tokens
+    assert second.cached_tokens >= len(backend.tokenize(history, True, True)) - 1
+    unrelated = run(backend, "Completely different text", max_tokens=2)[-1]
+    assert unrelated.cached_tokens == 0
+
+
+def test_stop_strings_cut_output(backend: Backend) -> None:
+    text = "".join(c.text for c in run(backend, "1, 2, 3, 4,", max_tokens=12))
+    stop = text.strip().split(",")[1].strip()  # the second number the model writes
+    chunks = run(backend, "1, 2, 3, 4,", max_tokens=12, stop=[stop])
+    assert chunks[-1].finish_reason == "stop"
+    assert stop not in "".join(c.text for c in chunks)
+
+
+def test_cancellation_stops_without_a_final_chunk(backend: Backend) -> None:
+    chunks = run(backend, "Once upon a time", cancel_after=3, max_tokens=200, ignore_eos=True)
+    assert len(chunks) == 3 and all(c.finish_reason is None for c in chunks)
+
+
+def test_tokens_round_trip_and_bad_ids(backend: Backend) -> None:
+    tokens = backend.tokenize("Hello, world! ünïcode", False, False)
+    assert backend.detokenize(tokens) == "Hello, world! ünïcode"
+    with pytest.raises(InvalidRequest, match="not in the model's vocabulary"):
+        backend.detokenize([10**7])
+    with pytest.raises(InvalidRequest):
+        list(backend.generate(GenerationSpec(prompt=None, prompt_tokens=[-1]), lambda: False))
+
+
+def test_context_limits(backend: Backend) -> None:
+    with pytest.raises(ContextLengthExceeded, match="512 tokens"):
+        run(backend, "word " * 600)
+    with pytest.raises(ContextLengthExceeded, match="lower max_tokens"):
+        run(backend, "hello", max_tokens=1000)
+    with pytest.raises(InvalidRequest, match="empty"):
+        run(backend, "", add_special=False)
