@@ -16,10 +16,10 @@ def main() -> None:
     parser.add_argument("--log-level", default=os.environ.get("HEARTH_LOG_LEVEL", "info"))
     parser.add_argument("--name", default="", help="model name, for log lines")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s runner[{args.name or os.getpid()}] %(message)s",
-    )
+    # Started by the server, whose log already stamps time and model on each line we print; by hand, stamp here.
+    plain = "%(levelname)s %(message)s"
+    stamped = f"%(asctime)s %(levelname)s runner[{args.name or os.getpid()}] %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), format=plain if args.parent_pid else stamped)
     serve(args.listen, parent_pid=args.parent_pid)
 
 
