@@ -72,6 +72,10 @@ class Overloaded(HearthError):
     type = "rate_limit_error"
     code = "server_busy"
 
+    def __init__(self, message: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.headers.setdefault("Retry-After", "1")
+
 
 class ModelLoadFailed(HearthError):
     status = 500

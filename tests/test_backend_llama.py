@@ -17,8 +17,8 @@ pytestmark = pytest.mark.real_model
 def backend(smollm2_file: Path) -> Backend:
     loaded = Backend()
     info = loaded.load(LoadSpec(model_name="smol", backend="llama-cpp", model_path=str(smollm2_file), config={},
-                                threads=2, context_size=512))
-    assert info.context_size == 512 and info.train_context_size == 8192 and info.architecture == "llama"
+                                threads=2, context_size=1024, parallel=2))
+    assert info.context_size == 512 and info.parallel == 2 and info.train_context_size == 8192 and info.architecture == "llama"
     assert "chat" in info.capabilities and "<|im_start|>" in info.chat_template
     yield loaded
     loaded.close()

@@ -33,9 +33,9 @@ def smol_dir(smollm2_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     models = tmp_path_factory.mktemp("smol-models")
     install_cached(models, smollm2_file, "smollm2.gguf")
     write_yaml(models, "smollm2", {"name": "smollm2", "backend": "llama-cpp", "parameters": {"model": "smollm2.gguf"},
-                                   "context_size": 2048, "alias": ["gpt-4"]})
+                                   "context_size": 8192, "alias": ["gpt-4"]})
     write_yaml(models, "tiny-context", {"name": "tiny-context", "parameters": {"model": "smollm2.gguf"},
-                                        "context_size": 128})
+                                        "context_size": 256, "parallel": 1})
     write_yaml(models, "own-template", {
         "name": "own-template", "parameters": {"model": "smollm2.gguf", "temperature": 0}, "context_size": 1024,
         "template": {"chat": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
@@ -163,9 +163,9 @@ def test_concurrent_requests_each_get_their_own_answer(smol: HearthServer) -> No
 def test_prompt_longer_than_context(smol: HearthServer) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         smol.client().chat.completions.create(model="tiny-context", messages=[
-            {"role": "user", "content": "word " * 300}])
+            {"role": "user", "content": "word " * 400}])
     assert caught.value.body["code"] == "context_length_exceeded"
-    assert "128 tokens" in caught.value.message and "the prompt is 3" in caught.value.message
+    assert "256 tokens" in caught.value.message and "the prompt is 4" in caught.value.message
     with pytest.raises(openai.BadRequestError) as caught:
         smol.client().completions.create(model="tiny-context", prompt="hello", max_tokens=500)
     assert "lower max_tokens" in caught.value.message

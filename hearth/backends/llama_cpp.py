@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import codecs
 import ctypes
-import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,11 +16,12 @@ from hearth.backends.base import (
     LoadSpec,
     ModelDescription,
     Sampling,
-    StopBuffer,
 )
-from hearth.errors import BackendError, ContextLengthExceeded, InvalidRequest, ModelLoadFailed
+from hearth.backends.llama_scheduler import Job, Scheduler
+from hearth.errors import ContextLengthExceeded, InvalidRequest, ModelLoadFailed
 
-DEFAULT_CONTEXT = 8192
+DEFAULT_CONTEXT = 4096  # per sequence, when the YAML sets no context_size
+DEFAULT_PARALLEL = 4
 GGML_LOG_LEVEL_WARN = 3
 GGML_LOG_LEVEL_ERROR = 4
 # llama.cpp's own sampling defaults (common/common.h), used where neither request nor YAML says.
@@ -70,43 +68,6 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-class _FifoLock:
-    """A lock granted in arrival order, so queued requests are served first come, first served."""
-
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._waiters: deque[threading.Event] = deque()
-        self._held = False
-
-    def acquire(self, cancelled: Callable[[], bool]) -> bool:
-        with self._mutex:
-            if not self._held and not self._waiters:
-                self._held = True
-                return True
-            ticket = threading.Event()
-            self._waiters.append(ticket)
-        while not ticket.wait(0.1):
-            if cancelled():
-                with self._mutex:
-                    if ticket in self._waiters:
-                        self._waiters.remove(ticket)
-                        return False
-                # granted while we gave up: hand it on
-                self.release()
-                return False
-        return True
-
-    def release(self) -> None:
-        with self._mutex:
-            if self._waiters:
-                self._waiters.popleft().set()
-            else:
-                self._held = False
-
-    def waiting(self) -> int:
-        return len(self._waiters) + (1 if self._held else 0)
-
-
 class Backend(BaseBackend):
     name = "llama-cpp"
 
@@ -117,9 +78,8 @@ class Backend(BaseBackend):
         self.n_ctx = 0
         self.n_batch = 512
         self.n_vocab = 0
-        self._batch = None
-        self._turn = _FifoLock()
-        self._cached: list[int] = []  # tokens whose KV entries sit in sequence 0
+        self.n_ctx_seq = 0
+        self.scheduler: Scheduler | None = None
 
     # -- loading ---------------------------------------------------------------------------------------
 
@@ -152,7 +112,9 @@ class Backend(BaseBackend):
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         train_ctx = L.llama_model_n_ctx_train(self.model)
-        self.n_ctx = spec.context_size or min(train_ctx or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+        parallel = spec.parallel or DEFAULT_PARALLEL
+        # context_size is the total, shared out evenly: each of the `parallel` sequences gets context_size/parallel.
+        self.n_ctx = spec.context_size or min(train_ctx or DEFAULT_CONTEXT, DEFAULT_CONTEXT) * parallel
 
         kv_bytes = self._kv_bytes(self.n_ctx)
         available = _mem_available()
@@ -165,7 +127,8 @@ class Backend(BaseBackend):
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = parallel
+        cparams.kv_unified = False  # one KV stream per sequence: no sequence can crowd out another
         cparams.n_threads = spec.threads
         cparams.n_threads_batch = spec.threads
         cparams.no_perf = True
@@ -173,7 +136,11 @@ class Backend(BaseBackend):
         if not self.ctx:
             raise ModelLoadFailed(f"llama.cpp could not create a context of {self.n_ctx} tokens for {path.name}: "
                                   f"{_LOG.reason() or 'unknown reason'}")
-        self._batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self.n_ctx = L.llama_n_ctx(self.ctx)
+        self.n_ctx_seq = L.llama_n_ctx_seq(self.ctx)
+        self.scheduler = Scheduler(self.ctx, self.vocab, n_parallel=parallel, n_ctx_seq=self.n_ctx_seq,
+                                   n_batch=self.n_batch, queue_size=int(spec.config.get("queue_size") or 64),
+                                   piece=self._piece)
 
         template = L.llama_model_chat_template(self.model, None)
         capabilities = ["generate", "tokenize"]
@@ -184,7 +151,7 @@ class Backend(BaseBackend):
         return ModelDescription(
             backend=self.name,
             capabilities=capabilities,
-            context_size=self.n_ctx,
+            context_size=self.n_ctx_seq,
             train_context_size=train_ctx,
             chat_template=template.decode("utf-8", errors="replace") if template else "",
             bos_token=self._token_text(L.llama_vocab_bos(self.vocab)),
@@ -194,7 +161,7 @@ class Backend(BaseBackend):
             parameter_count=int(L.llama_model_n_params(self.model)),
             size_bytes=int(L.llama_model_size(self.model)),
             embedding_size=int(L.llama_model_n_embd(self.model)),
-            parallel=1,
+            parallel=parallel,
             metadata={key: value for key in ("general.name", "general.file_type", "general.quantization_version")
                       if (value := self._meta(key))},
         )
@@ -223,9 +190,9 @@ class Backend(BaseBackend):
         return tokens if all(t >= 0 for t in tokens) else None
 
     def close(self) -> None:
-        if self._batch is not None:
-            L.llama_batch_free(self._batch)
-            self._batch = None
+        if self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
         if self.ctx:
             L.llama_free(self.ctx)
             self.ctx = None
@@ -272,7 +239,7 @@ class Backend(BaseBackend):
     # -- generation ------------------------------------------------------------------------------------
 
     def active_requests(self) -> int:
-        return self._turn.waiting()
+        return self.scheduler.active() if self.scheduler else 0
 
     def _prompt_tokens(self, spec: GenerationSpec) -> list[int]:
         if spec.prompt_tokens is not None:
@@ -321,96 +288,27 @@ class Backend(BaseBackend):
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
         return chain
 
-    def _decode(self, tokens: list[int], start: int) -> None:
-        """Feed `tokens` at positions start.. into sequence 0, asking for logits of the last one only."""
-        batch = self._batch
-        for offset in range(0, len(tokens), self.n_batch):
-            part = tokens[offset: offset + self.n_batch]
-            for i, token in enumerate(part):
-                batch.token[i] = token
-                batch.pos[i] = start + offset + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = offset + i == len(tokens) - 1
-            batch.n_tokens = len(part)
-            result = L.llama_decode(self.ctx, batch)
-            if result != 0:
-                self._forget_cache()
-                raise BackendError(f"llama_decode failed with code {result}")
-
-    def _forget_cache(self) -> None:
-        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
-        self._cached = []
-
     def generate(self, spec: GenerationSpec, cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
+        assert self.scheduler is not None
         tokens = self._prompt_tokens(spec)
-        if len(tokens) >= self.n_ctx:
+        if len(tokens) >= self.n_ctx_seq:
             raise ContextLengthExceeded(
-                f"the prompt is {len(tokens)} tokens, but the model's context is {self.n_ctx} tokens; "
+                f"the prompt is {len(tokens)} tokens, but the model's context is {self.n_ctx_seq} tokens; "
                 f"shorten the prompt or raise context_size", param="messages")
-        if spec.max_tokens and len(tokens) + spec.max_tokens > self.n_ctx:
+        if spec.max_tokens and len(tokens) + spec.max_tokens > self.n_ctx_seq:
             raise ContextLengthExceeded(
-                f"the model's context is {self.n_ctx} tokens, but {len(tokens) + spec.max_tokens} were requested "
+                f"the model's context is {self.n_ctx_seq} tokens, but {len(tokens) + spec.max_tokens} were requested "
                 f"({len(tokens)} in the prompt, {spec.max_tokens} for the completion); lower max_tokens",
                 param="max_tokens")
-        if not self._turn.acquire(cancelled):
-            return
-        try:
-            yield from self._generate_locked(spec, tokens, cancelled)
-        finally:
-            self._turn.release()
+        look_back = tokens[-(spec.sampling.repeat_last_n or DEFAULTS["repeat_last_n"]):]
 
-    def _generate_locked(self, spec: GenerationSpec, tokens: list[int],
-                         cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
-        started = time.perf_counter()
-        # Reuse the longest prefix already in the KV cache; always recompute at least the last token.
-        common = 0
-        for a, b in zip(self._cached, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)
-        L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), 0, common, -1)
-        self._cached = self._cached[:common]
-        self._decode(tokens[common:], common)
-        self._cached = list(tokens)
-        prompt_ms = (time.perf_counter() - started) * 1000
+        def make_sampler():
+            sampler = self._sampler(spec.sampling)
+            for token in look_back:  # penalties look back into the prompt, as llama-server's do
+                L.llama_sampler_accept(sampler, token)
+            return sampler
 
-        sampler = self._sampler(spec.sampling)
-        for token in tokens[-(spec.sampling.repeat_last_n or DEFAULTS["repeat_last_n"]):]:
-            L.llama_sampler_accept(sampler, token)  # penalties look back into the prompt, as llama-server's do
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopBuffer(spec.stop)
-        buffer = ctypes.create_string_buffer(256)
-        limit = spec.max_tokens or (self.n_ctx - len(tokens))
-        produced, finish, hit = 0, "length", False
-        gen_started = time.perf_counter()
-        try:
-            while produced < limit:
-                if cancelled():
-                    return
-                token = L.llama_sampler_sample(sampler, self.ctx, -1)
-                if not spec.ignore_eos and L.llama_vocab_is_eog(self.vocab, token):
-                    finish = "stop"
-                    break
-                produced += 1
-                text, hit = stops.push(decoder.decode(self._piece(token, buffer)))
-                if text:
-                    yield GenerationChunk(text=text, token_count=1)
-                if hit:
-                    finish = "stop"
-                    break
-                if len(self._cached) >= self.n_ctx:
-                    break
-                self._decode([token], len(self._cached))
-                self._cached.append(token)
-            if not hit:
-                rest, hit = stops.push(decoder.decode(b"", final=True))
-                tail = rest if hit else rest + stops.flush()
-                if tail:
-                    yield GenerationChunk(text=tail)
-        finally:
-            L.llama_sampler_free(sampler)
-        predicted_ms = (time.perf_counter() - gen_started) * 1000
-        yield GenerationChunk(finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=produced,
-                              cached_tokens=common, prompt_ms=prompt_ms, predicted_ms=predicted_ms)
+        job = self.scheduler.submit(Job(tokens=tokens, max_tokens=spec.max_tokens, stops=spec.stop,
+                                        ignore_eos=spec.ignore_eos, make_sampler=make_sampler,
+                                        request_id=spec.request_id))
+        yield from job.chunks(cancelled)

@@ -39,7 +39,7 @@ BUILTIN: dict[str, BuiltinModel] = {
                 sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
                 size=491_400_064,
             ),
-            config={"context_size": 8192, "alias": ["gpt-4"], "known_usecases": ["chat", "completion"]},
+            config={"alias": ["gpt-4"], "known_usecases": ["chat", "completion"]},
         ),
         BuiltinModel(
             name="qwen2.5-coder-1.5b-instruct",
@@ -50,7 +50,7 @@ BUILTIN: dict[str, BuiltinModel] = {
                 sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                 size=1_117_320_768,
             ),
-            config={"context_size": 8192, "known_usecases": ["chat", "completion"]},
+            config={"known_usecases": ["chat", "completion"]},
         ),
         BuiltinModel(
             name="smollm2-135m-instruct",
@@ -61,7 +61,7 @@ BUILTIN: dict[str, BuiltinModel] = {
                 sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                 size=98_362_432,
             ),
-            config={"context_size": 8192, "known_usecases": ["chat", "completion"]},
+            config={"known_usecases": ["chat", "completion"]},
         ),
         BuiltinModel(
             name="gemma-3-270m",
@@ -73,7 +73,7 @@ BUILTIN: dict[str, BuiltinModel] = {
                 sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
                 size=253_113_024,
             ),
-            config={"context_size": 8192, "known_usecases": ["completion"]},
+            config={"known_usecases": ["completion"]},
         ),
     ]
 }

@@ -1,0 +1,307 @@
+"""Continuous batching for llama.cpp: one decode step serves every active sequence; newcomers join between steps.
+
+One thread owns the llama.cpp context. Each step it builds a single `llama_batch` holding the next token of every
+generating sequence plus a chunk of one or more waiting prompts (so running streams keep flowing while a long
+prompt is read), calls `llama_decode` once, then samples each sequence with its own sampler chain, in C. Request
+threads only tokenize, submit a job and read its chunks from a queue.
+
+Prompt cache: a finished sequence keeps its KV entries in its slot. A new prompt goes to the idle slot that already
+holds its longest prefix (a chat that goes on), or gets that prefix copied from a busy slot (a shared system
+prompt); only the rest is computed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp.llama_cpp as L
+
+from hearth.backends.base import GenerationChunk, StopBuffer
+from hearth.errors import BackendError, HearthError, Overloaded
+
+log = logging.getLogger("hearth.runner.llama")
+
+# Copy a busy slot's prefix into a free one only when it saves at least this many tokens of prompt processing.
+MIN_COPIED_PREFIX = 32
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class Job:
+    """One generation request as the scheduler sees it."""
+
+    tokens: list[int]
+    max_tokens: int
+    stops: list[str]
+    ignore_eos: bool
+    make_sampler: Callable[[], Any]
+    request_id: str = ""
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def chunks(self, cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
+        """Chunks as the scheduler produces them; stops (and frees the slot) when `cancelled()` turns true."""
+        try:
+            while True:
+                try:
+                    item = self.out.get(timeout=0.05)
+                except queue.Empty:
+                    if cancelled():
+                        self.cancelled = True
+                        return
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+                if cancelled():
+                    self.cancelled = True
+                    return
+        finally:
+            self.cancelled = True  # no-op once finished; frees the slot if the reader left early
+
+
+@dataclass
+class Slot:
+    """A sequence id in the KV cache, the tokens it holds, and the job using it (if any)."""
+
+    seq: int
+    tokens: list[int] = field(default_factory=list)
+    job: Job | None = None
+    pending: list[int] = field(default_factory=list)
+    sampler: Any = None
+    next_token: int = -1
+    batch_index: int = -1
+    produced: int = 0
+    limit: int = 0
+    cached: int = 0
+    decoder: Any = None
+    stops: StopBuffer | None = None
+    last_used: float = 0.0
+    admitted: float = 0.0
+    first_token: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+
+class Scheduler:
+    """Owns the context; runs the decode loop in its own thread."""
+
+    def __init__(self, ctx: Any, vocab: Any, *, n_parallel: int, n_ctx_seq: int, n_batch: int, queue_size: int,
+                 piece: Callable[[int, Any], bytes]) -> None:
+        self.ctx = ctx
+        self.vocab = vocab
+        self.memory = L.llama_get_memory(ctx)
+        self.n_ctx_seq = n_ctx_seq
+        self.n_batch = n_batch
+        self.queue_size = queue_size
+        self.piece = piece
+        self.slots = [Slot(seq=i) for i in range(n_parallel)]
+        self.waiting: deque[Job] = deque()
+        self.batch = L.llama_batch_init(n_batch, 0, 1)
+        self._cond = threading.Condition()
+        self._closing = False
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
+        self._thread.start()
+
+    # -- request side ----------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if len(self.waiting) >= self.queue_size and not any(not s.busy for s in self.slots):
+                raise Overloaded(
+                    f"all {len(self.slots)} sequences of this model are busy and {len(self.waiting)} requests are "
+                    f"already waiting; try again shortly", headers={"Retry-After": "1"})
+            self.waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def active(self) -> int:
+        with self._cond:
+            return len(self.waiting) + sum(1 for s in self.slots if s.busy)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+        for slot in self.slots:
+            if slot.sampler is not None:
+                L.llama_sampler_free(slot.sampler)
+                slot.sampler = None
+        L.llama_batch_free(self.batch)
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self.waiting and not any(s.busy for s in self.slots):
+                    self._cond.wait()
+                if self._closing:
+                    for job in [*self.waiting, *(s.job for s in self.slots if s.job)]:
+                        job.out.put(BackendError("the model is being unloaded"))
+                    return
+                self._admit()
+            try:
+                self._step()
+            except Exception as exc:  # a failed decode fails the jobs in it, never the loop
+                log.exception("decode step failed")
+                for slot in self.slots:
+                    if slot.job is not None:
+                        self._finish(slot, error=exc if isinstance(exc, HearthError) else
+                                     BackendError(f"llama.cpp failed: {exc}"))
+
+    def _admit(self) -> None:
+        """Give waiting jobs free slots, first come first served, reusing cached prefixes."""
+        while self.waiting:
+            job = self.waiting[0]
+            if job.cancelled:
+                self.waiting.popleft()
+                continue
+            free = [s for s in self.slots if not s.busy]
+            if not free:
+                return
+            self.waiting.popleft()
+            best = max(free, key=lambda s: (common_prefix(s.tokens, job.tokens), -s.last_used))
+            reuse = common_prefix(best.tokens, job.tokens)
+            if reuse == 0:
+                best = min(free, key=lambda s: (len(s.tokens) > 0, s.last_used))
+            donor = max((s for s in self.slots if s.busy), default=None,
+                        key=lambda s: common_prefix(s.tokens, job.tokens))
+            if donor is not None:
+                shared = common_prefix(donor.tokens, job.tokens)
+                if shared >= MIN_COPIED_PREFIX and shared > reuse + MIN_COPIED_PREFIX:
+                    L.llama_memory_seq_cp(self.memory, donor.seq, best.seq, -1, -1)
+                    best.tokens = list(donor.tokens)
+                    reuse = shared
+            self._start(best, job, reuse)
+
+    def _start(self, slot: Slot, job: Job, reuse: int) -> None:
+        reuse = min(reuse, len(job.tokens) - 1)  # the last prompt token is always decoded, for its logits
+        L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
+        slot.tokens = job.tokens[:reuse]
+        slot.pending = job.tokens[reuse:]
+        slot.job = job
+        slot.sampler = job.make_sampler()
+        slot.next_token = -1
+        slot.produced = 0
+        slot.cached = reuse
+        slot.limit = job.max_tokens or (self.n_ctx_seq - len(job.tokens))
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.stops = StopBuffer(job.stops)
+        slot.admitted = time.perf_counter()
+
+    def _step(self) -> None:
+        batch = self.batch
+        n = 0
+        for slot in self.slots:
+            slot.batch_index = -1
+            if slot.job is not None and slot.job.cancelled:
+                self._finish(slot, cancelled=True)
+        # Generating sequences first: one token each.
+        for slot in self.slots:
+            if slot.job is not None and not slot.pending and slot.next_token >= 0:
+                self._add(batch, n, slot.next_token, len(slot.tokens), slot.seq, True)
+                slot.tokens.append(slot.next_token)
+                slot.batch_index = n
+                n += 1
+        # Then prompts, in admission order, as much as fits this step.
+        for slot in sorted((s for s in self.slots if s.job is not None and s.pending), key=lambda s: s.admitted):
+            room = self.n_batch - n
+            if room <= 0:
+                break
+            chunk, slot.pending = slot.pending[:room], slot.pending[room:]
+            for i, token in enumerate(chunk):
+                last = not slot.pending and i == len(chunk) - 1
+                self._add(batch, n, token, len(slot.tokens), slot.seq, last)
+                slot.tokens.append(token)
+                if last:
+                    slot.batch_index = n
+                n += 1
+        if n == 0:
+            return
+        batch.n_tokens = n
+        result = L.llama_decode(self.ctx, batch)
+        if result != 0:
+            raise BackendError(f"llama_decode failed with code {result}")
+        for slot in self.slots:
+            if slot.batch_index >= 0 and slot.job is not None:
+                self._sample(slot)
+
+    @staticmethod
+    def _add(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+
+    def _sample(self, slot: Slot) -> None:
+        job = slot.job
+        assert job is not None and slot.stops is not None
+        token = L.llama_sampler_sample(slot.sampler, self.ctx, slot.batch_index)
+        if slot.produced == 0:
+            slot.first_token = time.perf_counter()
+        if not job.ignore_eos and L.llama_vocab_is_eog(self.vocab, token):
+            self._finish(slot, reason="stop")
+            return
+        slot.produced += 1
+        text, hit = slot.stops.push(slot.decoder.decode(self.piece(token, self._piece_buffer)))
+        if text:
+            job.out.put(GenerationChunk(text=text, token_count=1))
+        if hit:
+            self._finish(slot, reason="stop", flush=False)
+        elif slot.produced >= slot.limit or len(slot.tokens) + 1 > self.n_ctx_seq:
+            self._finish(slot, reason="length")
+        else:
+            slot.next_token = token
+
+    def _finish(self, slot: Slot, *, reason: str = "", cancelled: bool = False, flush: bool = True,
+                error: BaseException | None = None) -> None:
+        job = slot.job
+        assert job is not None and slot.stops is not None
+        if error is not None:
+            job.out.put(error)
+            L.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
+            slot.tokens = []
+        elif not cancelled:
+            if flush:
+                rest, hit = slot.stops.push(slot.decoder.decode(b"", final=True))
+                tail = rest if hit else rest + slot.stops.flush()
+                if tail:
+                    job.out.put(GenerationChunk(text=tail))
+            now = time.perf_counter()
+            first = slot.first_token or now
+            job.out.put(GenerationChunk(
+                finish_reason=reason, prompt_tokens=len(job.tokens), completion_tokens=slot.produced,
+                cached_tokens=slot.cached, prompt_ms=(first - slot.admitted) * 1000,
+                predicted_ms=(now - first) * 1000 if slot.produced else 0.0))
+        L.llama_sampler_free(slot.sampler)
+        slot.sampler = None
+        slot.job = None
+        slot.pending = []
+        slot.first_token = 0.0
+        slot.last_used = time.perf_counter()
