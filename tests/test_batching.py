@@ -1,0 +1,154 @@
+"""Continuous batching on a real model: streams progress together, never leak into one another, queue fairly."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import HearthServer, install_cached, write_yaml
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = ["Name a color.", "Name an animal.", "Name a fruit.", "Write the number seven in words."]
+SYSTEM = ("You are a careful assistant for a hardware store. You answer questions about tools, paint, garden "
+          "supplies and plumbing. Keep answers short, name the aisle where the item is, and never invent prices. "
+          "If you do not know, say so and suggest asking a member of staff at the front desk.")
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_file: Path, tmp_path_factory: pytest.TempPathFactory) -> HearthServer:
+    models = tmp_path_factory.mktemp("batch-models")
+    install_cached(models, smollm2_file, "smollm2.gguf")
+    write_yaml(models, "four", {"name": "four", "parameters": {"model": "smollm2.gguf"}, "parallel": 4,
+                                "context_size": 4096})
+    write_yaml(models, "one", {"name": "one", "parameters": {"model": "smollm2.gguf"}, "parallel": 1,
+                               "context_size": 2048, "queue_size": 1})
+    started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log")
+    yield started
+    started.stop()
+
+
+def stream_times(client: openai.OpenAI, prompt: str, max_tokens: int, record: dict) -> None:
+    first = None
+    text = ""
+    for chunk in client.chat.completions.create(model="four", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+            first = first or time.monotonic()
+        if chunk.choices and chunk.choices[0].finish_reason:
+            record[prompt] = (first, time.monotonic(), chunk.choices[0].finish_reason, text)
+
+
+def test_four_streams_progress_together(server: HearthServer) -> None:
+    client = server.client()
+    client.completions.create(model="four", prompt="warm up", max_tokens=1)
+    record: dict[str, tuple] = {}
+    threads = [threading.Thread(target=stream_times, args=(client, p, 48, record)) for p in PROMPTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(record) == 4
+    firsts = [r[0] for r in record.values()]
+    finishes = [r[1] for r in record.values()]
+    # Every stream got its first token before any stream finished: they were decoded together, not queued.
+    assert max(firsts) < min(finishes)
+    assert all(r[2] == "length" for r in record.values())  # none was cut short
+
+
+def test_batched_greedy_outputs_match_solo_outputs(server: HearthServer) -> None:
+    client = server.client()
+
+    def ask(prompt: str) -> str:
+        return client.chat.completions.create(model="four", messages=[{"role": "user", "content": prompt}],
+                                              temperature=0, max_tokens=24).choices[0].message.content
+
+    solo = {p: ask(p) for p in PROMPTS}
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda p=p: together.__setitem__(p, ask(p))) for p in PROMPTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert together == solo
+
+
+def test_queue_is_bounded_with_429_and_retry_after(server: HearthServer) -> None:
+    client = server.client()
+    body = {"model": "one", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    http = server.http()
+    busy = http.stream("POST", "/v1/completions", json=body)
+    first = busy.__enter__()
+    lines = first.iter_lines()  # keep the iterator: dropping it would close the response
+    next(lines)  # the only slot is now generating
+    queued_result: list = []
+    queued = threading.Thread(target=lambda: queued_result.append(
+        client.completions.create(model="one", prompt="Hi", max_tokens=2)))
+    queued.start()
+    time.sleep(0.5)  # the second request waits in the queue (size 1)
+    try:
+        response = httpx.post(f"{server.base_url}/v1/completions", json={"model": "one", "prompt": "x",
+                                                                          "max_tokens": 2}, timeout=30)
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "1"
+        error = response.json()["error"]
+        assert error["type"] == "rate_limit_error" and "busy" in error["message"]
+    finally:
+        busy.__exit__(None, None, None)  # disconnect: frees the slot for the queued request
+    queued.join(60)
+    assert queued_result and queued_result[0].choices[0].finish_reason in ("stop", "length")
+
+
+def test_disconnect_frees_the_slot_at_once(server: HearthServer) -> None:
+    client = server.client()
+    stream = client.completions.create(model="one", prompt="Once upon a time", max_tokens=1500, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for _ in zip(range(3), stream, strict=False):
+        pass
+    stream.close()
+    started = time.monotonic()
+    reply = client.completions.create(model="one", prompt="Hello", max_tokens=4)
+    # Served long before 1,500 tokens could have been generated: the cancelled stream gave up its slot.
+    assert reply.usage.completion_tokens == 4
+    assert time.monotonic() - started < 10
+    assert "cancelled by the client" in server.log()
+
+
+def test_shared_system_prompt_is_reused(server: HearthServer) -> None:
+    client = server.client()
+
+    def ask(question: str):
+        return client.chat.completions.create(model="one", max_tokens=4, temperature=0, messages=[
+            {"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
+
+    first = ask("Where are the hammers?")
+    second = ask("Do you sell tulip bulbs?")
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 40 and cached < second.usage.prompt_tokens
+    assert second.timings["prompt_n"] == second.usage.prompt_tokens - cached  # type: ignore[attr-defined]
+    assert first.usage.prompt_tokens > 40
+
+
+def test_prefix_copied_from_a_busy_sequence(server: HearthServer) -> None:
+    client = server.client()
+    question = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Is there a paint aisle?"}]
+    busy = client.chat.completions.create(model="four", stream=True, max_tokens=300, temperature=0,
+                                          extra_body={"ignore_eos": True}, messages=[
+                                              {"role": "system", "content": SYSTEM},
+                                              {"role": "user", "content": "Tell me about every aisle."}])
+    for _ in zip(range(3), busy, strict=False):
+        pass
+    copied = client.chat.completions.create(model="four", messages=question, temperature=0, max_tokens=16)
+    busy.close()
+    assert copied.usage.prompt_tokens_details.cached_tokens >= 40
+    # The copied entries are right: asked again once the donor is gone, the answer is the same.
+    assert copied.choices[0].message.content
+    again = client.chat.completions.create(model="four", messages=question, temperature=0, max_tokens=16)
+    assert again.choices[0].message.content == copied.choices[0].message.content
