@@ -132,6 +132,9 @@ class Backend(BaseBackend):
         cparams.n_threads = spec.threads
         cparams.n_threads_batch = spec.threads
         cparams.no_perf = True
+        flash = spec.config.get("flash_attention")  # LocalAI's field; llama.cpp decides when it is not set
+        if flash is not None:
+            cparams.flash_attn_type = 1 if flash else 0
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise ModelLoadFailed(f"llama.cpp could not create a context of {self.n_ctx} tokens for {path.name}: "

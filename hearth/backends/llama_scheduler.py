@@ -32,6 +32,7 @@ log = logging.getLogger("hearth.runner.llama")
 
 # Copy a busy slot's prefix into a free one only when it saves at least this many tokens of prompt processing.
 MIN_COPIED_PREFIX = 32
+PROMPT_CHUNK_WHILE_GENERATING = 256
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -56,13 +57,15 @@ class Job:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    _held: Any = None  # an item taken out while coalescing, to be delivered next
 
     def chunks(self, cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
         """Chunks as the scheduler produces them; stops (and frees the slot) when `cancelled()` turns true."""
         try:
             while True:
                 try:
-                    item = self.out.get(timeout=0.05)
+                    item, self._held = (self._held, None) if self._held is not None else \
+                        (self.out.get(timeout=0.05), None)
                 except queue.Empty:
                     if cancelled():
                         self.cancelled = True
@@ -70,6 +73,7 @@ class Job:
                     continue
                 if isinstance(item, BaseException):
                     raise item
+                item = self._coalesce(item)
                 yield item
                 if item.finish_reason:
                     return
@@ -78,6 +82,20 @@ class Job:
                     return
         finally:
             self.cancelled = True  # no-op once finished; frees the slot if the reader left early
+
+    def _coalesce(self, item: GenerationChunk) -> GenerationChunk:
+        """Merge text chunks already waiting into `item`: a reader that fell behind sends fewer, larger messages."""
+        while not item.finish_reason:
+            try:
+                following = self.out.get_nowait()
+            except queue.Empty:
+                return item
+            if isinstance(following, BaseException) or following.finish_reason:
+                self._held = following
+                return item
+            item = GenerationChunk(text=item.text + following.text, token_count=item.token_count +
+                                   following.token_count)
+        return item
 
 
 @dataclass
@@ -228,9 +246,11 @@ class Scheduler:
                 slot.tokens.append(slot.next_token)
                 slot.batch_index = n
                 n += 1
-        # Then prompts, in admission order, as much as fits this step.
+        # Then prompts, in admission order, as much as fits this step; smaller bites while others are generating,
+        # so that their tokens keep coming while a long prompt is read.
+        budget = self.n_batch if n == 0 else min(self.n_batch, n + PROMPT_CHUNK_WHILE_GENERATING)
         for slot in sorted((s for s in self.slots if s.job is not None and s.pending), key=lambda s: s.admitted):
-            room = self.n_batch - n
+            room = budget - n
             if room <= 0:
                 break
             chunk, slot.pending = slot.pending[:room], slot.pending[room:]

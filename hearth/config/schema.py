@@ -70,6 +70,7 @@ class ModelConfig(_Open):
     threads: int | None = Field(None, ge=1)
     parallel: int | None = Field(None, ge=1, le=64)
     queue_size: int | None = Field(None, ge=0)
+    flash_attention: bool | None = None
     stopwords: list[str] = Field(default_factory=list)
     template: TemplateConfig = Field(default_factory=TemplateConfig)
     alias: list[str] = Field(default_factory=list)

