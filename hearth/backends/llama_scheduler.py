@@ -5,9 +5,9 @@ generating sequence plus a chunk of one or more waiting prompts (so running stre
 prompt is read), calls `llama_decode` once, then samples each sequence with its own sampler chain, in C. Request
 threads only tokenize, submit a job and read its chunks from a queue.
 
-Prompt cache: a finished sequence keeps its KV entries in its slot. A new prompt goes to the idle slot that already
-holds its longest prefix (a chat that goes on), or gets that prefix copied from a busy slot (a shared system
-prompt); only the rest is computed.
+Prompt cache: a finished sequence keeps its KV entries in its slot. A new prompt reuses the longest prefix any slot
+holds (a chat that goes on, a shared system prompt), copied into the slot it runs in when it sits elsewhere; only
+the rest is computed.
 """
 
 from __future__ import annotations
@@ -193,29 +193,31 @@ class Scheduler:
                                      BackendError(f"llama.cpp failed: {exc}"))
 
     def _admit(self) -> None:
-        """Give waiting jobs free slots, first come first served, reusing cached prefixes."""
+        """Give waiting jobs free slots, first come first served, reusing cached prefixes.
+
+        A job always takes the lowest free slot: llama.cpp computes attention over the span of KV streams from the
+        lowest to the highest sequence in a batch, so busy slots are kept together. Idle slots keep their entries
+        as a cache; when another slot holds a longer prefix of the new prompt, that slot's stream is copied in.
+        """
         while self.waiting:
             job = self.waiting[0]
             if job.cancelled:
                 self.waiting.popleft()
                 continue
-            free = [s for s in self.slots if not s.busy]
-            if not free:
+            target = next((s for s in self.slots if not s.busy), None)
+            if target is None:
                 return
             self.waiting.popleft()
-            best = max(free, key=lambda s: (common_prefix(s.tokens, job.tokens), -s.last_used))
-            reuse = common_prefix(best.tokens, job.tokens)
-            if reuse == 0:
-                best = min(free, key=lambda s: (len(s.tokens) > 0, s.last_used))
-            donor = max((s for s in self.slots if s.busy), default=None,
-                        key=lambda s: common_prefix(s.tokens, job.tokens))
-            if donor is not None:
-                shared = common_prefix(donor.tokens, job.tokens)
+            reuse = common_prefix(target.tokens, job.tokens)
+            source = max((s for s in self.slots if s is not target), default=None,
+                         key=lambda s: common_prefix(s.tokens, job.tokens))
+            if source is not None:
+                shared = common_prefix(source.tokens, job.tokens)
                 if shared >= MIN_COPIED_PREFIX and shared > reuse + MIN_COPIED_PREFIX:
-                    L.llama_memory_seq_cp(self.memory, donor.seq, best.seq, -1, -1)
-                    best.tokens = list(donor.tokens)
+                    L.llama_memory_seq_cp(self.memory, source.seq, target.seq, -1, -1)
+                    target.tokens = list(source.tokens)
                     reuse = shared
-            self._start(best, job, reuse)
+            self._start(target, job, reuse)
 
     def _start(self, slot: Slot, job: Job, reuse: int) -> None:
         reuse = min(reuse, len(job.tokens) - 1)  # the last prompt token is always decoded, for its logits
