@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import json
 import re
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +107,37 @@ class Backend:
 
     def generate(self, spec: GenerationSpec, cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
         raise CapabilityNotSupported(f"backend '{self.name}' does not generate text")
+
+    async def agenerate(self, spec: GenerationSpec) -> AsyncIterator[GenerationChunk]:
+        """`generate` for the runner's event loop: by default the blocking generator runs in a thread of its own.
+
+        Leaving the loop early (the caller went away) makes `cancelled()` true for the generator.
+        """
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        end = object()
+
+        def send(item: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us
+                loop.call_soon_threadsafe(items.put_nowait, item)
+
+        def pump() -> None:
+            try:
+                for chunk in self.generate(spec, stop.is_set):
+                    send(chunk)
+                send(end)
+            except BaseException as exc:  # handed to the loop, which raises it for the caller
+                send(exc)
+
+        threading.Thread(target=pump, name="generate", daemon=True).start()
+        try:
+            while (item := await items.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         raise CapabilityNotSupported(f"backend '{self.name}' has no tokenizer")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import llama_cpp.llama_cpp as L
 
@@ -293,6 +295,20 @@ class Backend(BaseBackend):
 
     def generate(self, spec: GenerationSpec, cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
         assert self.scheduler is not None
+        job = self.scheduler.submit(self._job(spec))
+        yield from job.chunks(cancelled)
+
+    async def agenerate(self, spec: GenerationSpec) -> AsyncIterator[GenerationChunk]:
+        """As `generate`, fed by the decode loop straight into this event loop, once per step."""
+        assert self.scheduler is not None
+        job = await asyncio.to_thread(self._job, spec)  # tokenizing a long prompt should not hold up the loop
+        job.loop, job.aqueue = asyncio.get_running_loop(), asyncio.Queue()
+        self.scheduler.submit(job)
+        async for chunk in job.achunks():
+            yield chunk
+
+    def _job(self, spec: GenerationSpec) -> Job:
+        """Checks the request against the context and makes the scheduler's job for it."""
         tokens = self._prompt_tokens(spec)
         if len(tokens) >= self.n_ctx_seq:
             raise ContextLengthExceeded(
@@ -305,13 +321,11 @@ class Backend(BaseBackend):
                 param="max_tokens")
         look_back = tokens[-(spec.sampling.repeat_last_n or DEFAULTS["repeat_last_n"]):]
 
-        def make_sampler():
+        def make_sampler() -> Any:  # a llama_sampler pointer
             sampler = self._sampler(spec.sampling)
             for token in look_back:  # penalties look back into the prompt, as llama-server's do
                 L.llama_sampler_accept(sampler, token)
             return sampler
 
-        job = self.scheduler.submit(Job(tokens=tokens, max_tokens=spec.max_tokens, stops=spec.stop,
-                                        ignore_eos=spec.ignore_eos, make_sampler=make_sampler,
-                                        request_id=spec.request_id))
-        yield from job.chunks(cancelled)
+        return Job(tokens=tokens, max_tokens=spec.max_tokens, stops=spec.stop, ignore_eos=spec.ignore_eos,
+                   make_sampler=make_sampler, request_id=spec.request_id)

@@ -12,14 +12,16 @@ the rest is computed.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import contextlib
 import ctypes
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +59,32 @@ class Job:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    # Set for a reader on an event loop: the scheduler hands it each step's output in one call to the loop.
+    loop: asyncio.AbstractEventLoop | None = None
+    aqueue: asyncio.Queue | None = None
     _held: Any = None  # an item taken out while coalescing, to be delivered next
+
+    async def achunks(self) -> AsyncIterator[GenerationChunk]:
+        """Chunks for a reader on the event loop; leaving early (cancellation) frees the slot."""
+        assert self.aqueue is not None
+        try:
+            while True:
+                item = await self.aqueue.get()
+                while not isinstance(item, BaseException) and not item.finish_reason and not self.aqueue.empty():
+                    following = self.aqueue.get_nowait()
+                    if isinstance(following, BaseException) or following.finish_reason:
+                        yield item
+                        item = following
+                        break
+                    item = GenerationChunk(text=item.text + following.text,
+                                           token_count=item.token_count + following.token_count)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            self.cancelled = True
 
     def chunks(self, cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
         """Chunks as the scheduler produces them; stops (and frees the slot) when `cancelled()` turns true."""
@@ -141,6 +168,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._piece_buffer = ctypes.create_string_buffer(256)
+        self._outbox: list[tuple[Job, Any]] = []
         self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
         self._thread.start()
 
@@ -173,6 +201,24 @@ class Scheduler:
 
     # -- the loop --------------------------------------------------------------------------------------
 
+    def _emit(self, job: Job, item: Any) -> None:
+        if job.loop is None:
+            job.out.put(item)
+        else:
+            self._outbox.append((job, item))
+
+    def _flush(self) -> None:
+        """Hand a step's output to the event loop(s) in one call each: one wake-up per step, not per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+        for job, item in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, item))  # type: ignore[arg-type]
+        self._outbox = []
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: its readers are gone
+                loop.call_soon_threadsafe(_deliver, items)
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -180,7 +226,8 @@ class Scheduler:
                     self._cond.wait()
                 if self._closing:
                     for job in [*self.waiting, *(s.job for s in self.slots if s.job)]:
-                        job.out.put(BackendError("the model is being unloaded"))
+                        self._emit(job, BackendError("the model is being unloaded"))
+                    self._flush()
                     return
                 self._admit()
             try:
@@ -191,6 +238,7 @@ class Scheduler:
                     if slot.job is not None:
                         self._finish(slot, error=exc if isinstance(exc, HearthError) else
                                      BackendError(f"llama.cpp failed: {exc}"))
+            self._flush()
 
     def _admit(self) -> None:
         """Give waiting jobs free slots, first come first served, reusing cached prefixes.
@@ -293,7 +341,7 @@ class Scheduler:
         slot.produced += 1
         text, hit = slot.stops.push(slot.decoder.decode(self.piece(token, self._piece_buffer)))
         if text:
-            job.out.put(GenerationChunk(text=text, token_count=1))
+            self._emit(job, GenerationChunk(text=text, token_count=1))
         if hit:
             self._finish(slot, reason="stop", flush=False)
         elif slot.produced >= slot.limit or len(slot.tokens) + 1 > self.n_ctx_seq:
@@ -306,7 +354,7 @@ class Scheduler:
         job = slot.job
         assert job is not None and slot.stops is not None
         if error is not None:
-            job.out.put(error)
+            self._emit(job, error)
             L.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
             slot.tokens = []
         elif not cancelled:
@@ -314,10 +362,10 @@ class Scheduler:
                 rest, hit = slot.stops.push(slot.decoder.decode(b"", final=True))
                 tail = rest if hit else rest + slot.stops.flush()
                 if tail:
-                    job.out.put(GenerationChunk(text=tail))
+                    self._emit(job, GenerationChunk(text=tail))
             now = time.perf_counter()
             first = slot.first_token or now
-            job.out.put(GenerationChunk(
+            self._emit(job, GenerationChunk(
                 finish_reason=reason, prompt_tokens=len(job.tokens), completion_tokens=slot.produced,
                 cached_tokens=slot.cached, prompt_ms=(first - slot.admitted) * 1000,
                 predicted_ms=(now - first) * 1000 if slot.produced else 0.0))
@@ -327,3 +375,10 @@ class Scheduler:
         slot.pending = []
         slot.first_token = 0.0
         slot.last_used = time.perf_counter()
+
+
+def _deliver(items: list[tuple[Job, Any]]) -> None:
+    """On the event loop: put each item in its reader's queue."""
+    for job, item in items:
+        if job.aqueue is not None:
+            job.aqueue.put_nowait(item)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -10,8 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -28,32 +28,26 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 T = TypeVar("T")
 
 
-def _abort(context: grpc.ServicerContext, error: errors.HearthError) -> None:
+async def _abort(context: grpc.aio.ServicerContext, error: errors.HearthError) -> None:
     code, trailers = to_status(error)
     context.set_trailing_metadata(trailers)
-    context.abort(code, error.message)
+    await context.abort(code, error.message)
 
 
-def _guard(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
-    """Run a unary call, turning Hearth errors into statuses and anything else into INTERNAL."""
+def _as_hearth_error(exc: Exception) -> errors.HearthError:
+    if isinstance(exc, errors.HearthError):
+        return exc
+    log.error("backend failed", exc_info=exc)
+    return errors.BackendError(f"the backend failed: {type(exc).__name__}: {exc}")
+
+
+async def _guard(context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T:
+    """Run a blocking backend call in a thread; Hearth errors become statuses, anything else INTERNAL."""
     try:
-        return call()
-    except errors.HearthError as exc:
-        _abort(context, exc)
+        return await asyncio.to_thread(call)
     except Exception as exc:
-        log.exception("backend failed")
-        _abort(context, errors.BackendError(f"the backend failed: {type(exc).__name__}: {exc}"))
+        await _abort(context, _as_hearth_error(exc))
     raise AssertionError("unreachable")
-
-
-def _guard_stream(context: grpc.ServicerContext, stream: Callable[[], Iterator[T]]) -> Iterator[T]:
-    try:
-        yield from stream()
-    except errors.HearthError as exc:
-        _abort(context, exc)
-    except Exception as exc:
-        log.exception("backend failed")
-        _abort(context, errors.BackendError(f"the backend failed: {type(exc).__name__}: {exc}"))
 
 
 def _describe(info: ModelDescription, load_seconds: float) -> pb.ModelInfo:
@@ -123,7 +117,7 @@ class RunnerService(pb_grpc.RunnerServicer):
             raise errors.ModelLoadFailed("no model is loaded in this runner; call Load first")
         return self.backend
 
-    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(
             loaded=self.backend is not None,
             backend=self.spec.backend if self.spec else "",
@@ -132,7 +126,7 @@ class RunnerService(pb_grpc.RunnerServicer):
             active_requests=self.backend.active_requests() if self.backend else 0,
         )
 
-    def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+    async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         def load() -> pb.ModelInfo:
             with self._load_lock:
                 if self.backend is not None and self.info is not None:
@@ -156,63 +150,62 @@ class RunnerService(pb_grpc.RunnerServicer):
                 log.info("model '%s' loaded in %.2f s", spec.model_name, elapsed)
                 return self.info
 
-        return _guard(context, load)
+        return await _guard(context, load)
 
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateReply]:
-        def stream() -> Iterator[pb.GenerateReply]:
-            backend = self._loaded()
-            spec = _generation_spec(request)
-            produced, finished = 0, False
-            try:
-                for chunk in backend.generate(spec, cancelled=lambda: not context.is_active()):
-                    produced += chunk.token_count
-                    finished = finished or bool(chunk.finish_reason)
-                    reply = pb.GenerateReply(text=chunk.text, token_count=chunk.token_count)
-                    if chunk.finish_reason:
-                        reply.finish_reason = chunk.finish_reason
-                        reply.usage.CopyFrom(pb.Usage(prompt_tokens=chunk.prompt_tokens,
-                                                      completion_tokens=chunk.completion_tokens,
-                                                      cached_tokens=chunk.cached_tokens))
-                        reply.timings.CopyFrom(pb.Timings(prompt_n=chunk.prompt_tokens - chunk.cached_tokens,
-                                                          prompt_ms=chunk.prompt_ms,
-                                                          predicted_n=chunk.completion_tokens,
-                                                          predicted_ms=chunk.predicted_ms))
-                        _log_timings(spec, chunk)
-                    yield reply
-            except GeneratorExit:
-                # gRPC stops pulling (and closes) this generator when the caller goes away
-                if not finished:
-                    log.info("request %s cancelled by the client after %d tokens", spec.request_id or "-",
-                             produced)
-                raise
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateReply]:
+        spec = _generation_spec(request)
+        produced, finished = 0, False
+        try:
+            async for chunk in self._loaded().agenerate(spec):
+                produced += chunk.token_count
+                reply = pb.GenerateReply(text=chunk.text, token_count=chunk.token_count)
+                if chunk.finish_reason:
+                    finished = True
+                    reply.finish_reason = chunk.finish_reason
+                    reply.usage.CopyFrom(pb.Usage(prompt_tokens=chunk.prompt_tokens,
+                                                  completion_tokens=chunk.completion_tokens,
+                                                  cached_tokens=chunk.cached_tokens))
+                    reply.timings.CopyFrom(pb.Timings(prompt_n=chunk.prompt_tokens - chunk.cached_tokens,
+                                                      prompt_ms=chunk.prompt_ms,
+                                                      predicted_n=chunk.completion_tokens,
+                                                      predicted_ms=chunk.predicted_ms))
+                    _log_timings(spec, chunk)
+                yield reply
+        except (asyncio.CancelledError, GeneratorExit):
+            if not finished:
+                log.info("request %s cancelled by the client after %d tokens", spec.request_id or "-", produced)
+            raise
+        except Exception as exc:
+            await _abort(context, _as_hearth_error(exc))
 
-        return _guard_stream(context, stream)
-
-    def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeReply:
-        return _guard(context, lambda: pb.TokenizeReply(
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeReply:
+        return await _guard(context, lambda: pb.TokenizeReply(
             tokens=self._loaded().tokenize(request.text, request.add_special, request.parse_special)))
 
-    def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.ServicerContext) -> pb.DetokenizeReply:
-        return _guard(context, lambda: pb.DetokenizeReply(text=self._loaded().detokenize(list(request.tokens))))
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DetokenizeReply:
+        return await _guard(context, lambda: pb.DetokenizeReply(
+            text=self._loaded().detokenize(list(request.tokens))))
 
-    def _missing(self, what: str, context: grpc.ServicerContext) -> Any:
+    async def _missing(self, what: str, context: grpc.aio.ServicerContext) -> Any:
         name = self.spec.backend if self.spec else "this runner"
-        _abort(context, errors.CapabilityNotSupported(f"backend '{name}' does not support {what}"))
+        await _abort(context, errors.CapabilityNotSupported(f"backend '{name}' does not support {what}"))
 
-    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedReply:
-        return self._missing("embeddings", context)
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedReply:
+        return await self._missing("embeddings", context)
 
-    def Rerank(self, request: pb.RerankRequest, context: grpc.ServicerContext) -> pb.RerankReply:
-        return self._missing("reranking", context)
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankReply:
+        return await self._missing("reranking", context)
 
-    def Transcribe(self, request: pb.TranscribeRequest, context: grpc.ServicerContext) -> Any:
-        return self._missing("transcription", context)
+    async def Transcribe(self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._missing("transcription", context)
 
-    def Speak(self, request: pb.SpeakRequest, context: grpc.ServicerContext) -> Any:
-        return self._missing("speech synthesis", context)
+    async def Speak(self, request: pb.SpeakRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._missing("speech synthesis", context)
 
-    def GenerateImage(self, request: pb.ImageRequest, context: grpc.ServicerContext) -> Any:
-        return self._missing("image generation", context)
+    async def GenerateImage(self, request: pb.ImageRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._missing("image generation", context)
 
     def close(self) -> None:
         if self.backend is not None:
@@ -248,36 +241,31 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def serve(address: str, *, parent_pid: int | None = None, max_workers: int = 64) -> None:
-    """Serve until SIGTERM/SIGINT; `address` is `unix:/path` or `host:port`."""
+async def _serve(address: str, parent_pid: int | None) -> None:
     service = RunnerService()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-    )
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     pb_grpc.add_RunnerServicer_to_server(service, server)
     if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
         raise SystemExit(f"cannot listen on {address}")
-    stopping: list[int] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        # Only a plain assignment here: taking a lock (Event.set) in a signal handler can deadlock with the
-        # main thread's own wait on that lock.
-        stopping.append(signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     if parent_pid:
         _die_with_parent(parent_pid)
-    server.start()
+    await server.start()
     log.info("runner %d listening on %s", os.getpid(), address)
     print(json.dumps({"event": "listening", "address": address, "pid": os.getpid()}), flush=True)
-    while not stopping:
-        time.sleep(0.1)
+    await stop.wait()
     log.info("runner %d stopping", os.getpid())
-    server.stop(grace=2.0).wait(3.0)
-    service.close()
+    await server.stop(grace=2.0)
+    await asyncio.to_thread(service.close)
     if address.startswith("unix:"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address.removeprefix("unix:"))
+
+
+def serve(address: str, *, parent_pid: int | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; `address` is `unix:/path` or `host:port`."""
+    asyncio.run(_serve(address, parent_pid))
