@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from hearth.config.loader import ModelRegistry
 from hearth.config.schema import ModelConfig
-from hearth.errors import CapabilityNotSupported, HearthError, InvalidRequest
+from hearth.errors import CapabilityNotSupported, HearthError
 from hearth.runner import hearth_pb2 as pb
 from hearth.runtime.manager import Runner, RunnerManager
 from hearth.settings import Settings
@@ -59,8 +59,3 @@ class Engine:
 def _missing_capability(name: str, capability: str, info: pb.ModelInfo) -> str:
     has = ", ".join(info.capabilities) or "nothing"
     return f"model '{name}' ({info.backend}) does not support {capability}; it supports: {has}"
-
-
-def require(condition: bool, message: str, param: str | None = None) -> None:
-    if not condition:
-        raise InvalidRequest(message, param=param)

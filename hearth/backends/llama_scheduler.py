@@ -58,7 +58,6 @@ class Job:
     request_id: str = ""
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
     # Set for a reader on an event loop: the scheduler hands it each step's output in one call to the loop.
     loop: asyncio.AbstractEventLoop | None = None
     aqueue: asyncio.Queue | None = None
