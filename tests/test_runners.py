@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import write_yaml
+from tests.conftest import free_port, write_yaml
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -197,3 +199,24 @@ def test_api_keys_from_environment(start_server, models_dir: Path) -> None:
     for key in ("k2", "k3"):
         assert httpx.get(server.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     assert httpx.get(server.base_url + "/v1/models").status_code == 401
+
+
+def test_runner_started_by_hand_named_in_config(start_server, tmp_path: Path) -> None:
+    port = free_port()
+    runner = subprocess.Popen([sys.executable, "-m", "hearth.runner", "--listen", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert json.loads(runner.stdout.readline())["event"] == "listening"
+        write_yaml(tmp_path, "remote", {"name": "remote-model", "backend": "fake", "runner": f"127.0.0.1:{port}"})
+        write_yaml(tmp_path, "bad", {"name": "bad-address", "backend": "fake", "runner": "http://x/y"})
+        server = start_server(tmp_path)
+        reply = server.client().chat.completions.create(model="remote-model", messages=MESSAGES)
+        assert reply.choices[0].message.content.startswith("Hello!")
+        assert server.runners()[0]["pid"] is None
+        assert server.http().post("/runners/unload", json={"model": "remote-model"}).json()["unloaded"] is True
+        assert runner.poll() is None  # Hearth does not stop a runner it did not start
+        with pytest.raises(openai.NotFoundError, match="runner must be host:port"):
+            server.client().chat.completions.create(model="bad-address", messages=MESSAGES)
+    finally:
+        runner.terminate()
+        runner.wait(10)

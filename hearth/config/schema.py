@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -71,6 +72,8 @@ class ModelConfig(_Open):
     parallel: int | None = Field(None, ge=1, le=64)
     queue_size: int | None = Field(None, ge=0)
     flash_attention: bool | None = None
+    # host:port of a runner started by hand (`python -m hearth.runner --listen HOST:PORT`); unset: Hearth starts one.
+    runner: str | None = None
     stopwords: list[str] = Field(default_factory=list)
     template: TemplateConfig = Field(default_factory=TemplateConfig)
     alias: list[str] = Field(default_factory=list)
@@ -103,6 +106,13 @@ class ModelConfig(_Open):
             return []
         if isinstance(value, str):
             return [value]
+        return value
+
+    @field_validator("runner")
+    @classmethod
+    def _runner_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(unix:/\S+|[\w.\-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5})", value):
+            raise ValueError("runner must be host:port, [ipv6]:port or unix:/path")
         return value
 
     @property

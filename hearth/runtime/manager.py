@@ -17,7 +17,7 @@ from hearth.config.schema import ModelConfig
 from hearth.errors import BackendError, HearthError, ModelLoadFailed, RunnerCrashed
 from hearth.runner import hearth_pb2 as pb
 from hearth.runtime.client import RunnerClient, RunnerGone
-from hearth.runtime.process import RunnerProcess
+from hearth.runtime.process import RemoteRunner, RunnerProcess
 from hearth.settings import Settings
 
 log = logging.getLogger("hearth.runtime")
@@ -29,7 +29,7 @@ class Runner:
 
     name: str
     config: ModelConfig
-    process: RunnerProcess
+    process: RunnerProcess | RemoteRunner
     client: RunnerClient | None = None
     info: pb.ModelInfo | None = None
     state: str = "loading"  # loading | ready | stopping | dead
@@ -140,8 +140,12 @@ class RunnerManager:
         if self._closing or self._socket_dir is None:
             raise ModelLoadFailed("the server is shutting down")
         self._counter += 1
-        process = RunnerProcess(config.name, self._socket_dir / f"r{self._counter}.sock",
-                                log_level=self.settings.log_level)
+        process: RunnerProcess | RemoteRunner
+        if config.runner:
+            process = RemoteRunner(config.name, config.runner)
+        else:
+            process = RunnerProcess(config.name, self._socket_dir / f"r{self._counter}.sock",
+                                    log_level=self.settings.log_level)
         runner = Runner(name=config.name, config=config, process=process)
         self.runners[config.name] = runner
         backend = config.canonical_backend

@@ -116,3 +116,32 @@ class RunnerProcess:
                 await asyncio.wait_for(reader, 1.0)
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+
+
+class RemoteRunner:
+    """A runner someone started by hand (`python -m hearth.runner --listen HOST:PORT`), named in a model config.
+
+    Hearth does not own its process: it only connects, loads the model, and disconnects when unloading.
+    """
+
+    def __init__(self, name: str, address: str) -> None:
+        self.name = name
+        self.address = address
+        self.pid = None
+        self.returncode = None
+        self.recent_lines: deque[str] = deque(maxlen=1)
+
+    async def start(self, timeout: float) -> None:
+        """Nothing to start: the runner is already listening."""
+
+    def exit_description(self) -> str:
+        return f"remote runner at {self.address}"
+
+    def last_words(self) -> str:
+        return ""
+
+    async def wait_exit(self, timeout: float) -> bool:
+        return False  # a remote runner that goes away is a lost connection, not a crash we can see
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """The runner belongs to whoever started it; disconnecting is enough."""
