@@ -85,8 +85,9 @@ class StreamResult:
 
     @property
     def rate(self) -> float:
-        """Client-observed generation rate, first token to last."""
-        return (self.pieces - 1) / (self.last - self.first) if self.last > self.first else 0.0
+        """Client-observed generation rate, first token to last (a streamed piece may carry several tokens)."""
+        count = self.tokens or self.pieces
+        return (count - 1) / (self.last - self.first) if self.last > self.first else 0.0
 
 
 def stream_completion(base: str, model: str, prompt: str | list[int], max_tokens: int) -> StreamResult:
