@@ -35,8 +35,6 @@ log = logging.getLogger("hearth.runner.llama")
 # Copy a busy slot's prefix into a free one only when it saves at least this many tokens of prompt processing.
 MIN_COPIED_PREFIX = 32
 PROMPT_CHUNK_WHILE_GENERATING = 256
-# Streams are handed to the event loop at most this often while tokens come faster (see Scheduler._flush).
-STREAM_INTERVAL = 0.015
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -64,7 +62,6 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     aqueue: asyncio.Queue | None = None
     _held: Any = None  # an item taken out while coalescing, to be delivered next
-    started: bool = False  # its first output has gone out
 
     async def achunks(self) -> AsyncIterator[GenerationChunk]:
         """Chunks for a reader on the event loop; leaving early (cancellation) frees the slot."""
@@ -171,7 +168,6 @@ class Scheduler:
         self._closing = False
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._outbox: list[tuple[Job, Any]] = []
-        self._last_flush = 0.0
         self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
         self._thread.start()
 
@@ -210,23 +206,10 @@ class Scheduler:
         else:
             self._outbox.append((job, item))
 
-    def _flush(self, force: bool = False) -> None:
-        """Hand output to the event loop(s) in one call each: at most one wake-up per STREAM_INTERVAL.
-
-        Every token costs the runner's event loop and the API process a few hundred microseconds, which on a
-        small machine is taken from the decode threads; so while tokens come faster than STREAM_INTERVAL, a
-        stream's text goes out a few tokens at a time. First tokens, endings and errors go out at once.
-        """
+    def _flush(self) -> None:
+        """Hand a step's output to the event loop(s) in one call each: one wake-up per step, not per token."""
         if not self._outbox:
             return
-        now = time.perf_counter()
-        if not force and now - self._last_flush < STREAM_INTERVAL and not any(
-                isinstance(item, BaseException) or item.finish_reason or not job.started
-                for job, item in self._outbox):
-            return
-        self._last_flush = now
-        for job, _item in self._outbox:
-            job.started = True
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
         for job, item in self._outbox:
             by_loop.setdefault(job.loop, []).append((job, item))  # type: ignore[arg-type]
@@ -254,7 +237,7 @@ class Scheduler:
                     if slot.job is not None:
                         self._finish(slot, error=exc if isinstance(exc, HearthError) else
                                      BackendError(f"llama.cpp failed: {exc}"))
-            self._flush(force=not any(s.busy for s in self.slots))
+            self._flush()
 
     def _admit(self) -> None:
         """Give waiting jobs free slots, first come first served, reusing cached prefixes.
