@@ -87,3 +87,14 @@ def test_typed_errors_cross_grpc_intact() -> None:
     assert isinstance(received, errors.ContextLengthExceeded)
     assert received.param == "messages" and received.code == "context_length_exceeded" and received.status == 400
     assert from_status("boom", (("other", "x"),)) is None
+
+
+def test_api_process_imports_no_inference_library() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import hearth.api.app, hearth.cli; from hearth.settings import Settings; "
+            "hearth.api.app.create_app(Settings()); "
+            "print(sorted(m for m in ('llama_cpp', 'numpy', 'torch', 'onnxruntime') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
