@@ -148,3 +148,45 @@ def baseline_rate(path: Path, threads: int, tokens: int, cache: dict) -> float:
         if produced == tokens:
             break
     return (tokens - 1) / (time.perf_counter() - started)
+
+
+def decode_loop_rate(path: Path, threads: int, tokens: int, cache: dict) -> float:
+    """Hearth's llama.cpp decode loop alone, in this process (no gRPC, no HTTP): tokens per second after the first."""
+    from hearth.backends.base import GenerationSpec, LoadSpec, Sampling
+    from hearth.backends.llama_cpp import Backend
+
+    backend = cache.get(path)
+    if backend is None:
+        backend = Backend()
+        backend.load(LoadSpec(model_name="bench", backend="llama-cpp", model_path=str(path), config={},
+                              threads=threads, context_size=2048, parallel=1))
+        cache[path] = backend
+    spec = GenerationSpec(prompt=PROMPT, prompt_tokens=None, max_tokens=tokens, ignore_eos=True,
+                          sampling=Sampling(temperature=0))
+    first = last = 0.0
+    count = 0
+    for chunk in backend.generate(spec, lambda: False):
+        if chunk.token_count:
+            count += chunk.token_count
+            last = time.perf_counter()
+            first = first or last
+    return (count - 1) / (last - first)
+
+
+def rates_in_fresh_process(kind: str, path: Path, threads: int, tokens: int, rounds: int) -> list[float]:
+    """Run `baseline` (llama-cpp-python) or `loop` (Hearth's decode loop) in a process of its own.
+
+    Two llama.cpp contexts in one process slow each other down even after one is dropped (measured here: the
+    decode loop fell from 147 to about 95 tok/s once a llama-cpp-python model had been loaded beside it), so each
+    in-process measurement gets a fresh interpreter.
+    """
+    code = (
+        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import common\n"
+        "kind, path, threads, tokens, rounds = sys.argv[2], Path(sys.argv[3]), *map(int, sys.argv[4:7])\n"
+        "fn = common.baseline_rate if kind == 'baseline' else common.decode_loop_rate\n"
+        "cache = {}; fn(path, threads, 8, cache)\n"
+        "print(json.dumps([fn(path, threads, tokens, cache) for _ in range(rounds)]))\n"
+    )
+    argv = [str(Path(__file__).parent), kind, str(path), str(threads), str(tokens), str(rounds)]
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

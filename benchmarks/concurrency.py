@@ -6,6 +6,7 @@ For each model it measures, one after another so nothing competes for the cores:
 - llama.cpp's `llama-bench` (pp512, tg128) and `llama-server --parallel 4`, when --llama-cpp-bin names a folder
   holding them (build them from the llama.cpp sources llama-cpp-python vendors; see benchmarks/README.md);
 - llama-cpp-python's high-level API in-process, single stream;
+- Hearth's decode loop alone, in-process (no gRPC, no HTTP), single stream;
 - Hearth over HTTP: single-stream generation, the runner's own decode rate, prompt processing, time to first
   token, aggregate generation at 1, 2, 4 and 8 concurrent streams, and a repeated ≥1,000-token prompt.
 Every stream is greedy and generates exactly --tokens tokens (end of sequence ignored).
@@ -25,10 +26,10 @@ from pathlib import Path
 
 from common import (
     PROMPT,
-    baseline_rate,
     concurrent_streams,
     free_port,
     install,
+    rates_in_fresh_process,
     start_hearth,
     stop,
     stream_completion,
@@ -118,11 +119,10 @@ def main() -> None:
             row: dict = {"model": name}
             if args.llama_cpp_bin:
                 row["bench_pp"], row["bench_tg"] = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads)
-            llms: dict = {}
-            baseline_rate(path, args.threads, 8, llms)
-            row["lcp_single"] = statistics.median(baseline_rate(path, args.threads, args.tokens, llms)
-                                                  for _ in range(args.rounds))
-            llms.clear()
+            row["decode_loop"] = statistics.median(
+                rates_in_fresh_process("loop", path, args.threads, args.tokens, args.rounds))
+            row["lcp_single"] = statistics.median(
+                rates_in_fresh_process("baseline", path, args.threads, args.tokens, args.rounds))
             row.update(measure(models_dir, name, path, args))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -134,13 +134,15 @@ def main() -> None:
         return fmt.format(row[key]) if key in row else "n/a"
 
     print("\nGeneration, tokens per second (single stream unless noted):\n")
-    print("| model | llama-bench tg128 | llama-server 1 stream | llama-cpp-python in-process | Hearth runner decode | "
-          "Hearth HTTP 1 stream | runner / tg128 | HTTP / llama-server | HTTP / llama-cpp-python |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | llama-bench tg128 | llama-server 1 stream | llama-cpp-python in-process | Hearth decode loop alone | "
+          "Hearth runner while serving | Hearth HTTP 1 stream | loop alone / tg128 | HTTP / llama-server | "
+          "HTTP / llama-cpp-python |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {value(r, 'bench_tg')} | {value(r, 'server_single')} | {value(r, 'lcp_single')} | "
-              f"{value(r, 'single_runner')} | {value(r, 'single_http')} | {ratio(r, 'single_runner', 'bench_tg')} | "
-              f"{ratio(r, 'single_http', 'server_single')} | {ratio(r, 'single_http', 'lcp_single')} |")
+              f"{value(r, 'decode_loop')} | {value(r, 'single_runner')} | {value(r, 'single_http')} | "
+              f"{ratio(r, 'decode_loop', 'bench_tg')} | {ratio(r, 'single_http', 'server_single')} | "
+              f"{ratio(r, 'single_http', 'lcp_single')} |")
     print("\nConcurrent streams, aggregate generation tokens per second:\n")
     print("| model | Hearth 1 | Hearth 2 | Hearth 4 | Hearth 8 | llama-server --parallel 4, 4 streams | "
           "Hearth 4 / Hearth single stream | Hearth 4 / llama-server 4 |")

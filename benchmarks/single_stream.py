@@ -3,7 +3,7 @@
     python benchmarks/single_stream.py [--models smollm2-135m-instruct qwen2.5-coder-0.5b-instruct]
                                        [--threads 2] [--tokens 128] [--rounds 3]
 
-Both sides run the same GGUF with the same thread count, greedy, generating exactly --tokens tokens (end of
+Both sides run the same GGUF with the same thread count (the baseline in a fresh process of its own each round), greedy, generating exactly --tokens tokens (end of
 sequence ignored). The rounds alternate between the two so that drift in the machine's speed hits both alike.
 Hearth's rate is measured by the client from the first streamed token to the last (HTTP, SSE, the API process
 and the runner process all included); the runner's own measurement is shown beside it.
@@ -19,7 +19,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common import baseline_rate, install, start_hearth, stop, stream_completion
+from common import install, rates_in_fresh_process, start_hearth, stop, stream_completion
 
 
 def main() -> None:
@@ -41,12 +41,10 @@ def main() -> None:
                   "ratio HTTP / in-process |")
             print("|---|---|---|---|---|")
             for name in args.models:
-                llms: dict = {}
                 stream_completion(base, name, "warm up", 8)
-                baseline_rate(paths[name], args.threads, 8, llms)
                 base_rates, http_rates, runner_rates = [], [], []
-                for _ in range(args.rounds):
-                    base_rates.append(baseline_rate(paths[name], args.threads, args.tokens, llms))
+                for _ in range(args.rounds):  # alternate: the baseline runs in a fresh process each round
+                    base_rates += rates_in_fresh_process("baseline", paths[name], args.threads, args.tokens, 1)
                     result = stream_completion(base, name, "Write a long story about a lighthouse keeper.",
                                                args.tokens)
                     http_rates.append(result.rate)
