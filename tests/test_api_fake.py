@@ -229,6 +229,9 @@ def test_malformed_json_400(fake_server: HearthServer) -> None:
     ({"model": "fake-model", "messages": MESSAGES, "temperature": 5}, "temperature"),
     ({"model": "fake-model", "messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
     ({"messages": MESSAGES}, "model"),
+    ({"model": "fake-model", "messages": MESSAGES, "max_tokens": 10**12}, "max_tokens"),
+    ({"model": "fake-model", "messages": MESSAGES, "top_k": 10**11}, "top_k"),
+    ({"model": "fake-model", "messages": MESSAGES, "logit_bias": {"99999999999": 1}}, "logit_bias"),
 ])
 def test_validation_errors_are_400_naming_the_field(fake_server: HearthServer, body: dict, param: str) -> None:
     response = fake_server.http().post("/v1/chat/completions", json=body)
@@ -343,3 +346,8 @@ def test_client_disconnect_stops_generation(fake_server: HearthServer) -> None:
     assert "cancelled by the client" in fake_server.log()
     runner = next(r for r in fake_server.runners() if r["name"] == "slow-model")
     assert runner["active_requests"] == 0
+
+
+def test_out_of_range_prompt_tokens_are_400(fake_server: HearthServer) -> None:
+    response = fake_server.http().post("/v1/completions", json={"model": "fake-model", "prompt": [99999999999]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"

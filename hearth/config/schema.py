@@ -46,9 +46,9 @@ class Parameters(_Open):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     seed: int | None = None
     repeat_penalty: float | None = Field(None, ge=0)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -67,10 +67,10 @@ class ModelConfig(_Open):
     name: str
     backend: str | None = None
     parameters: Parameters = Field(default_factory=Parameters)
-    context_size: int | None = Field(None, ge=16)
-    threads: int | None = Field(None, ge=1)
+    context_size: int | None = Field(None, ge=16, le=2**31 - 1)
+    threads: int | None = Field(None, ge=1, le=1024)
     parallel: int | None = Field(None, ge=1, le=64)
-    queue_size: int | None = Field(None, ge=0)
+    queue_size: int | None = Field(None, ge=0, le=100_000)
     flash_attention: bool | None = None
     # host:port of a runner started by hand (`python -m hearth.runner --listen HOST:PORT`); unset: Hearth starts one.
     runner: str | None = None

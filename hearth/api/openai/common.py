@@ -17,6 +17,7 @@ from hearth.errors import InvalidRequest
 from hearth.runner import hearth_pb2 as pb
 
 MAX_STOP_SEQUENCES = 4
+INT32_MAX = 2**31 - 1  # token ids and counts travel to the runner as int32
 
 
 class StreamOptions(BaseModel):
@@ -32,9 +33,9 @@ class SamplingRequest(BaseModel):
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -83,8 +84,8 @@ def _logit_bias(request: SamplingRequest) -> dict[int, float]:
             token = int(key)
         except ValueError:
             raise InvalidRequest(f"logit_bias keys must be token ids, got '{key}'", param="logit_bias") from None
-        if token < 0:
-            raise InvalidRequest(f"logit_bias token id {token} is negative", param="logit_bias")
+        if not 0 <= token <= INT32_MAX:
+            raise InvalidRequest(f"logit_bias token id {token} is out of range", param="logit_bias")
         if not -100 <= value <= 100:
             raise InvalidRequest(f"logit_bias values must be between -100 and 100, got {value}",
                                  param="logit_bias")

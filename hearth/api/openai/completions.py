@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from hearth.api.openai.common import (
+    INT32_MAX,
     USAGE_KEY,
     SamplingRequest,
     new_id,
@@ -45,12 +46,16 @@ def _prompts(request: CompletionRequest) -> list[str | list[int]]:
     if not prompt:
         raise InvalidRequest("prompt must not be an empty list", param="prompt")
     if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]  # type: ignore[arg-type]
-    prompts: list[str | list[int]] = []
-    for index, item in enumerate(prompt):
-        if isinstance(item, list) and not item:
-            raise InvalidRequest(f"prompt[{index}] is an empty token list", param="prompt")
-        prompts.append(item)  # type: ignore[arg-type]
+        prompts: list[str | list[int]] = [list(prompt)]  # type: ignore[arg-type]
+    else:
+        prompts = []
+        for index, item in enumerate(prompt):
+            if isinstance(item, list) and not item:
+                raise InvalidRequest(f"prompt[{index}] is an empty token list", param="prompt")
+            prompts.append(item)  # type: ignore[arg-type]
+    for item in prompts:
+        if isinstance(item, list) and any(not 0 <= token <= INT32_MAX for token in item):
+            raise InvalidRequest("prompt token ids must be between 0 and 2147483647", param="prompt")
     return prompts
 
 
