@@ -61,7 +61,6 @@ class Job:
     # Set for a reader on an event loop: the scheduler hands it each step's output in one call to the loop.
     loop: asyncio.AbstractEventLoop | None = None
     aqueue: asyncio.Queue | None = None
-    _held: Any = None  # an item taken out while coalescing, to be delivered next
 
     async def achunks(self) -> AsyncIterator[GenerationChunk]:
         """Chunks for a reader on the event loop; leaving early (cancellation) frees the slot."""
@@ -90,8 +89,7 @@ class Job:
         try:
             while True:
                 try:
-                    item, self._held = (self._held, None) if self._held is not None else \
-                        (self.out.get(timeout=0.05), None)
+                    item = self.out.get(timeout=0.05)
                 except queue.Empty:
                     if cancelled():
                         self.cancelled = True
@@ -99,7 +97,6 @@ class Job:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                item = self._coalesce(item)
                 yield item
                 if item.finish_reason:
                     return
@@ -108,20 +105,6 @@ class Job:
                     return
         finally:
             self.cancelled = True  # no-op once finished; frees the slot if the reader left early
-
-    def _coalesce(self, item: GenerationChunk) -> GenerationChunk:
-        """Merge text chunks already waiting into `item`: a reader that fell behind sends fewer, larger messages."""
-        while not item.finish_reason:
-            try:
-                following = self.out.get_nowait()
-            except queue.Empty:
-                return item
-            if isinstance(following, BaseException) or following.finish_reason:
-                self._held = following
-                return item
-            item = GenerationChunk(text=item.text + following.text, token_count=item.token_count +
-                                   following.token_count)
-        return item
 
 
 @dataclass
