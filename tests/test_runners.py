@@ -220,3 +220,25 @@ def test_runner_started_by_hand_named_in_config(start_server, tmp_path: Path) ->
     finally:
         runner.terminate()
         runner.wait(10)
+
+
+def test_runner_killed_while_loading_is_a_clear_load_failure(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir)
+    errors: list[Exception] = []
+
+    def ask() -> None:
+        try:
+            server.client().chat.completions.create(model="slow-load", messages=MESSAGES)
+        except openai.InternalServerError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    # wait until the runner is inside Load (the fake sleeps 1.5 s there), then kill it
+    assert wait_for(lambda: "loading model 'slow-load'" in server.log())
+    os.kill(server.runner_pid("slow-load"), signal.SIGKILL)
+    thread.join(30)
+    (error,) = errors
+    assert error.body["code"] == "model_load_failed"
+    assert "killed by signal SIGKILL" in error.message and "out of memory" in error.message
+    assert server.client().chat.completions.create(model="slow-load", messages=MESSAGES).choices

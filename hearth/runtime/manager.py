@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -169,9 +170,12 @@ class RunnerManager:
             try:
                 runner.info = await runner.client.load(request, timeout=self.settings.load_timeout)
             except RunnerGone:
-                crash = await runner.crash_error("loading the model")
-                hint = " (the system may be out of memory)" if "SIGKILL" in crash.message else ""
-                raise ModelLoadFailed(f"{crash.message.split(';')[0]}{hint}{process.last_words()}") from None
+                if not await process.wait_exit(2.0):
+                    raise ModelLoadFailed(f"lost the connection to the runner for model '{config.name}' while "
+                                          f"loading it") from None
+                hint = " (the system may be out of memory)" if process.returncode == -signal.SIGKILL else ""
+                raise ModelLoadFailed(f"the runner for model '{config.name}' stopped ({process.exit_description()}) "
+                                      f"while loading the model{hint}{process.last_words()}") from None
             except ModelLoadFailed as exc:
                 raise ModelLoadFailed(f"model '{config.name}' failed to load: {exc.message}") from None
         except HearthError as exc:

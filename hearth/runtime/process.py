@@ -89,7 +89,8 @@ class RunnerProcess:
         return f"exit code {code}"
 
     def last_words(self) -> str:
-        lines = [line for line in self.recent_lines if "Traceback" not in line][-3:]
+        lines = [line for line in self.recent_lines
+                 if "Traceback" not in line and not line.startswith('{"event"')][-3:]
         return f"; last output: {' | '.join(lines)}" if lines else ""
 
     async def wait_exit(self, timeout: float) -> bool:
