@@ -66,7 +66,7 @@ def test_chat_content_parts_and_roles(fake_server: HearthServer) -> None:
     ]
     reply = fake_server.client().chat.completions.create(model="fake-model", messages=messages)
     rendered = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\na\nb<|im_end|>\n"
-                "<|im_start|>assistant\nok<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n"
+                "<|im_start|>assistant\nok<|im_end|>\n<|im_start|>user\nResult of the function: 42<|im_end|>\n"
                 "<|im_start|>user\ngo<|im_end|>\n<|im_start|>assistant\n")
     assert reply.usage.prompt_tokens == len(rendered)
 
@@ -138,10 +138,18 @@ def test_seed_makes_sampling_repeatable(fake_server: HearthServer) -> None:
     assert sample(7) != sample(8)
 
 
-def test_unknown_fields_ignored(fake_server: HearthServer) -> None:
+def test_unknown_fields_are_refused_by_name(fake_server: HearthServer) -> None:
+    """No parameter is silently dropped: one Hearth does not know is a 400 naming it, as OpenAI answers."""
+    for path, body in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "hi"})):
+        response = fake_server.http().post(path, json={
+            "model": "fake-model", **body, "some_future_field": {"x": 1}, "user": "me"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "some_future_field" and "some_future_field" in error["message"]
     response = fake_server.http().post("/v1/chat/completions", json={
-        "model": "fake-model", "messages": MESSAGES, "some_future_field": {"x": 1}, "user": "me"})
-    assert response.status_code == 200
+        "model": "fake-model", "messages": MESSAGES, "user": "me", "metadata": {"k": "v"}, "store": False,
+        "service_tier": "auto", "top_k": 5, "min_p": 0.1, "typical_p": 0.9, "repeat_last_n": 32})
+    assert response.status_code == 200, response.text
 
 
 def test_model_without_template_cannot_chat_but_completes(fake_server: HearthServer) -> None:
@@ -243,9 +251,13 @@ def test_validation_errors_are_400_naming_the_field(fake_server: HearthServer, b
 
 def test_unsupported_parameters_refused(fake_server: HearthServer) -> None:
     client = fake_server.client()
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="fake-model", messages=MESSAGES, n=2)
-    assert caught.value.body["param"] == "n"
+    refused = [({"store": True}, "store"), ({"modalities": ["text", "audio"]}, "modalities"),
+               ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"), ({"reasoning_effort": "low"}, "reasoning_effort"),
+               ({"web_search_options": {}}, "web_search_options"), ({"top_logprobs": 2}, "top_logprobs")]
+    for extra, param in refused:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="fake-model", messages=MESSAGES, **extra)
+        assert caught.value.body["param"] == param, extra
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="fake-model", messages=MESSAGES, stop=["a", "b", "c", "d", "e"])
     assert caught.value.body["param"] == "stop"

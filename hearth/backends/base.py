@@ -51,6 +51,7 @@ class Sampling:
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str = ""
+    typical_p: float | None = None
 
 
 @dataclass
@@ -65,12 +66,26 @@ class GenerationSpec:
     sampling: Sampling = field(default_factory=Sampling)
     ignore_eos: bool = False
     request_id: str = ""
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token and its log probability; `top` holds the most likely alternatives, best first."""
+
+    token: int
+    text: str
+    logprob: float
+    bytes: bytes
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
 class GenerationChunk:
     text: str = ""
     token_count: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0

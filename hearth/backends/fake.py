@@ -9,6 +9,9 @@ and seed, so tests can assert on exact text. Options come from the model YAML's 
       load_delay: 1.0        # seconds to "load"
       fail_load: "reason"    # make loading fail with this reason
       chat_template: "..."   # a Jinja chat template; default is ChatML; "" for none
+
+Logprobs are made up but fixed (each token is its own most likely choice). Grammars are not enforced: tests of
+constrained output run on a real model.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from hearth.backends.base import (
     LoadSpec,
     ModelDescription,
     StopBuffer,
+    TokenLogprob,
 )
 from hearth.errors import ContextLengthExceeded, InvalidRequest, ModelLoadFailed
 
@@ -121,7 +125,9 @@ class Backend(BaseBackend):
                 time.sleep(delay)
             produced += 1
             text, hit = stops.push(piece)
-            if text:
+            if spec.logprobs:
+                yield GenerationChunk(text=text, token_count=1, logprobs=[_logprob(piece, spec.top_logprobs)])
+            elif text:
                 yield GenerationChunk(text=text, token_count=1)
             if hit:
                 break
@@ -132,3 +138,19 @@ class Backend(BaseBackend):
         elapsed = (time.perf_counter() - started) * 1000
         yield GenerationChunk(finish_reason=finish, prompt_tokens=n_prompt, completion_tokens=produced,
                               prompt_ms=0.0, predicted_ms=elapsed)
+
+
+def _logprob(piece: str, top: int) -> TokenLogprob:
+    """A made-up but fixed log probability for a fake token: the token itself is always the most likely."""
+    data = piece.encode("utf-8")
+    own = -(len(data) % 5) / 8
+
+    def entry(text: str, logprob: float) -> TokenLogprob:
+        raw = text.encode("utf-8")
+        return TokenLogprob(token=(raw[0] if raw else 0) + OFFSET, text=text, logprob=logprob, bytes=raw)
+
+    alternatives = [entry(piece, own)]
+    alternatives += [entry(word + " ", own - 1 - i) for i, word in enumerate(w for w in WORDS if w + " " != piece)]
+    chosen = entry(piece, own)
+    chosen.top = alternatives[:top]
+    return chosen

@@ -145,7 +145,7 @@ class Backend(BaseBackend):
         self.n_ctx_seq = L.llama_n_ctx_seq(self.ctx)
         self.scheduler = Scheduler(self.ctx, self.vocab, n_parallel=parallel, n_ctx_seq=self.n_ctx_seq,
                                    n_batch=self.n_batch, queue_size=int(spec.config.get("queue_size") or 64),
-                                   piece=self._piece)
+                                   piece=self._piece, n_vocab=self.n_vocab)
 
         template = L.llama_model_chat_template(self.model, None)
         capabilities = ["generate", "tokenize"]
@@ -264,7 +264,18 @@ class Backend(BaseBackend):
             raise InvalidRequest("the prompt is empty", param="prompt")
         return tokens
 
-    def _sampler(self, sampling: Sampling) -> ctypes.c_void_p:
+    def _grammar(self, grammar: str) -> ctypes.c_void_p:
+        """A grammar sampler; a grammar llama.cpp cannot parse is the caller's error, with llama.cpp's reason."""
+        assert _LOG is not None
+        _LOG.lines.clear()
+        sampler = L.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            reason = _LOG.reason()
+            raise InvalidRequest(f"the grammar is not valid GBNF{': ' + reason if reason else ''}", param="grammar")
+        return sampler
+
+    def _sampler(self, sampling: Sampling, look_back: list[int]) -> ctypes.c_void_p:
+        """llama.cpp's sampler chain for one sequence: bias, grammar, penalties, then greedy or the random chain."""
         def value(name: str):
             given = getattr(sampling, name)
             return DEFAULTS[name] if given is None else given
@@ -275,10 +286,14 @@ class Backend(BaseBackend):
                 *[L.llama_logit_bias(token, bias) for token, bias in sampling.logit_bias.items()])
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(self.n_vocab, len(sampling.logit_bias),
                                                                              biases))
+        if sampling.grammar:
+            L.llama_sampler_chain_add(chain, self._grammar(sampling.grammar))
         repeat, freq, presence = value("repeat_penalty"), value("frequency_penalty"), value("presence_penalty")
         if repeat != 1.0 or freq != 0.0 or presence != 0.0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(value("repeat_last_n"), repeat, freq,
-                                                                            presence))
+            penalties = L.llama_sampler_init_penalties(value("repeat_last_n"), repeat, freq, presence)
+            for token in look_back:  # penalties look back into the prompt, as llama-server's do
+                L.llama_sampler_accept(penalties, token)
+            L.llama_sampler_chain_add(chain, penalties)
         temperature = value("temperature")
         if temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
@@ -286,6 +301,8 @@ class Backend(BaseBackend):
         top_k = value("top_k")
         if top_k > 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(top_k))
+        if sampling.typical_p is not None and sampling.typical_p < 1.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_typical(sampling.typical_p, 1))
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(value("top_p"), 1))
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(value("min_p"), 1))
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(temperature))
@@ -320,12 +337,12 @@ class Backend(BaseBackend):
                 f"({len(tokens)} in the prompt, {spec.max_tokens} for the completion); lower max_tokens",
                 param="max_tokens")
         look_back = tokens[-(spec.sampling.repeat_last_n or DEFAULTS["repeat_last_n"]):]
+        if spec.sampling.grammar:
+            L.llama_sampler_free(self._grammar(spec.sampling.grammar))  # refuse a bad grammar now, not mid-loop
 
         def make_sampler() -> Any:  # a llama_sampler pointer
-            sampler = self._sampler(spec.sampling)
-            for token in look_back:  # penalties look back into the prompt, as llama-server's do
-                L.llama_sampler_accept(sampler, token)
-            return sampler
+            return self._sampler(spec.sampling, look_back)
 
         return Job(tokens=tokens, max_tokens=spec.max_tokens, stops=spec.stop, ignore_eos=spec.ignore_eos,
-                   make_sampler=make_sampler, request_id=spec.request_id)
+                   make_sampler=make_sampler, request_id=spec.request_id, logprobs=spec.logprobs,
+                   top_logprobs=spec.top_logprobs)

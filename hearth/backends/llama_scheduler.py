@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp.llama_cpp as L
+import numpy as np
 
-from hearth.backends.base import GenerationChunk, StopBuffer
+from hearth.backends.base import GenerationChunk, StopBuffer, TokenLogprob
 from hearth.errors import BackendError, HearthError, Overloaded
 
 log = logging.getLogger("hearth.runner.llama")
@@ -56,6 +57,8 @@ class Job:
     ignore_eos: bool
     make_sampler: Callable[[], Any]
     request_id: str = ""
+    logprobs: bool = False
+    top_logprobs: int = 0
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     # Set for a reader on an event loop: the scheduler hands it each step's output in one call to the loop.
@@ -75,7 +78,8 @@ class Job:
                         item = following
                         break
                     item = GenerationChunk(text=item.text + following.text,
-                                           token_count=item.token_count + following.token_count)
+                                           token_count=item.token_count + following.token_count,
+                                           logprobs=item.logprobs + following.logprobs)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -136,9 +140,10 @@ class Scheduler:
     """Owns the context; runs the decode loop in its own thread."""
 
     def __init__(self, ctx: Any, vocab: Any, *, n_parallel: int, n_ctx_seq: int, n_batch: int, queue_size: int,
-                 piece: Callable[[int, Any], bytes]) -> None:
+                 piece: Callable[[int, Any], bytes], n_vocab: int) -> None:
         self.ctx = ctx
         self.vocab = vocab
+        self.n_vocab = n_vocab
         self.memory = L.llama_get_memory(ctx)
         self.n_ctx_seq = n_ctx_seq
         self.n_batch = n_batch
@@ -237,8 +242,10 @@ class Scheduler:
             target = next((s for s in self.slots if not s.busy), None)
             if target is None:
                 return
-            self.waiting.popleft()
             reuse = common_prefix(target.tokens, job.tokens)
+            if self._prefix_in_progress(job, reuse):
+                return  # its prefix is being computed in another slot right now: wait a step or two, then copy it
+            self.waiting.popleft()
             source = max((s for s in self.slots if s is not target), default=None,
                          key=lambda s: common_prefix(s.tokens, job.tokens))
             if source is not None:
@@ -249,13 +256,31 @@ class Scheduler:
                     reuse = shared
             self._start(target, job, reuse)
 
+    def _prefix_in_progress(self, job: Job, have: int) -> bool:
+        """Whether a busy slot is still reading a prompt that shares a long prefix with this job's.
+
+        The choices of an `n > 1` request (or users sharing a system prompt) arrive together: rather than compute
+        the same prompt in several slots at once, the later ones wait until the first has it, then copy it.
+        """
+        for slot in self.slots:
+            if slot.job is not None and slot.pending:
+                shared = common_prefix(slot.job.tokens, job.tokens)
+                if shared >= MIN_COPIED_PREFIX and shared > have + MIN_COPIED_PREFIX:
+                    return True
+        return False
+
     def _start(self, slot: Slot, job: Job, reuse: int) -> None:
+        try:
+            sampler = job.make_sampler()
+        except Exception as exc:  # refused before it ever held the slot
+            self._emit(job, exc if isinstance(exc, HearthError) else BackendError(f"llama.cpp failed: {exc}"))
+            return
         reuse = min(reuse, len(job.tokens) - 1)  # the last prompt token is always decoded, for its logits
         L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
         slot.tokens = job.tokens[:reuse]
         slot.pending = job.tokens[reuse:]
         slot.job = job
-        slot.sampler = job.make_sampler()
+        slot.sampler = sampler
         slot.next_token = -1
         slot.produced = 0
         slot.cached = reuse
@@ -321,8 +346,12 @@ class Scheduler:
             self._finish(slot, reason="stop")
             return
         slot.produced += 1
-        text, hit = slot.stops.push(slot.decoder.decode(self.piece(token, self._piece_buffer)))
-        if text:
+        piece = self.piece(token, self._piece_buffer)
+        text, hit = slot.stops.push(slot.decoder.decode(piece))
+        if job.logprobs:
+            self._emit(job, GenerationChunk(text=text, token_count=1,
+                                            logprobs=[self._logprob(slot.batch_index, token, piece, job.top_logprobs)]))
+        elif text:
             self._emit(job, GenerationChunk(text=text, token_count=1))
         if hit:
             self._finish(slot, reason="stop", flush=False)
@@ -330,6 +359,21 @@ class Scheduler:
             self._finish(slot, reason="length")
         else:
             slot.next_token = token
+
+    def _logprob(self, index: int, token: int, piece: bytes, top: int) -> TokenLogprob:
+        """The token's log probability under the model's own distribution (before sampling changes it)."""
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+        alternatives = []
+        if top > 0:
+            best = np.argpartition(logits, -top)[-top:]
+            for alt in sorted(best.tolist(), key=lambda t: -logits[t]):
+                alt_piece = piece if alt == token else self.piece(alt, self._piece_buffer)
+                alternatives.append(TokenLogprob(token=alt, text=alt_piece.decode("utf-8", errors="replace"),
+                                                 logprob=float(logits[alt]) - log_total, bytes=alt_piece))
+        return TokenLogprob(token=token, text=piece.decode("utf-8", errors="replace"),
+                            logprob=float(logits[token]) - log_total, bytes=piece, top=alternatives)
 
     def _finish(self, slot: Slot, *, reason: str = "", cancelled: bool = False, flush: bool = True,
                 error: BaseException | None = None) -> None:

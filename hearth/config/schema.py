@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -53,12 +53,31 @@ class Parameters(_Open):
     repeat_penalty: float | None = Field(None, ge=0)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    typical_p: float | None = Field(None, gt=0, le=1)
+    repeat_last_n: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 class TemplateConfig(_Open):
     """`template:` — Hearth reads `chat` as a Jinja chat template (HF style, `messages` in scope)."""
 
     chat: str | None = None
+
+
+class FunctionGrammarConfig(_Open):
+    """`function.grammar:` (LocalAI's block)."""
+
+    # Do not constrain forced tool calls (tool_choice required or named) with a grammar.
+    disable: bool = False
+
+
+class FunctionConfig(_Open):
+    """`function:` — how the model calls tools (LocalAI's block, where it maps)."""
+
+    # hermes, llama3, mistral or json; unset: chosen from the chat template.
+    tool_format: Literal["hermes", "llama3", "mistral", "json"] | None = None
+    function_name_key: str = Field("name", min_length=1)
+    function_arguments_key: str = Field("arguments", min_length=1)
+    grammar: FunctionGrammarConfig = Field(default_factory=FunctionGrammarConfig)
 
 
 class ModelConfig(_Open):
@@ -76,6 +95,7 @@ class ModelConfig(_Open):
     runner: str | None = None
     stopwords: list[str] = Field(default_factory=list)
     template: TemplateConfig = Field(default_factory=TemplateConfig)
+    function: FunctionConfig = Field(default_factory=FunctionConfig)
     alias: list[str] = Field(default_factory=list)
     disabled: bool = False
     description: str = ""

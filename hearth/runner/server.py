@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 import grpc
 
 from hearth import errors
-from hearth.backends.base import Backend, GenerationSpec, LoadSpec, ModelDescription, Sampling, create_backend
+from hearth.backends.base import (
+    Backend,
+    GenerationSpec,
+    LoadSpec,
+    ModelDescription,
+    Sampling,
+    TokenLogprob,
+    create_backend,
+)
 from hearth.runner import hearth_pb2 as pb
 from hearth.runner import hearth_pb2_grpc as pb_grpc
 from hearth.runner.wire import to_status
@@ -70,6 +78,11 @@ def _describe(info: ModelDescription, load_seconds: float) -> pb.ModelInfo:
     )
 
 
+def _logprob_message(item: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token=item.token, text=item.text, logprob=item.logprob, bytes=item.bytes,
+                           top=[_logprob_message(alt) for alt in item.top])
+
+
 def _generation_spec(request: pb.GenerateRequest) -> GenerationSpec:
     s = request.sampling
 
@@ -88,6 +101,7 @@ def _generation_spec(request: pb.GenerateRequest) -> GenerationSpec:
         seed=opt("seed"),
         logit_bias=dict(s.logit_bias),
         grammar=s.grammar,
+        typical_p=opt("typical_p"),
     )
     return GenerationSpec(
         prompt=request.prompt if not request.prompt_tokens else None,
@@ -100,6 +114,8 @@ def _generation_spec(request: pb.GenerateRequest) -> GenerationSpec:
         sampling=sampling,
         ignore_eos=request.ignore_eos,
         request_id=request.request_id,
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
     )
 
 
@@ -160,6 +176,8 @@ class RunnerService(pb_grpc.RunnerServicer):
             async for chunk in self._loaded().agenerate(spec):
                 produced += chunk.token_count
                 reply = pb.GenerateReply(text=chunk.text, token_count=chunk.token_count)
+                if chunk.logprobs:
+                    reply.logprobs.extend(_logprob_message(item) for item in chunk.logprobs)
                 if chunk.finish_reason:
                     finished = True
                     reply.finish_reason = chunk.finish_reason

@@ -1,8 +1,15 @@
-"""POST /v1/chat/completions: request model, serving logic, route."""
+"""POST /v1/chat/completions: request model, serving logic, route.
+
+Every OpenAI chat parameter is honoured or refused with a 400 naming it. Tools, `response_format` and LocalAI's
+`grammar` become one GBNF grammar (built here, enforced by llama.cpp's sampler in the runner); the model's text
+is parsed back into `tool_calls` as it streams.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -12,19 +19,37 @@ from hearth.api.openai.common import (
     INT32_MAX,
     USAGE_KEY,
     SamplingRequest,
+    chat_logprobs,
+    merge,
     new_id,
     now,
+    only_completion,
     refuse_unsupported,
     respond,
     sampling_params,
     stop_list,
     timings_dict,
-    usage_dict,
+    total_usage,
+    with_seed,
 )
+from hearth.chat.grammar import GrammarBuilder, SchemaNotSupported
 from hearth.chat.template import render_chat
+from hearth.chat.tools import (
+    ToolCallDelta,
+    ToolCallParser,
+    call_text,
+    detect_format,
+    system_prompt_for,
+    template_takes_tools,
+    tool_call_grammar,
+)
+from hearth.config.schema import ModelConfig
 from hearth.engine import Engine
 from hearth.errors import CapabilityNotSupported, InvalidRequest
 from hearth.runner import hearth_pb2 as pb
+
+MAX_TOOLS = 128
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 
 
 class TextPart(BaseModel):
@@ -51,7 +76,32 @@ class AudioPart(BaseModel):
     input_audio: dict[str, Any]
 
 
-ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+class FilePart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["file"]
+    file: dict[str, Any]
+
+
+class RefusalPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart | FilePart | RefusalPart, Field(discriminator="type")]
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
@@ -59,62 +109,269 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
     tool_call_id: str | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Accepted because they change nothing about the answer: hints and bookkeeping.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # Refused with a clear message when set to something Hearth cannot do.
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None
+
+
+@dataclass
+class Plan:
+    """What a request asks of the model, worked out (and checked) before a runner is involved."""
+
+    tools: list[dict[str, Any]] = field(default_factory=list)  # function definitions offered to the model
+    mode: str = "none"  # none, auto, required, or named
+    forced: str | None = None  # the function tool_choice names
+    parallel: bool = True
+    legacy: bool = False  # the request used functions/function_call: answer with function_call
+    fmt: str = "json"
+    grammar: str = ""
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
     refuse_unsupported(request)
-    if request.tools or request.functions:
-        raise InvalidRequest("tool calling is not supported yet by this Hearth version", param="tools")
-    if request.tool_choice not in (None, "none", "auto"):
-        raise InvalidRequest("tool_choice is not supported yet by this Hearth version", param="tool_choice")
-    if request.response_format and request.response_format.get("type", "text") != "text":
-        raise InvalidRequest(
-            f"response_format '{request.response_format.get('type')}' is not supported yet; only 'text' is",
-            param="response_format")
-    if request.logprobs:
-        raise InvalidRequest("logprobs are not supported yet by this Hearth version", param="logprobs")
+    if request.store:
+        raise InvalidRequest("Hearth does not store completions; leave store unset or false", param="store")
+    if request.modalities and any(m != "text" for m in request.modalities):
+        raise InvalidRequest("only the 'text' output modality is supported", param="modalities")
+    for name in ("audio", "reasoning_effort", "web_search_options", "verbosity"):
+        if getattr(request, name) is not None:
+            raise InvalidRequest(f"'{name}' is not supported by this model", param=name)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if request.tools is not None and request.functions is not None:
+        raise InvalidRequest("send either tools or the deprecated functions, not both", param="functions")
+    if request.function_call is not None and request.tool_choice is not None:
+        raise InvalidRequest("send either tool_choice or the deprecated function_call, not both",
+                             param="function_call")
     for index, message in enumerate(request.messages):
         if isinstance(message.content, list):
             for part in message.content:
-                if not isinstance(part, TextPart):
-                    kind = "images" if isinstance(part, ImagePart) else "audio"
+                if isinstance(part, ImagePart | AudioPart | FilePart):
+                    kind = {ImagePart: "images", AudioPart: "audio", FilePart: "files"}[type(part)]
                     raise CapabilityNotSupported(
                         f"model '{request.model}' does not accept {kind}; only text content is supported",
                         param=f"messages[{index}].content")
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequest(f"messages[{index}] has role 'tool' but no tool_call_id",
+                                 param=f"messages[{index}].tool_call_id")
 
 
-def _template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+def _plan(request: ChatCompletionRequest, config: ModelConfig, template: str) -> Plan:
+    plan = Plan()
+    if request.functions is not None:
+        plan.legacy = True
+        plan.tools = [f.model_dump(exclude_none=True) for f in request.functions]
+        choice: Any = request.function_call
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": choice}
+    else:
+        plan.tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
+        choice = request.tool_choice
+    names = [t["name"] for t in plan.tools]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("tool names must be unique", param="tools")
+    param = "function_call" if plan.legacy else "tool_choice"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if not isinstance(name, str):
+            raise InvalidRequest(f"{param} must be 'none', 'auto', 'required' or "
+                                 '{"type": "function", "function": {"name": ...}}', param=param)
+        if name not in names:
+            raise InvalidRequest(f"{param} names function '{name}', which is not among the tools", param=param)
+        plan.mode, plan.forced = "named", name
+    else:
+        plan.mode = choice or ("auto" if plan.tools else "none")
+    if plan.mode != "none" and not plan.tools:
+        if plan.mode == "auto":
+            plan.mode = "none"
+        else:
+            raise InvalidRequest(f"{param} '{plan.mode}' needs tools to choose from", param=param)
+    plan.parallel = request.parallel_tool_calls is not False and not plan.legacy and plan.mode != "named"
+    plan.fmt = config.function.tool_format or detect_format(template)
+    plan.grammar = _grammar(request, config, plan)
+    return plan
+
+
+def _grammar(request: ChatCompletionRequest, config: ModelConfig, plan: Plan) -> str:
+    """The one grammar this request's output must follow (empty for free text)."""
+    builder = GrammarBuilder()
+    content_rule = None
+    response_format = request.response_format
+    if response_format is not None and response_format.type != "text":
+        if request.grammar:
+            raise InvalidRequest("send either grammar or response_format, not both", param="grammar")
+        if response_format.type == "json_object":
+            content_rule = builder.primitive("object")
+        else:
+            schema_format = response_format.json_schema
+            if schema_format is None:
+                raise InvalidRequest("response_format of type 'json_schema' needs a 'json_schema' object",
+                                     param="response_format.json_schema")
+            schema = schema_format.schema_ if schema_format.schema_ is not None else {"type": "object"}
+            try:
+                content_rule = builder.schema(_strict(schema) if schema_format.strict else schema, "response")
+            except SchemaNotSupported as exc:
+                raise InvalidRequest(str(exc), param="response_format.json_schema.schema") from None
+    forced = plan.mode in ("required", "named") and not config.function.grammar.disable
+    if forced or (plan.mode == "auto" and content_rule is not None):
+        if request.grammar:
+            raise InvalidRequest("a grammar cannot be combined with forced tool calls", param="grammar")
+        param = "functions" if plan.legacy else "tools"
+        for index, tool in enumerate(plan.tools):  # check each alone, so the error can say which one
+            try:
+                GrammarBuilder().schema(tool.get("parameters") or {"type": "object"}, "arguments")
+            except SchemaNotSupported as exc:
+                where = f"{param}[{index}].parameters" if plan.legacy else f"{param}[{index}].function.parameters"
+                raise InvalidRequest(f"function '{tool['name']}': {exc}", param=where) from None
+        tools = [t for t in plan.tools if plan.forced in (None, t["name"])]
+        return tool_call_grammar(plan.fmt, tools, plan.parallel,
+                                 content_rule=content_rule if plan.mode == "auto" else None, builder=builder,
+                                 name_key=config.function.function_name_key, arguments_key=_arguments_key(config))
+    if content_rule is not None:
+        return builder.render(content_rule)
+    return request.grammar or ""
+
+
+def _arguments_key(config: ModelConfig) -> str | None:
+    key = config.function.function_arguments_key
+    return None if key == "arguments" else key
+
+
+def _strict(schema: Any) -> Any:
+    """OpenAI's strict mode: objects take no properties beyond those listed."""
+    if isinstance(schema, dict):
+        result = {key: _strict(value) for key, value in schema.items()}
+        if result.get("type") == "object" or "properties" in result:
+            result.setdefault("additionalProperties", False)
+        return result
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    return schema
+
+
+def _template_messages(request: ChatCompletionRequest, plan: Plan, native: bool) -> list[dict[str, Any]]:
+    """The conversation as the template gets it; calls and results are spelled out when it has no tool support."""
     messages = []
+    names_by_id: dict[str, str] = {}
     for message in request.messages:
         item = message.model_dump(exclude_none=True)
         if item["role"] == "developer":
             item["role"] = "system"  # OpenAI's newer name; chat templates know "system"
+        if message.function_call is not None:  # the legacy shape of a call
+            item.pop("function_call")
+            item["tool_calls"] = [{"id": "", "type": "function", "function": message.function_call.model_dump()}]
+        if item["role"] == "function":
+            item["role"] = "tool"
+        for call in item.get("tool_calls", []):
+            names_by_id[call.get("id", "")] = call["function"]["name"]
+        if not native:
+            if item.get("tool_calls"):
+                calls = [{"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])}
+                         for c in item.pop("tool_calls")]
+                text = item.get("content") if isinstance(item.get("content"), str) else ""
+                item["content"] = "\n".join(x for x in (text, call_text(plan.fmt, calls)) if x)
+            if item["role"] == "tool":
+                name = item.get("name") or names_by_id.get(item.get("tool_call_id", ""), "the function")
+                content = item.get("content")
+                text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content or [])
+                item = {"role": "user", "content": f"Result of {name}: {text}"}
         messages.append(item)
+    if plan.mode != "none" and not native:
+        instructions = system_prompt_for(plan.tools, plan.parallel)
+        if messages and messages[0]["role"] == "system" and isinstance(messages[0].get("content"), str):
+            messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + instructions}
+        else:
+            messages.insert(0, {"role": "system", "content": instructions})
     return messages
 
 
-def _chunk(request_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def _arguments(text: Any) -> Any:
+    if isinstance(text, str):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def _chunk(request_id: str, created: int, model: str, index: int, delta: dict[str, Any],
+           finish: str | None, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{
+            "index": index,
+            "delta": delta,
+            "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
+            "finish_reason": finish,
+        }],
     }
+
+
+def _call_delta(item: ToolCallDelta, legacy: bool) -> dict[str, Any]:
+    if legacy:
+        function = {"name": item.name, "arguments": ""} if item.name else {"arguments": item.arguments}
+        return {"function_call": function}
+    if item.name:
+        return {"tool_calls": [{"index": item.index, "id": item.id, "type": "function",
+                                "function": {"name": item.name, "arguments": item.arguments}}]}
+    return {"tool_calls": [{"index": item.index, "function": {"arguments": item.arguments}}]}
 
 
 async def chat_completion_events(request: ChatCompletionRequest, engine: Engine) -> AsyncIterator[dict[str, Any]]:
@@ -124,6 +381,7 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
     stops = stop_list(request, config)
     sampling = sampling_params(request, config)
     max_tokens = request.max_completion_tokens or request.max_tokens or config.parameters.max_tokens or 0
+    n = request.n or 1
     request_id, created = new_id("chatcmpl"), now()
 
     async with engine.runner(config, "generate") as runner:
@@ -134,47 +392,115 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
             raise CapabilityNotSupported(
                 f"model '{request.model}' has no chat template, so it cannot chat; use /v1/completions with a "
                 f"prompt, or set template.chat (Jinja) in its YAML ({config.source_file})", param="model")
-        prompt = render_chat(template, _template_messages(request), bos_token=info.bos_token,
-                             eos_token=info.eos_token, strip_bos=info.add_bos)
-        generate = pb.GenerateRequest(prompt=prompt, parse_special=True, add_special=True, max_tokens=max_tokens,
-                                      stop=stops, sampling=sampling, request_id=request_id,
-                                      ignore_eos=request.ignore_eos)
-        first = True
-        async for reply in runner.generate(generate):
-            if first:
-                yield _chunk(request_id, created, request.model, {"role": "assistant", "content": ""}, None)
-                first = False
-            if reply.text:
-                yield _chunk(request_id, created, request.model, {"content": reply.text}, None)
-            if reply.finish_reason:
-                final = _chunk(request_id, created, request.model, {}, reply.finish_reason)
-                final["timings"] = timings_dict(reply.timings)
-                final[USAGE_KEY] = reply.usage
-                yield final
+        plan = _plan(request, config, template)
+        native = template_takes_tools(template)
+        tools = [{"type": "function", "function": t} for t in plan.tools] if native and plan.mode != "none" else None
+        prompt = render_chat(template, _template_messages(request, plan, native), bos_token=info.bos_token,
+                             eos_token=info.eos_token, strip_bos=info.add_bos, tools=tools)
+        sampling.grammar = plan.grammar
+
+        async def choice(index: int) -> AsyncIterator[dict[str, Any]]:
+            generate = pb.GenerateRequest(
+                prompt=prompt, parse_special=True, add_special=True, max_tokens=max_tokens, stop=stops,
+                sampling=with_seed(sampling, index), request_id=request_id, ignore_eos=request.ignore_eos,
+                logprobs=bool(request.logprobs), top_logprobs=request.top_logprobs or 0)
+            parser = None
+            if plan.mode != "none":
+                parser = ToolCallParser(names={t["name"] for t in plan.tools}, parallel=plan.parallel,
+                                        name_key=config.function.function_name_key,
+                                        arguments_key=config.function.function_arguments_key)
+
+            def chunk(delta: dict[str, Any], finish: str | None = None,
+                      logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                return _chunk(request_id, created, request.model, index, delta, finish, logprobs)
+
+            def deltas(events: list[Any]) -> list[dict[str, Any]]:
+                return [{"content": e} if isinstance(e, str) else _call_delta(e, plan.legacy) for e in events]
+
+            first = True
+            async for reply in runner.generate(generate):
+                if first:
+                    yield chunk({"role": "assistant", "content": ""})
+                    first = False
+                out = []
+                if reply.text:
+                    out = deltas(parser.feed(reply.text)) if parser else [{"content": reply.text}]
+                # A token's logprob rides on the first chunk of its step (text may be held back, e.g. a stop
+                # string's start or a call's markup, and arrive later or never).
+                logprobs = chat_logprobs(reply.logprobs) if request.logprobs and reply.logprobs else None
+                if logprobs and not out:
+                    out = [{}]
+                for i, delta in enumerate(out):
+                    yield chunk(delta, logprobs=logprobs if i == 0 else None)
+                if reply.finish_reason:
+                    for delta in deltas(parser.close()) if parser else []:
+                        yield chunk(delta)
+                    finish = reply.finish_reason
+                    if parser is not None and parser.calls and finish == "stop":
+                        finish = "function_call" if plan.legacy else "tool_calls"
+                    final = chunk({}, finish)
+                    final["timings"] = timings_dict(reply.timings)
+                    final[USAGE_KEY] = reply.usage if index == 0 else only_completion(reply.usage)
+                    yield final
+
+        if n == 1:
+            async for item in choice(0):
+                yield item
+        else:
+            async for item in merge([choice(i) for i in range(n)]):
+                yield item
 
 
 async def create_chat_completion(request: ChatCompletionRequest, engine: Engine) -> dict[str, Any]:
-    """The whole (non-streaming) chat completion response."""
-    content: list[str] = []
-    finish, usage, timings, request_id, created = "stop", None, None, "", 0
+    """The whole (non-streaming) chat completion response, assembled from the same chunks a stream gets."""
+    choices: dict[int, dict[str, Any]] = {}
+    finals: list[dict[str, Any]] = []
+    request_id, created, timings = "", 0, None
+    legacy = request.functions is not None
     async for chunk in chat_completion_events(request, engine):
         request_id, created = chunk["id"], chunk["created"]
-        choice = chunk["choices"][0]
-        content.append(choice["delta"].get("content") or "")
-        if choice["finish_reason"]:
-            finish, usage, timings = choice["finish_reason"], usage_dict(chunk[USAGE_KEY]), chunk["timings"]
+        item = chunk["choices"][0]
+        state = choices.setdefault(item["index"], {"content": [], "calls": [], "logprobs": [], "finish": "stop"})
+        delta = item["delta"]
+        state["content"].append(delta.get("content") or "")
+        for call in delta.get("tool_calls", []):
+            if "id" in call:
+                state["calls"].append({"id": call["id"], "type": "function",
+                                       "function": {"name": call["function"]["name"], "arguments": ""}})
+            state["calls"][call["index"]]["function"]["arguments"] += call["function"]["arguments"]
+        if "function_call" in delta:
+            if "name" in delta["function_call"]:
+                state["calls"].append({"function": {"name": delta["function_call"]["name"], "arguments": ""}})
+            state["calls"][-1]["function"]["arguments"] += delta["function_call"]["arguments"]
+        if item["logprobs"] is not None:
+            state["logprobs"].extend(item["logprobs"]["content"])
+        if item["finish_reason"]:
+            state["finish"] = item["finish_reason"]
+            finals.append(chunk)
+            timings = chunk["timings"]
+
+    def message(state: dict[str, Any]) -> dict[str, Any]:
+        content = "".join(state["content"])
+        result: dict[str, Any] = {"role": "assistant", "content": content or None if state["calls"] else content,
+                                  "refusal": None}
+        if state["calls"] and legacy:
+            result["function_call"] = state["calls"][0]["function"]
+        elif state["calls"]:
+            result["tool_calls"] = state["calls"]
+        return result
+
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": created,
         "model": request.model,
         "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": "".join(content), "refusal": None},
-            "logprobs": None,
-            "finish_reason": finish,
-        }],
-        "usage": usage,
+            "index": index,
+            "message": message(state),
+            "logprobs": {"content": state["logprobs"], "refusal": None} if request.logprobs else None,
+            "finish_reason": state["finish"],
+        } for index, state in sorted(choices.items())],
+        "usage": total_usage(finals),
         "timings": timings,
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -45,11 +46,47 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=128)
     logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False  # llama-server's extension: generate max_tokens whatever the model says
     user: str | None = None
+    # Extensions llama.cpp's server and LocalAI accept, honoured here too.
+    ignore_eos: bool = False  # generate max_tokens whatever the model says
+    typical_p: float | None = Field(None, gt=0, le=1)
+    repeat_last_n: int | None = Field(None, ge=0, le=INT32_MAX)
+    grammar: str | None = None  # a GBNF grammar (llama.cpp's format, root rule "root")
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+async def merge(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
+    """Interleave several streams as their items arrive; an error in one ends them all."""
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(("item", item))
+        except BaseException as exc:  # forwarded to the consumer, which re-raises it
+            await queue.put(("error", exc))
+            return
+        await queue.put(("done", None))
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            kind, value = await queue.get()
+            if kind == "item":
+                yield value
+            elif kind == "done":
+                remaining -= 1
+            else:
+                raise value
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def new_id(prefix: str) -> str:
@@ -61,8 +98,11 @@ def now() -> int:
 
 
 def refuse_unsupported(request: SamplingRequest) -> None:
-    if request.n is not None and request.n > 1:
-        raise InvalidRequest("n > 1 is not supported yet; send one request per choice", param="n")
+    """Every parameter is honoured or refused: unknown ones are a 400 naming them, as OpenAI answers."""
+    for name in request.model_extra or {}:
+        raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
+    if request.grammar is not None and not request.grammar.strip():
+        raise InvalidRequest("grammar must not be empty", param="grammar")
     if request.stream_options is not None and not request.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
 
@@ -98,10 +138,10 @@ def sampling_params(request: SamplingRequest, config: ModelConfig) -> pb.Samplin
     defaults = config.parameters
     params = pb.SamplingParams()
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
-                 "frequency_penalty"):
+                 "frequency_penalty", "typical_p", "repeat_last_n"):
         value = getattr(request, name)
         if value is None:
-            value = getattr(defaults, name)
+            value = getattr(defaults, name, None)
         if value is not None:
             setattr(params, name, value)
     seed = request.seed if request.seed is not None else defaults.seed
@@ -110,6 +150,31 @@ def sampling_params(request: SamplingRequest, config: ModelConfig) -> pb.Samplin
     for token, bias in _logit_bias(request).items():
         params.logit_bias[token] = bias
     return params
+
+
+def with_seed(params: pb.SamplingParams, offset: int) -> pb.SamplingParams:
+    """The sampling of choice `offset` of n: a given seed moves on by one per choice, so choices differ but repeat."""
+    if offset == 0 or not params.HasField("seed"):
+        return params
+    copy = pb.SamplingParams()
+    copy.CopyFrom(params)
+    copy.seed = (params.seed + offset) & 0xFFFFFFFF
+    return copy
+
+
+def only_completion(usage: pb.Usage) -> pb.Usage:
+    """Usage of a further choice of the same prompt: the prompt is counted once, with the first choice."""
+    return pb.Usage(completion_tokens=usage.completion_tokens)
+
+
+def chat_logprobs(entries: Any) -> list[dict[str, Any]]:
+    """Runner logprobs in chat's `logprobs.content` shape."""
+    return [{
+        "token": e.text,
+        "logprob": e.logprob,
+        "bytes": list(e.bytes),
+        "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.bytes)} for t in e.top],
+    } for e in entries]
 
 
 def usage_dict(usage: pb.Usage) -> dict[str, Any]:

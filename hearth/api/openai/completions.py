@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,14 +12,17 @@ from hearth.api.openai.common import (
     INT32_MAX,
     USAGE_KEY,
     SamplingRequest,
+    merge,
     new_id,
     now,
+    only_completion,
     refuse_unsupported,
     respond,
     sampling_params,
     stop_list,
     timings_dict,
     total_usage,
+    with_seed,
 )
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest
@@ -61,20 +62,36 @@ def _prompts(request: CompletionRequest) -> list[str | list[int]]:
 
 def _refuse_unsupported(request: CompletionRequest) -> None:
     refuse_unsupported(request)
-    if request.logprobs:
-        raise InvalidRequest("logprobs are not supported yet by this Hearth version", param="logprobs")
+    if request.logprobs is not None and request.echo:
+        raise InvalidRequest("logprobs together with echo is not supported: Hearth does not score prompt tokens",
+                             param="logprobs")
     if request.best_of is not None and request.best_of > 1:
-        raise InvalidRequest("best_of > 1 is not supported yet", param="best_of")
+        raise InvalidRequest("best_of > 1 is not supported; use n to get several completions", param="best_of")
 
 
-def _chunk(request_id: str, created: int, model: str, index: int, text: str, finish: str | None) -> dict[str, Any]:
+def _chunk(request_id: str, created: int, model: str, index: int, text: str, finish: str | None,
+           logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}],
     }
+
+
+def _legacy_logprobs(entries: Any, offset: int, top: int) -> tuple[dict[str, Any], int]:
+    """Runner logprobs in the legacy completions shape; text offsets continue from `offset`."""
+    result: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if top else None,
+                              "text_offset": []}
+    for entry in entries:
+        result["tokens"].append(entry.text)
+        result["token_logprobs"].append(entry.logprob)
+        if top:
+            result["top_logprobs"].append({alt.text: alt.logprob for alt in entry.top})
+        result["text_offset"].append(offset)
+        offset += len(entry.text)
+    return result, offset
 
 
 async def completion_events(request: CompletionRequest, engine: Engine) -> AsyncIterator[dict[str, Any]]:
@@ -89,10 +106,11 @@ async def completion_events(request: CompletionRequest, engine: Engine) -> Async
 
     async with engine.runner(config, "generate") as runner:
 
-        def generate_request(prompt: str | list[int]) -> pb.GenerateRequest:
+        def generate_request(prompt: str | list[int], choice: int) -> pb.GenerateRequest:
             message = pb.GenerateRequest(add_special=True, parse_special=False, max_tokens=max_tokens, stop=stops,
-                                         sampling=sampling, request_id=request_id,
-                                         ignore_eos=request.ignore_eos)
+                                         sampling=with_seed(sampling, choice), request_id=request_id,
+                                         ignore_eos=request.ignore_eos, logprobs=request.logprobs is not None,
+                                         top_logprobs=request.logprobs or 0)
             if isinstance(prompt, str):
                 message.prompt = prompt
             else:
@@ -101,68 +119,50 @@ async def completion_events(request: CompletionRequest, engine: Engine) -> Async
                 message.suffix = request.suffix
             return message
 
-        async def one(index: int, prompt: str | list[int]) -> AsyncIterator[dict[str, Any]]:
+        async def one(index: int, prompt: str | list[int], choice: int) -> AsyncIterator[dict[str, Any]]:
+            offset = 0
             if request.echo:
                 echoed = prompt if isinstance(prompt, str) else await runner.call("detokenize", prompt)
                 yield _chunk(request_id, created, request.model, index, echoed, None)
-            async for reply in runner.generate(generate_request(prompt)):
-                if reply.text:
-                    yield _chunk(request_id, created, request.model, index, reply.text, None)
+            async for reply in runner.generate(generate_request(prompt, choice)):
+                logprobs = None
+                if request.logprobs is not None and reply.logprobs:
+                    logprobs, offset = _legacy_logprobs(reply.logprobs, offset, request.logprobs)
+                if reply.text or logprobs:
+                    yield _chunk(request_id, created, request.model, index, reply.text, None, logprobs)
                 if reply.finish_reason:
                     final = _chunk(request_id, created, request.model, index, "", reply.finish_reason)
                     final["timings"] = timings_dict(reply.timings)
-                    final[USAGE_KEY] = reply.usage
+                    final[USAGE_KEY] = reply.usage if choice == 0 else only_completion(reply.usage)
                     yield final
 
-        if len(prompts) == 1:
-            async for chunk in one(0, prompts[0]):
+        n = request.n or 1
+        streams = [one(p * n + c, prompt, c) for p, prompt in enumerate(prompts) for c in range(n)]
+        if len(streams) == 1:
+            async for chunk in streams[0]:
                 yield chunk
             return
-        async for chunk in _merge([one(i, p) for i, p in enumerate(prompts)]):
+        async for chunk in merge(streams):
             yield chunk
-
-
-async def _merge(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
-    """Interleave several streams as their items arrive; an error in one ends them all."""
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-    async def pump(stream: AsyncIterator[dict[str, Any]]) -> None:
-        try:
-            async for item in stream:
-                await queue.put(("item", item))
-        except BaseException as exc:  # forwarded to the consumer, which re-raises it
-            await queue.put(("error", exc))
-            return
-        await queue.put(("done", None))
-
-    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            kind, value = await queue.get()
-            if kind == "item":
-                yield value
-            elif kind == "done":
-                remaining -= 1
-            else:
-                raise value
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
 
 
 async def create_completion(request: CompletionRequest, engine: Engine) -> dict[str, Any]:
     texts: dict[int, list[str]] = {}
     finishes: dict[int, str] = {}
+    logprobs: dict[int, dict[str, Any]] = {}
     finals: list[dict[str, Any]] = []
     request_id, created = "", 0
     async for chunk in completion_events(request, engine):
         request_id, created = chunk["id"], chunk["created"]
         choice = chunk["choices"][0]
         texts.setdefault(choice["index"], []).append(choice["text"])
+        if request.logprobs is not None:
+            whole = logprobs.setdefault(choice["index"], {"tokens": [], "token_logprobs": [],
+                                                          "top_logprobs": [] if request.logprobs else None,
+                                                          "text_offset": []})
+            for key, values in (choice["logprobs"] or {}).items():
+                if values is not None:
+                    whole[key].extend(values)
         if choice["finish_reason"]:
             finishes[choice["index"]] = choice["finish_reason"]
             finals.append(chunk)
@@ -172,7 +172,7 @@ async def create_completion(request: CompletionRequest, engine: Engine) -> dict[
         "created": created,
         "model": request.model,
         "choices": [
-            {"text": "".join(texts[i]), "index": i, "logprobs": None, "finish_reason": finishes.get(i, "stop")}
+            {"text": "".join(texts[i]), "index": i, "logprobs": logprobs.get(i), "finish_reason": finishes.get(i, "stop")}
             for i in sorted(texts)
         ],
         "usage": total_usage(finals),
