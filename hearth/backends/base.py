@@ -51,6 +51,7 @@ class Sampling:
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str = ""
+    grammar_triggers: list[str] = field(default_factory=list)
     typical_p: float | None = None
 
 

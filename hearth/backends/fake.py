@@ -9,6 +9,7 @@ and seed, so tests can assert on exact text. Options come from the model YAML's 
       load_delay: 1.0        # seconds to "load"
       fail_load: "reason"    # make loading fail with this reason
       chat_template: "..."   # a Jinja chat template; default is ChatML; "" for none
+      echo_prompt: true      # reply with the prompt text itself (to check what a template rendered)
 
 Logprobs are made up but fixed (each token is its own most likely choice). Grammars are not enforced: tests of
 constrained output run on a real model.
@@ -80,6 +81,8 @@ class Backend(BaseBackend):
 
     def _reply(self, prompt_tokens: int, spec: GenerationSpec) -> list[str]:
         temperature = spec.sampling.temperature
+        if self.options.get("echo_prompt"):
+            return re.findall(r"\S+\s*|\s+", spec.prompt or "")
         if temperature is None or temperature <= 0:
             reply = str(self.options.get("reply", f"Hello! Your prompt was {prompt_tokens} tokens long."))
             return re.findall(r"\S+\s*|\s+", reply)

@@ -264,18 +264,25 @@ class Backend(BaseBackend):
             raise InvalidRequest("the prompt is empty", param="prompt")
         return tokens
 
-    def _grammar(self, grammar: str) -> ctypes.c_void_p:
-        """A grammar sampler; a grammar llama.cpp cannot parse is the caller's error, with llama.cpp's reason."""
+    def _grammar(self, grammar: str, triggers: list[str]) -> ctypes.c_void_p:
+        """A grammar sampler (lazy when triggers are given); a grammar llama.cpp cannot parse is the caller's error,
+        with llama.cpp's reason."""
         assert _LOG is not None
         _LOG.lines.clear()
-        sampler = L.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        if triggers:
+            patterns = (ctypes.c_char_p * len(triggers))(*[t.encode("utf-8") for t in triggers])
+            sampler = L.llama_sampler_init_grammar_lazy_patterns(self.vocab, grammar.encode("utf-8"), b"root",
+                                                                  patterns, len(triggers), None, 0)
+        else:
+            sampler = L.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
             reason = _LOG.reason()
             raise InvalidRequest(f"the grammar is not valid GBNF{': ' + reason if reason else ''}", param="grammar")
         return sampler
 
     def _sampler(self, sampling: Sampling, look_back: list[int]) -> ctypes.c_void_p:
-        """llama.cpp's sampler chain for one sequence: bias, grammar, penalties, then greedy or the random chain."""
+        """llama.cpp's sampler chain for one sequence: bias, penalties, then greedy or the random chain. (A grammar
+        is a sampler of its own: the scheduler consults it only when the chain's choice breaks it.)"""
         def value(name: str):
             given = getattr(sampling, name)
             return DEFAULTS[name] if given is None else given
@@ -286,8 +293,6 @@ class Backend(BaseBackend):
                 *[L.llama_logit_bias(token, bias) for token, bias in sampling.logit_bias.items()])
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(self.n_vocab, len(sampling.logit_bias),
                                                                              biases))
-        if sampling.grammar:
-            L.llama_sampler_chain_add(chain, self._grammar(sampling.grammar))
         repeat, freq, presence = value("repeat_penalty"), value("frequency_penalty"), value("presence_penalty")
         if repeat != 1.0 or freq != 0.0 or presence != 0.0:
             penalties = L.llama_sampler_init_penalties(value("repeat_last_n"), repeat, freq, presence)
@@ -338,10 +343,18 @@ class Backend(BaseBackend):
                 param="max_tokens")
         look_back = tokens[-(spec.sampling.repeat_last_n or DEFAULTS["repeat_last_n"]):]
         if spec.sampling.grammar:
-            L.llama_sampler_free(self._grammar(spec.sampling.grammar))  # refuse a bad grammar now, not mid-loop
+            # Refuse a bad grammar now, not mid-loop.
+            L.llama_sampler_free(self._grammar(spec.sampling.grammar, spec.sampling.grammar_triggers))
 
-        def make_sampler() -> Any:  # a llama_sampler pointer
-            return self._sampler(spec.sampling, look_back)
+        def make_sampler() -> tuple[Any, Any]:  # llama_sampler pointers: the chain, and the grammar or None
+            chain = self._sampler(spec.sampling, look_back)
+            if not spec.sampling.grammar:
+                return chain, None
+            try:
+                return chain, self._grammar(spec.sampling.grammar, spec.sampling.grammar_triggers)
+            except BaseException:
+                L.llama_sampler_free(chain)
+                raise
 
         return Job(tokens=tokens, max_tokens=spec.max_tokens, stops=spec.stop, ignore_eos=spec.ignore_eos,
                    make_sampler=make_sampler, request_id=spec.request_id, logprobs=spec.logprobs,

@@ -55,7 +55,8 @@ class Job:
     max_tokens: int
     stops: list[str]
     ignore_eos: bool
-    make_sampler: Callable[[], Any]
+    # Returns (sampler chain, grammar sampler or None): llama_sampler pointers the slot owns while it runs.
+    make_sampler: Callable[[], tuple[Any, Any]]
     request_id: str = ""
     logprobs: bool = False
     top_logprobs: int = 0
@@ -120,6 +121,7 @@ class Slot:
     job: Job | None = None
     pending: list[int] = field(default_factory=list)
     sampler: Any = None
+    grammar: Any = None
     next_token: int = -1
     batch_index: int = -1
     produced: int = 0
@@ -156,6 +158,12 @@ class Scheduler:
         self._closing = False
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._outbox: list[tuple[Job, Any]] = []
+        # Candidate arrays for sampling by hand (sequences with a grammar), laid out as llama_token_data.
+        token_data = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        assert token_data.itemsize == ctypes.sizeof(L.llama_token_data)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._candidates = np.zeros(n_vocab, dtype=token_data)
+        self._one = np.zeros(1, dtype=token_data)
         self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
         self._thread.start()
 
@@ -181,9 +189,7 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout=10)
         for slot in self.slots:
-            if slot.sampler is not None:
-                L.llama_sampler_free(slot.sampler)
-                slot.sampler = None
+            _free_samplers(slot)
         L.llama_batch_free(self.batch)
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -271,7 +277,7 @@ class Scheduler:
 
     def _start(self, slot: Slot, job: Job, reuse: int) -> None:
         try:
-            sampler = job.make_sampler()
+            sampler, grammar = job.make_sampler()
         except Exception as exc:  # refused before it ever held the slot
             self._emit(job, exc if isinstance(exc, HearthError) else BackendError(f"llama.cpp failed: {exc}"))
             return
@@ -280,7 +286,7 @@ class Scheduler:
         slot.tokens = job.tokens[:reuse]
         slot.pending = job.tokens[reuse:]
         slot.job = job
-        slot.sampler = sampler
+        slot.sampler, slot.grammar = sampler, grammar
         slot.next_token = -1
         slot.produced = 0
         slot.cached = reuse
@@ -339,7 +345,10 @@ class Scheduler:
     def _sample(self, slot: Slot) -> None:
         job = slot.job
         assert job is not None and slot.stops is not None
-        token = L.llama_sampler_sample(slot.sampler, self.ctx, slot.batch_index)
+        if slot.grammar is None:
+            token = L.llama_sampler_sample(slot.sampler, self.ctx, slot.batch_index)
+        else:
+            token = self._sample_with_grammar(slot)
         if slot.produced == 0:
             slot.first_token = time.perf_counter()
         if not job.ignore_eos and L.llama_vocab_is_eog(self.vocab, token):
@@ -359,6 +368,38 @@ class Scheduler:
             self._finish(slot, reason="length")
         else:
             slot.next_token = token
+
+    def _sample_with_grammar(self, slot: Slot) -> int:
+        """Sample as usual, then ask the grammar about that one token; only when it refuses is the grammar run over
+        the whole vocabulary and the token sampled again (as llama.cpp's own server does: checking every token
+        of a 150k vocabulary against a grammar each step would cost more than the decode)."""
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, slot.batch_index), shape=(self.n_vocab,))
+        token = self._apply(slot.sampler, logits, None)
+        one = self._one
+        one["id"], one["logit"], one["p"] = token, 1.0, 0.0
+        single = L.llama_token_data_array(data=one.ctypes.data_as(L.llama_token_data_p), size=1, selected=-1,
+                                          sorted=False)
+        L.llama_sampler_apply(slot.grammar, ctypes.byref(single))
+        if not np.isfinite(one["logit"][0]):
+            token = self._apply(slot.sampler, logits, slot.grammar)
+        L.llama_sampler_accept(slot.grammar, token)
+        L.llama_sampler_accept(slot.sampler, token)
+        return token
+
+    def _apply(self, chain: Any, logits: np.ndarray, grammar: Any) -> int:
+        """Run samplers over all candidates (the grammar first, if given); returns the token they select."""
+        candidates = self._candidates
+        candidates["id"] = self._ids
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = L.llama_token_data_array(data=candidates.ctypes.data_as(L.llama_token_data_p), size=self.n_vocab,
+                                         selected=-1, sorted=False)
+        if grammar is not None:
+            L.llama_sampler_apply(grammar, ctypes.byref(array))
+        L.llama_sampler_apply(chain, ctypes.byref(array))
+        if array.selected < 0:
+            raise BackendError("the sampler chain selected no token")
+        return int(array.data[array.selected].id)
 
     def _logprob(self, index: int, token: int, piece: bytes, top: int) -> TokenLogprob:
         """The token's log probability under the model's own distribution (before sampling changes it)."""
@@ -395,12 +436,19 @@ class Scheduler:
                 finish_reason=reason, prompt_tokens=len(job.tokens), completion_tokens=slot.produced,
                 cached_tokens=slot.cached, prompt_ms=(first - slot.admitted) * 1000,
                 predicted_ms=(now - first) * 1000 if slot.produced else 0.0))
-        L.llama_sampler_free(slot.sampler)
-        slot.sampler = None
+        _free_samplers(slot)
         slot.job = None
         slot.pending = []
         slot.first_token = 0.0
         slot.last_used = time.perf_counter()
+
+
+def _free_samplers(slot: Slot) -> None:
+    for name in ("sampler", "grammar"):
+        pointer = getattr(slot, name)
+        if pointer is not None:
+            L.llama_sampler_free(pointer)
+            setattr(slot, name, None)
 
 
 def _deliver(items: list[tuple[Job, Any]]) -> None:

@@ -9,8 +9,8 @@ Formats, chosen from the chat template or set in the model YAML (`function: {too
 - `json` (any other model; the tools are described in the system prompt): `{"name": ..., "arguments": {...}}`,
   or a list of them
 
-The parser accepts every one of these shapes whatever the format, so a model that answers in a neighbouring
-dialect still gets its calls parsed.
+The parser accepts every one of these shapes whatever the format (and a call in a ```json code fence), so a model
+that answers in a neighbouring dialect still gets its calls parsed.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from typing import Any
 from hearth.chat.grammar import GrammarBuilder, literal
 
 FORMATS = ("hermes", "llama3", "mistral", "json")
-MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
-SEPARATOR = re.compile(r"(?:\[TOOL_CALLS\]|</?tool_call>|<\|python_tag\|>|<\|eom_id\|>|\s|,|;|\[|\])+")
-SEPARATOR_TOKENS = ("</tool_call>", "<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<|eom_id|>")
+MAX_PARALLEL_CALLS = 8
+# Small models often wrap a call in a Markdown code fence instead of their format's tags: read that too.
+MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "```")
+SEPARATOR = re.compile(
+    r"(?:\[TOOL_CALLS\]|</?tool_call>|<\|python_tag\|>|<\|eom_id\|>|```(?:json)?|\s|,|;|\[|\])+")
+SEPARATOR_TOKENS = ("</tool_call>", "<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<|eom_id|>", "```json")
 NAME_KEYS = ("name", "function")
 ARGUMENT_KEYS = ("arguments", "parameters")
 
@@ -89,11 +92,12 @@ def call_text(fmt: str, calls: list[dict[str, Any]]) -> str:
 
 def tool_call_grammar(fmt: str, tools: list[dict[str, Any]], parallel: bool, content_rule: str | None = None,
                       builder: GrammarBuilder | None = None, name_key: str = "name",
-                      arguments_key: str | None = None) -> str:
+                      arguments_key: str | None = None, lazy: bool = False) -> str:
     """GBNF forcing one call (or, with `parallel`, one or more) to one of `tools`, in the model's format.
 
     `content_rule`, a rule already in `builder`, is offered as the alternative to calling (tool_choice auto with
-    a response_format).
+    a response_format). `lazy` makes the grammar for tool_choice auto, applied only from a trigger on (see
+    `lazy_triggers`): it then also accepts bare calls, which is where the start-of-output trigger hands over.
     """
     builder = builder or GrammarBuilder()
     key = arguments_key or ("parameters" if fmt == "llama3" else "arguments")
@@ -107,17 +111,34 @@ def tool_call_grammar(fmt: str, tools: list[dict[str, Any]], parallel: bool, con
             f'"{{" {space} {literal(json.dumps(name_key))} {space} ":" {space} {literal(json.dumps(tool["name"]))} '
             f'{space} "," {space} {literal(json.dumps(key))} {space} ":" {space} {arguments} {space} "}}"'))
     call = builder.add("call", " | ".join(alternatives))
+    more = f"{{0,{MAX_PARALLEL_CALLS - 1}}}"  # a model that keeps calling is stopped after MAX_PARALLEL_CALLS
     if fmt == "hermes":
         one = builder.add("tagged-call", f'"<tool_call>\\n" {call} "\\n</tool_call>"')
-        root = f'{one} ( "\\n" {one} )*' if parallel else one
-    elif parallel or fmt == "mistral":
-        root = f'"[" {space} {call} ( {space} "," {space} {call} )* {space} "]"' if parallel else \
+        root = f'{one} ( "\\n" {one} ){more}' if parallel else one
+    elif fmt == "mistral":
+        root = f'"[" {space} {call} ( {space} "," {space} {call} ){more} {space} "]"' if parallel else \
             f'"[" {space} {call} {space} "]"'
-    else:
-        root = call
+    else:  # one object per line: after each the model may stop, which a JSON list does not offer
+        root = f'{call} ( "\\n" {call} ){more}' if parallel else call
+    if lazy:
+        # A bare call may sit in a ``` fence that the grammar let open: it may close it.
+        bare = (f'{call} ( "\\n" {call} ){more}' if parallel else call) + ' ( "\\n"? "```" )?'
+        tagged = {"hermes": root, "mistral": f'"[TOOL_CALLS]" {space} {root}',
+                  "llama3": f'"<|python_tag|>" {space} ( {bare} )'}.get(fmt)
+        root = " | ".join(f"( {r} )" for r in (tagged, bare) if r)
     if content_rule is not None:
         root = f"( {root} ) | {content_rule}"
     return builder.render(root)
+
+
+def lazy_triggers(fmt: str, names: list[str], name_key: str = "name") -> list[str]:
+    """Where a lazy tool-call grammar takes hold: the format's opening tag anywhere, or a JSON object naming one
+    of the tools, opening the output or a ``` fence, from its brace on. Other JSON stays free content."""
+    tags = {"hermes": r"(<tool_call>)", "mistral": r"(\[TOOL_CALLS\])", "llama3": r"(<\|python_tag\|>)"}
+    keys = "|".join(re.escape(k) for k in dict.fromkeys((name_key, *NAME_KEYS)))
+    call = rf'(\{{\s*"(?:{keys})"\s*:\s*"(?:{"|".join(re.escape(n) for n in names)})")'
+    triggers = [rf"^\s*{call}", rf"```(?:json)?\s*{call}"]
+    return [tags[fmt], *triggers] if fmt in tags else triggers
 
 
 # -- parsing ---------------------------------------------------------------------------------------------
@@ -164,8 +185,9 @@ def _json_end(text: str, depth: int = 0, in_string: bool = False, escaped: bool 
 
 def _partial_token(text: str) -> int | None:
     """Where the text ends with the beginning (not the whole) of a tag such as `</tool_call>`, if it does."""
+    # (A bare ``` counts as begun too: it may yet become ```json.)
     for i, ch in enumerate(text):
-        if ch in "[<":
+        if ch in "[<`":
             rest = text[i:]
             if any(t.startswith(rest) and t != rest for t in SEPARATOR_TOKENS):
                 return i
@@ -218,8 +240,9 @@ class ToolCallParser:
                 self._emit_content(held)
         elif self._mode == "calls":
             self._advance(final=True)
-            if self._streaming is None and self._buf.strip() and not SEPARATOR.fullmatch(self._buf):
-                self._fail()
+            if self._mode == "calls" and self._streaming is None and self._buf.strip() and \
+                    not SEPARATOR.fullmatch(self._buf):
+                self._fail(len(self._buf))
         return self._events
 
     def _emit_content(self, text: str) -> None:
@@ -240,9 +263,9 @@ class ToolCallParser:
         starts = [i for i, _ in found] + ([bare] if bare is not None else [])
         if starts:
             start = min(starts)
-            before = text[:start]
-            if before.strip():
-                self._emit_content(before)
+            if not self._said_something and not text[:start].strip():
+                start = 0  # leading blanks go with the call: given back only if it turns out not to be one
+            self._emit_content(text[:start])
             self._mode = "calls"
             self._buf = self._section = text[start:]
             self._advance()
@@ -259,17 +282,22 @@ class ToolCallParser:
         self._emit_content(text[: len(text) - keep])
         self._held = text[len(text) - keep:]
 
-    def _fail(self) -> None:
-        """The section is not a call after all: it is content (calls completed before it stand)."""
+    def _fail(self, upto: int) -> None:
+        """What was read is not a call after all: it is content, up to `upto` characters into the unconsumed
+        text; the text after that is read again as content (it may hold further calls). Calls completed before
+        stand."""
+        consumed = self._section[: len(self._section) - len(self._buf)]
+        head, rest = self._buf[:upto], self._buf[upto:]
         self._mode = "content"
-        rest = self._section
         self._buf = self._section = ""
         self._said_something = True
-        self._emit_content(rest)
+        self._emit_content(consumed + head)
+        if rest:
+            self._content(rest)
 
-    def _start_call(self, name: str) -> ParsedCall | None:
+    def _start_call(self, name: str, upto: int) -> ParsedCall | None:
         if name not in self.names:
-            self._fail()
+            self._fail(upto)
             return None
         if self.calls and not self.parallel:
             self._mode = "done"  # one call only: the rest is dropped
@@ -310,16 +338,16 @@ class ToolCallParser:
             if not self._buf:
                 return
             if not self._buf.startswith("{"):
-                self._fail()
+                self._fail(0)
                 return
             header = self._header.match(self._buf)
             if header:
                 try:
                     name = json.loads(f'"{header.group(1)}"')
                 except json.JSONDecodeError:
-                    self._fail()
+                    self._fail(header.end())
                     return
-                call = self._start_call(name)
+                call = self._start_call(name, header.end())
                 if call is None:
                     return
                 self._buf = self._buf[header.end():]
@@ -331,14 +359,14 @@ class ToolCallParser:
             try:
                 obj = json.loads(self._buf[:end])
             except json.JSONDecodeError:
-                self._fail()
+                self._fail(end)
                 return
             name = next((obj[k] for k in self._name_keys if k in obj), None) if isinstance(obj, dict) else None
             arguments = next((obj[k] for k in self._argument_keys if k in obj), {}) if isinstance(obj, dict) else None
             if not isinstance(name, str):
-                self._fail()
+                self._fail(end)
                 return
-            call = self._start_call(name)
+            call = self._start_call(name, end)
             if call is None:
                 return
             self._arguments(call, arguments if isinstance(arguments, str) else json.dumps(arguments,

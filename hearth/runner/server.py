@@ -101,6 +101,7 @@ def _generation_spec(request: pb.GenerateRequest) -> GenerationSpec:
         seed=opt("seed"),
         logit_bias=dict(s.logit_bias),
         grammar=s.grammar,
+        grammar_triggers=list(s.grammar_triggers),
         typical_p=opt("typical_p"),
     )
     return GenerationSpec(

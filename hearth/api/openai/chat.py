@@ -39,6 +39,7 @@ from hearth.chat.tools import (
     ToolCallParser,
     call_text,
     detect_format,
+    lazy_triggers,
     system_prompt_for,
     template_takes_tools,
     tool_call_grammar,
@@ -146,10 +147,10 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDefinition] | None = Field(None, max_length=MAX_TOOLS)
-    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    function_call: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -179,6 +180,7 @@ class Plan:
     legacy: bool = False  # the request used functions/function_call: answer with function_call
     fmt: str = "json"
     grammar: str = ""
+    lazy: bool = False  # the grammar holds only once a call begins
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
@@ -233,6 +235,11 @@ def _plan(request: ChatCompletionRequest, config: ModelConfig, template: str) ->
         if name not in names:
             raise InvalidRequest(f"{param} names function '{name}', which is not among the tools", param=param)
         plan.mode, plan.forced = "named", name
+    elif choice is not None and choice not in (("none", "auto") if plan.legacy else ("none", "auto", "required")):
+        raise InvalidRequest(f"{param} '{choice}' is not one of " +
+                             ("'none', 'auto' or {\"name\": ...}" if plan.legacy else
+                              "'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}"),
+                             param=param)
     else:
         plan.mode = choice or ("auto" if plan.tools else "none")
     if plan.mode != "none" and not plan.tools:
@@ -266,21 +273,29 @@ def _grammar(request: ChatCompletionRequest, config: ModelConfig, plan: Plan) ->
                 content_rule = builder.schema(_strict(schema) if schema_format.strict else schema, "response")
             except SchemaNotSupported as exc:
                 raise InvalidRequest(str(exc), param="response_format.json_schema.schema") from None
-    forced = plan.mode in ("required", "named") and not config.function.grammar.disable
-    if forced or (plan.mode == "auto" and content_rule is not None):
+    if config.function.grammar.disable:
+        return request.grammar or (builder.render(content_rule) if content_rule is not None else "")
+    forced = plan.mode in ("required", "named")
+    if forced or plan.mode == "auto":
         if request.grammar:
-            raise InvalidRequest("a grammar cannot be combined with forced tool calls", param="grammar")
+            raise InvalidRequest("a grammar cannot be combined with tools", param="grammar")
         param = "functions" if plan.legacy else "tools"
         for index, tool in enumerate(plan.tools):  # check each alone, so the error can say which one
             try:
                 GrammarBuilder().schema(tool.get("parameters") or {"type": "object"}, "arguments")
             except SchemaNotSupported as exc:
+                if plan.mode == "auto" and content_rule is None:
+                    return ""  # calls are still parsed; only forced calls must be constrained
                 where = f"{param}[{index}].parameters" if plan.legacy else f"{param}[{index}].function.parameters"
                 raise InvalidRequest(f"function '{tool['name']}': {exc}", param=where) from None
         tools = [t for t in plan.tools if plan.forced in (None, t["name"])]
+        # tool_choice auto: free text until a call begins, then the call follows its schema (a lazy grammar);
+        # with a response_format the content has a grammar too, so the whole output does.
+        plan.lazy = plan.mode == "auto" and content_rule is None
         return tool_call_grammar(plan.fmt, tools, plan.parallel,
                                  content_rule=content_rule if plan.mode == "auto" else None, builder=builder,
-                                 name_key=config.function.function_name_key, arguments_key=_arguments_key(config))
+                                 name_key=config.function.function_name_key, arguments_key=_arguments_key(config),
+                                 lazy=plan.lazy)
     if content_rule is not None:
         return builder.render(content_rule)
     return request.grammar or ""
@@ -398,6 +413,12 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
         prompt = render_chat(template, _template_messages(request, plan, native), bos_token=info.bos_token,
                              eos_token=info.eos_token, strip_bos=info.add_bos, tools=tools)
         sampling.grammar = plan.grammar
+        if plan.lazy:
+            sampling.grammar_triggers.extend(lazy_triggers(plan.fmt, [t["name"] for t in plan.tools],
+                                                           config.function.function_name_key))
+        if plan.grammar and request.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with a grammar, tools or response_format",
+                                 param="ignore_eos")
 
         async def choice(index: int) -> AsyncIterator[dict[str, Any]]:
             generate = pb.GenerateRequest(
