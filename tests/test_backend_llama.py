@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,39 @@ def test_context_limits(backend: Backend) -> None:
         run(backend, "hello", max_tokens=1000)
     with pytest.raises(InvalidRequest, match="empty"):
         run(backend, "", add_special=False)
+
+
+def test_same_prompt_submitted_together_is_computed_once(backend: Backend) -> None:
+    """The choices of an n > 1 request arrive together: the second waits for the first to read the prompt, then
+    copies its KV entries instead of computing the same prompt again."""
+    prompt = "<|im_start|>user\n" + "Tell me a long story about the sea and its ships. " * 6 + "<|im_end|>\n"
+    finals: list[GenerationChunk] = []
+
+    def one(seed: int) -> None:
+        spec = GenerationSpec(prompt=prompt, prompt_tokens=None, parse_special=True, max_tokens=4,
+                              sampling=Sampling(temperature=1, seed=seed))
+        finals.append(list(backend.generate(spec, cancelled=lambda: False))[-1])
+
+    run(backend, "Completely unrelated words to fill the slots", max_tokens=1)  # no cache for this prompt
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    n_prompt = len(backend.tokenize(prompt, True, True))
+    assert sorted(f.cached_tokens for f in finals) == [0, n_prompt - 1]
+
+
+def test_grammar_and_logprobs_in_the_loop(backend: Backend) -> None:
+    spec = GenerationSpec(prompt="Is water wet? Answer:", prompt_tokens=None, max_tokens=8, logprobs=True,
+                          top_logprobs=3, sampling=Sampling(temperature=0, grammar='root ::= " " ("yes" | "no") "."'))
+    chunks = list(backend.generate(spec, cancelled=lambda: False))
+    text = "".join(c.text for c in chunks)
+    assert text in (" yes.", " no.") and chunks[-1].finish_reason == "stop"
+    entries = [e for c in chunks for e in c.logprobs]
+    assert "".join(e.text for e in entries) == text
+    assert all(e.logprob <= 0 and len(e.top) == 3 and e.top[0].logprob >= e.top[2].logprob for e in entries)
+    with pytest.raises(InvalidRequest) as caught:
+        list(backend.generate(GenerationSpec(prompt="x", prompt_tokens=None, max_tokens=2,
+                                             sampling=Sampling(grammar="root ::= (")), cancelled=lambda: False))
+    assert caught.value.param == "grammar"

@@ -127,6 +127,10 @@ def test_gbnf_grammar_field_and_a_bad_grammar(server: HearthServer) -> None:
         "grammar": 'root ::= ("yes" | "no") "."'})
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"] in ("yes.", "no.")
+    completion = server.http().post("/v1/completions", json={
+        "model": "smollm2", "prompt": "Is the sky blue? Answer:", "max_tokens": 10,
+        "grammar": 'root ::= " " ("yes" | "no") "."'})
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"] in (" yes.", " no.")
     bad = server.http().post("/v1/chat/completions", json={
         "model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "grammar": "root ::= ("})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "grammar"

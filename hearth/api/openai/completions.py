@@ -101,6 +101,10 @@ async def completion_events(request: CompletionRequest, engine: Engine) -> Async
     config = engine.model(request.model)
     stops = stop_list(request, config)
     sampling = sampling_params(request, config)
+    if request.grammar:
+        if request.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with a grammar", param="ignore_eos")
+        sampling.grammar = request.grammar
     max_tokens = request.max_tokens or config.parameters.max_tokens or DEFAULT_MAX_TOKENS
     request_id, created = new_id("cmpl"), now()
 
