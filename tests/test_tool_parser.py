@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from hearth.chat.grammar import SchemaNotSupported, schema_grammar
+from hearth.chat.grammar import SchemaNotSupported, schema_grammar, strict_schema
 from hearth.chat.tools import ToolCallDelta, ToolCallParser, detect_format, tool_call_grammar
 
 NAMES = {"get_weather", "get_time"}
@@ -122,3 +122,15 @@ def test_grammars_are_well_formed() -> None:
     hermes = tool_call_grammar("hermes", tools, parallel=True)
     assert hermes.startswith('root ::= tagged-call ( "\\n" tagged-call ){0,7}')
     assert '"\\"get_weather\\""' in hermes
+
+
+def test_strict_schema_closes_objects_but_not_property_names() -> None:
+    schema = {"type": "object", "properties": {"properties": {"type": "string"},
+                                               "inner": {"type": "object", "properties": {"a": {"type": "integer"}}}},
+              "$defs": {"D": {"properties": {"b": {}}}}}
+    strict = strict_schema(schema)
+    assert strict["additionalProperties"] is False
+    assert strict["properties"]["inner"]["additionalProperties"] is False
+    assert strict["$defs"]["D"]["additionalProperties"] is False
+    assert strict["properties"]["properties"] == {"type": "string"}
+    assert schema_grammar(strict)

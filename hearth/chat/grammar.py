@@ -311,6 +311,25 @@ class GrammarBuilder:
         return self.add(name, f'"\\"" char{count} "\\""')
 
 
+def strict_schema(schema: Any) -> Any:
+    """OpenAI's strict mode: every object takes no properties beyond those it lists."""
+    if not isinstance(schema, dict):
+        return schema
+    result = dict(schema)
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(result.get(key), dict):
+            result[key] = {name: strict_schema(sub) for name, sub in result[key].items()}
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(result.get(key), list):
+            result[key] = [strict_schema(sub) for sub in result[key]]
+    for key in ("items", "additionalProperties"):
+        if isinstance(result.get(key), dict):
+            result[key] = strict_schema(result[key])
+    if result.get("type") == "object" or "properties" in result:
+        result.setdefault("additionalProperties", False)
+    return result
+
+
 def schema_grammar(schema: Any) -> str:
     """The GBNF for one JSON value validating against `schema`."""
     builder = GrammarBuilder()

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from hearth.chat.grammar import GrammarBuilder, literal
+from hearth.chat.grammar import GrammarBuilder, literal, strict_schema
 
 FORMATS = ("hermes", "llama3", "mistral", "json")
 MAX_PARALLEL_CALLS = 8
@@ -104,8 +104,9 @@ def tool_call_grammar(fmt: str, tools: list[dict[str, Any]], parallel: bool, con
     space = builder.primitive("space")
     alternatives = []
     for i, tool in enumerate(tools):
-        arguments = builder.schema(tool.get("parameters") or {"type": "object"}, f"tool-{i}-arguments",
-                                   f"tools[{i}].function.parameters")
+        parameters = tool.get("parameters") or {"type": "object"}
+        arguments = builder.schema(strict_schema(parameters) if tool.get("strict") else parameters,
+                                   f"tool-{i}-arguments", f"tools[{i}].function.parameters")
         alternatives.append(builder.add(
             f"tool-{i}-call",
             f'"{{" {space} {literal(json.dumps(name_key))} {space} ":" {space} {literal(json.dumps(tool["name"]))} '

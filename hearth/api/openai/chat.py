@@ -32,7 +32,7 @@ from hearth.api.openai.common import (
     total_usage,
     with_seed,
 )
-from hearth.chat.grammar import GrammarBuilder, SchemaNotSupported
+from hearth.chat.grammar import GrammarBuilder, SchemaNotSupported, strict_schema
 from hearth.chat.template import render_chat
 from hearth.chat.tools import (
     ToolCallDelta,
@@ -270,7 +270,7 @@ def _grammar(request: ChatCompletionRequest, config: ModelConfig, plan: Plan) ->
                                      param="response_format.json_schema")
             schema = schema_format.schema_ if schema_format.schema_ is not None else {"type": "object"}
             try:
-                content_rule = builder.schema(_strict(schema) if schema_format.strict else schema, "response")
+                content_rule = builder.schema(strict_schema(schema) if schema_format.strict else schema, "response")
             except SchemaNotSupported as exc:
                 raise InvalidRequest(str(exc), param="response_format.json_schema.schema") from None
     if config.function.grammar.disable:
@@ -304,18 +304,6 @@ def _grammar(request: ChatCompletionRequest, config: ModelConfig, plan: Plan) ->
 def _arguments_key(config: ModelConfig) -> str | None:
     key = config.function.function_arguments_key
     return None if key == "arguments" else key
-
-
-def _strict(schema: Any) -> Any:
-    """OpenAI's strict mode: objects take no properties beyond those listed."""
-    if isinstance(schema, dict):
-        result = {key: _strict(value) for key, value in schema.items()}
-        if result.get("type") == "object" or "properties" in result:
-            result.setdefault("additionalProperties", False)
-        return result
-    if isinstance(schema, list):
-        return [_strict(item) for item in schema]
-    return schema
 
 
 def _template_messages(request: ChatCompletionRequest, plan: Plan, native: bool) -> list[dict[str, Any]]:
