@@ -74,7 +74,7 @@ def _text_of(content: Any) -> str:
     return "\n".join(parts)
 
 
-def _arguments_object(arguments: Any) -> Any:
+def arguments_object(arguments: Any) -> Any:
     """Templates index tool-call arguments as objects; OpenAI sends them as JSON strings."""
     if isinstance(arguments, str):
         try:
@@ -95,7 +95,7 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for call in message["tool_calls"]:
                 call = dict(call)
                 function = dict(call.get("function") or {})
-                function["arguments"] = _arguments_object(function.get("arguments"))
+                function["arguments"] = arguments_object(function.get("arguments"))
                 call["function"] = function
                 calls.append(call)
             item["tool_calls"] = calls

@@ -7,7 +7,6 @@ is parsed back into `tool_calls` as it streams.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -33,7 +32,7 @@ from hearth.api.openai.common import (
     with_seed,
 )
 from hearth.chat.grammar import GrammarBuilder, SchemaNotSupported, strict_schema
-from hearth.chat.template import render_chat
+from hearth.chat.template import arguments_object, render_chat
 from hearth.chat.tools import (
     ToolCallDelta,
     ToolCallParser,
@@ -323,7 +322,7 @@ def _template_messages(request: ChatCompletionRequest, plan: Plan, native: bool)
             names_by_id[call.get("id", "")] = call["function"]["name"]
         if not native:
             if item.get("tool_calls"):
-                calls = [{"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])}
+                calls = [{"name": c["function"]["name"], "arguments": arguments_object(c["function"]["arguments"])}
                          for c in item.pop("tool_calls")]
                 text = item.get("content") if isinstance(item.get("content"), str) else ""
                 item["content"] = "\n".join(x for x in (text, call_text(plan.fmt, calls)) if x)
@@ -340,15 +339,6 @@ def _template_messages(request: ChatCompletionRequest, plan: Plan, native: bool)
         else:
             messages.insert(0, {"role": "system", "content": instructions})
     return messages
-
-
-def _arguments(text: Any) -> Any:
-    if isinstance(text, str):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-    return text
 
 
 def _chunk(request_id: str, created: int, model: str, index: int, delta: dict[str, Any],
