@@ -276,3 +276,14 @@ def test_completions_n_and_several_prompts(server: HearthServer) -> None:
     assert sorted(c.index for c in reply.choices) == [0, 1, 2, 3]
     by_index = {c.index: c.text for c in reply.choices}
     assert by_index[0] == by_index[2] and by_index[1] == by_index[3] and by_index[0] != by_index[1]
+
+
+def test_deeply_nested_schema_is_a_400_not_a_crash(server: HearthServer) -> None:
+    for depth in (700, 5000):  # past the grammar builder's recursion; past the JSON parser's
+        schema = '{"type": "array", "items": ' * depth + '{"type": "string"}' + "}" * depth
+        body = ('{"model": "caller", "messages": [{"role": "user", "content": "hi"}], "response_format": '
+                '{"type": "json_schema", "json_schema": {"name": "deep", "schema": ' + schema + "}}}")
+        response = server.http().post("/v1/chat/completions", content=body,
+                                      headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text[:300]
+        assert "error" in response.json(), response.text

@@ -248,7 +248,11 @@ def _plan(request: ChatCompletionRequest, config: ModelConfig, template: str) ->
             raise InvalidRequest(f"{param} '{plan.mode}' needs tools to choose from", param=param)
     plan.parallel = request.parallel_tool_calls is not False and not plan.legacy and plan.mode != "named"
     plan.fmt = config.function.tool_format or detect_format(template)
-    plan.grammar = _grammar(request, config, plan)
+    try:
+        plan.grammar = _grammar(request, config, plan)
+    except RecursionError:
+        param = "response_format" if request.response_format is not None else "tools"
+        raise InvalidRequest("the JSON schema is nested too deeply to build a grammar from it", param=param) from None
     return plan
 
 
