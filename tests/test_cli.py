@@ -50,7 +50,9 @@ def test_run_installs_default_model_and_serves_it_as_gpt4(tmp_path: Path) -> Non
         assert (models / "qwen2.5-coder-0.5b-instruct.yaml").exists()
         client = server.client()
         ids = {m.id for m in client.models.list()}
-        assert {"qwen2.5-coder-0.5b-instruct", "gpt-4"} <= ids
+        assert {"qwen2.5-coder-0.5b-instruct", "gpt-4", "all-minilm-l6-v2", "text-embedding-ada-002"} <= ids
+        vectors = client.embeddings.create(model="text-embedding-ada-002", input=["hello", "hi"]).data
+        assert [len(v.embedding) for v in vectors] == [384, 384]
         reply = client.chat.completions.create(
             model="gpt-4", messages=[{"role": "user", "content": "What is 2 + 2? Answer with the number."}],
             temperature=0, max_tokens=16)

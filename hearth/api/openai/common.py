@@ -97,10 +97,14 @@ def now() -> int:
     return int(time.time())
 
 
-def refuse_unsupported(request: SamplingRequest) -> None:
+def refuse_unknown(request: BaseModel) -> None:
     """Every parameter is honoured or refused: unknown ones are a 400 naming them, as OpenAI answers."""
     for name in request.model_extra or {}:
         raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
+
+
+def refuse_unsupported(request: SamplingRequest) -> None:
+    refuse_unknown(request)
     if request.grammar is not None and not request.grammar.strip():
         raise InvalidRequest("grammar must not be empty", param="grammar")
     if request.stream_options is not None and not request.stream:
