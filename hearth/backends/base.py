@@ -18,6 +18,8 @@ from hearth.errors import CapabilityNotSupported, ModelLoadFailed
 BACKEND_MODULES = {
     "llama-cpp": "hearth.backends.llama_cpp",
     "sentencetransformers": "hearth.backends.sentence_transformers",
+    "faster-whisper": "hearth.backends.whisper",
+    "piper": "hearth.backends.piper",
     "fake": "hearth.backends.fake",
 }
 
@@ -97,6 +99,54 @@ class GenerationChunk:
 
 
 @dataclass
+class TranscriptionSpec:
+    audio: bytes
+    language: str = ""
+    prompt: str = ""
+    temperature: float | None = None
+    translate: bool = False
+    word_timestamps: bool = False
+
+
+@dataclass
+class TranscribedWord:
+    start: float
+    end: float
+    word: str
+    probability: float = 0.0
+
+
+@dataclass
+class TranscribedSegment:
+    id: int
+    start: float
+    end: float
+    text: str
+    words: list[TranscribedWord] = field(default_factory=list)
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    compression_ratio: float = 0.0
+    temperature: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TranscriptionDone:
+    """The last item of a transcription: what was detected."""
+
+    language: str
+    duration: float
+
+
+@dataclass
+class SpeechSpec:
+    text: str
+    voice: str = ""
+    speed: float = 1.0
+    response_format: str = "mp3"
+
+
+@dataclass
 class ModelDescription:
     backend: str
     capabilities: list[str]
@@ -111,6 +161,7 @@ class ModelDescription:
     size_bytes: int = 0
     embedding_size: int = 0
     parallel: int = 1
+    voices: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -130,31 +181,8 @@ class Backend:
 
         Leaving the loop early (the caller went away) makes `cancelled()` true for the generator.
         """
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-        end = object()
-
-        def send(item: object) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed under us
-                loop.call_soon_threadsafe(items.put_nowait, item)
-
-        def pump() -> None:
-            try:
-                for chunk in self.generate(spec, stop.is_set):
-                    send(chunk)
-                send(end)
-            except BaseException as exc:  # handed to the loop, which raises it for the caller
-                send(exc)
-
-        threading.Thread(target=pump, name="generate", daemon=True).start()
-        try:
-            while (item := await items.get()) is not end:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+        async for chunk in iterate_in_thread(lambda cancelled: self.generate(spec, cancelled)):
+            yield chunk
 
     def embed(self, inputs: list[str | list[int]], truncate: bool, normalize: bool) -> tuple[Any, list[int]]:
         """One vector per input (a float32 array, inputs x dimensions) and each input's token count."""
@@ -164,6 +192,14 @@ class Backend:
         """A relevance score per document, in input order. By default: the cosine similarity of embeddings."""
         vectors, _ = self.embed([query, *documents], truncate=False, normalize=True)
         return [float(vector @ vectors[0]) for vector in vectors[1:]]
+
+    def transcribe(self, spec: TranscriptionSpec) -> Iterator[TranscribedSegment | TranscriptionDone]:
+        """Segments as they are recognised, then one TranscriptionDone."""
+        raise CapabilityNotSupported(f"backend '{self.name}' does not transcribe audio")
+
+    def speak(self, spec: SpeechSpec) -> Iterator[bytes]:
+        """The speech in spec.response_format, piece by piece (sentence by sentence where the format allows)."""
+        raise CapabilityNotSupported(f"backend '{self.name}' does not synthesise speech")
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         raise CapabilityNotSupported(f"backend '{self.name}' has no tokenizer")
@@ -178,6 +214,40 @@ class Backend:
         """Free the model; called once before the runner exits."""
 
 
+async def iterate_in_thread(make: Callable[[Callable[[], bool]], Iterator[Any]]) -> AsyncIterator[Any]:
+    """Run a blocking iterator in a thread of its own and hand its items to the event loop as they come.
+
+    `make` gets a `cancelled()` callable; leaving early makes it true and stops the iterator at its next item.
+    """
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+    end = object()
+
+    def send(item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed under us
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+    def pump() -> None:
+        try:
+            for item in make(stop.is_set):
+                if stop.is_set():
+                    return
+                send(item)
+            send(end)
+        except BaseException as exc:  # handed to the loop, which raises it for the caller
+            send(exc)
+
+    threading.Thread(target=pump, name="backend-stream", daemon=True).start()
+    try:
+        while (item := await items.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def create_backend(name: str) -> Backend:
     module_name = BACKEND_MODULES.get(name)
     if module_name is None:
@@ -185,7 +255,8 @@ def create_backend(name: str) -> Backend:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        extra = {"llama-cpp": "llama", "sentencetransformers": "embeddings"}.get(name, "all")
+        extra = {"llama-cpp": "llama", "sentencetransformers": "embeddings", "faster-whisper": "speech",
+                 "piper": "speech"}.get(name, "all")
         raise ModelLoadFailed(
             f"backend '{name}' is not installed ({exc.name or exc}); install it with: pip install 'hearth[{extra}]'"
         ) from None

@@ -17,6 +17,9 @@ BACKEND_ALIASES: dict[str, str] = {
     "sentence-transformers": "sentencetransformers",
     "sentence_transformers": "sentencetransformers",
     "rerankers": "sentencetransformers",
+    "faster-whisper": "faster-whisper",
+    "whisper": "faster-whisper",
+    "piper": "piper",
     "fake": "fake",
 }
 
@@ -24,6 +27,8 @@ BACKEND_ALIASES: dict[str, str] = {
 BACKEND_USECASES: dict[str, list[str]] = {
     "llama-cpp": ["chat", "completion", "tokenize"],
     "sentencetransformers": ["embeddings", "rerank", "tokenize"],
+    "faster-whisper": ["transcript"],
+    "piper": ["tts"],
     "fake": ["chat", "completion", "tokenize"],
 }
 

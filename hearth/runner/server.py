@@ -23,8 +23,12 @@ from hearth.backends.base import (
     LoadSpec,
     ModelDescription,
     Sampling,
+    SpeechSpec,
     TokenLogprob,
+    TranscriptionDone,
+    TranscriptionSpec,
     create_backend,
+    iterate_in_thread,
 )
 from hearth.runner import hearth_pb2 as pb
 from hearth.runner import hearth_pb2_grpc as pb_grpc
@@ -73,6 +77,7 @@ def _describe(info: ModelDescription, load_seconds: float) -> pb.ModelInfo:
         size_bytes=info.size_bytes,
         embedding_size=info.embedding_size,
         parallel=info.parallel,
+        voices=info.voices,
         load_seconds=load_seconds,
         metadata=info.metadata,
     )
@@ -232,11 +237,37 @@ class RunnerService(pb_grpc.RunnerServicer):
 
         return await _guard(context, rerank)
 
-    async def Transcribe(self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext) -> Any:
-        return await self._missing("transcription", context)
+    async def Transcribe(self, request: pb.TranscribeRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranscribeReply]:
+        spec = TranscriptionSpec(
+            audio=request.audio, language=request.language, prompt=request.prompt,
+            temperature=request.temperature if request.HasField("temperature") else None,
+            translate=request.translate, word_timestamps=request.word_timestamps)
+        try:
+            backend = self._loaded()
+            async for item in iterate_in_thread(lambda cancelled: backend.transcribe(spec)):
+                if isinstance(item, TranscriptionDone):
+                    yield pb.TranscribeReply(done=True, language=item.language, duration=item.duration)
+                else:
+                    yield pb.TranscribeReply(segment=pb.Segment(
+                        id=item.id, start=item.start, end=item.end, text=item.text,
+                        words=[pb.Word(start=w.start, end=w.end, word=w.word, probability=w.probability)
+                               for w in item.words],
+                        avg_logprob=item.avg_logprob, no_speech_prob=item.no_speech_prob,
+                        compression_ratio=item.compression_ratio, temperature=item.temperature, tokens=item.tokens))
+        except Exception as exc:
+            await _abort(context, _as_hearth_error(exc))
 
-    async def Speak(self, request: pb.SpeakRequest, context: grpc.aio.ServicerContext) -> Any:
-        return await self._missing("speech synthesis", context)
+    async def Speak(self, request: pb.SpeakRequest,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SpeakReply]:
+        spec = SpeechSpec(text=request.text, voice=request.voice, speed=request.speed or 1.0,
+                          response_format=request.response_format or "mp3")
+        try:
+            backend = self._loaded()
+            async for piece in iterate_in_thread(lambda cancelled: backend.speak(spec)):
+                yield pb.SpeakReply(audio=piece)
+        except Exception as exc:
+            await _abort(context, _as_hearth_error(exc))
 
     async def GenerateImage(self, request: pb.ImageRequest, context: grpc.aio.ServicerContext) -> Any:
         return await self._missing("image generation", context)

@@ -70,8 +70,19 @@ class RunnerClient:
     async def rerank(self, request: pb.RerankRequest) -> pb.RerankReply:
         return await self._unary(self.stub.Rerank, request)
 
+    async def transcribe(self, request: pb.TranscribeRequest) -> AsyncIterator[pb.TranscribeReply]:
+        async for reply in self._stream(self.stub.Transcribe(request)):
+            yield reply
+
+    async def speak(self, request: pb.SpeakRequest) -> AsyncIterator[pb.SpeakReply]:
+        async for reply in self._stream(self.stub.Speak(request)):
+            yield reply
+
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateReply]:
-        call = self.stub.Generate(request)
+        async for reply in self._stream(self.stub.Generate(request)):
+            yield reply
+
+    async def _stream(self, call: Any) -> AsyncIterator[Any]:
         try:
             async for reply in call:
                 yield reply

@@ -61,6 +61,15 @@ class Runner:
         except RunnerGone:
             raise await self.crash_error() from None
 
+    async def stream(self, method: str, request: Any) -> AsyncIterator[Any]:
+        """A streaming RPC other than generate (transcribe, speak) with crash handling."""
+        assert self.client is not None
+        try:
+            async for reply in getattr(self.client, method)(request):
+                yield reply
+        except RunnerGone:
+            raise await self.crash_error() from None
+
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """A unary RPC (tokenize, detokenize, …) with crash handling."""
         assert self.client is not None

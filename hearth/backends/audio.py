@@ -1,0 +1,125 @@
+"""Audio in and out for the speech backends (runner side), with PyAV: decode any upload, encode streamed speech."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from hearth.errors import InvalidRequest
+
+# OpenAI's response formats: (container, codec, sample rate or None for the voice's own).
+FORMATS: dict[str, tuple[str, str, int | None]] = {
+    "mp3": ("mp3", "libmp3lame", None),
+    "opus": ("ogg", "libopus", 24_000),
+    "aac": ("adts", "aac", None),
+    "flac": ("flac", "flac", None),
+    "wav": ("wav", "pcm_s16le", None),
+    "pcm": ("", "", 24_000),  # raw 24 kHz 16-bit mono little-endian, as OpenAI defines it
+}
+MEDIA_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+               "wav": "audio/wav", "pcm": "audio/pcm"}
+
+
+def decode(data: bytes, sample_rate: int = 16_000) -> np.ndarray:
+    """Any audio file PyAV reads, as mono float32 at `sample_rate`; a clear 400 when it is not audio."""
+    import av
+
+    if not data:
+        raise InvalidRequest("the audio file is empty", param="file")
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                raise InvalidRequest("the file has no audio stream", param="file")
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except InvalidRequest:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError) as exc:
+        raise InvalidRequest(f"the file could not be decoded as audio: {exc}", param="file") from None
+    if not chunks or sum(len(c) for c in chunks) == 0:
+        raise InvalidRequest("the file holds no audio samples (empty or truncated)", param="file")
+    return np.concatenate(chunks).astype(np.float32)
+
+
+class _Sink(io.RawIOBase):
+    """A write-only, non-seekable stream: muxers then write as they go, never back."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, data: Any) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        out, self.parts = b"".join(self.parts), []
+        return out
+
+
+class StreamEncoder:
+    """16-bit mono PCM in, the response format's bytes out, piece by piece (WAV whole, at the end: its header
+    holds the length)."""
+
+    def __init__(self, fmt: str, sample_rate: int) -> None:
+        import av
+
+        if fmt not in FORMATS:
+            raise InvalidRequest(f"response_format must be one of {', '.join(FORMATS)}", param="response_format")
+        container_format, codec, rate = FORMATS[fmt]
+        self.fmt = fmt
+        self.in_rate = sample_rate
+        self.out_rate = rate or sample_rate
+        self.container = None
+        if fmt == "pcm":
+            self.resampler = av.AudioResampler(format="s16", layout="mono", rate=self.out_rate)
+            return
+        self.sink: Any = io.BytesIO() if fmt == "wav" else _Sink()
+        self.container = av.open(self.sink, mode="w", format=container_format)
+        self.stream = self.container.add_stream(codec, rate=self.out_rate, layout="mono")
+        self.resampler = av.AudioResampler(format=self.stream.codec_context.format.name, layout="mono",
+                                           rate=self.out_rate)
+
+    def _frames(self, pcm: bytes | None) -> list[Any]:
+        import av
+
+        if pcm is None:
+            return self.resampler.resample(None)
+        samples = np.frombuffer(pcm, dtype=np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = self.in_rate
+        return self.resampler.resample(frame)
+
+    def feed(self, pcm: bytes) -> bytes:
+        frames = self._frames(pcm)
+        if self.container is None:
+            return b"".join(bytes(f.to_ndarray().astype("<i2").tobytes()) for f in frames)
+        for frame in frames:
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+        return b"" if self.fmt == "wav" else self.sink.take()
+
+    def close(self) -> bytes:
+        frames = self._frames(None)
+        if self.container is None:
+            return b"".join(bytes(f.to_ndarray().astype("<i2").tobytes()) for f in frames)
+        for frame in frames:
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+        for packet in self.stream.encode(None):
+            self.container.mux(packet)
+        self.container.close()
+        return self.sink.getvalue() if self.fmt == "wav" else self.sink.take()
