@@ -50,7 +50,8 @@ def test_run_installs_default_model_and_serves_it_as_gpt4(tmp_path: Path) -> Non
         assert (models / "qwen2.5-coder-0.5b-instruct.yaml").exists()
         client = server.client()
         ids = {m.id for m in client.models.list()}
-        assert {"qwen2.5-coder-0.5b-instruct", "gpt-4", "all-minilm-l6-v2", "text-embedding-ada-002"} <= ids
+        assert {"qwen2.5-coder-0.5b-instruct", "gpt-4", "all-minilm-l6-v2", "text-embedding-ada-002", "whisper-base",
+                "whisper-1", "en_US-joe-medium", "tts-1"} <= ids
         vectors = client.embeddings.create(model="text-embedding-ada-002", input=["hello", "hi"]).data
         assert [len(v.embedding) for v in vectors] == [384, 384]
         reply = client.chat.completions.create(
