@@ -50,8 +50,14 @@ class Settings(BaseSettings):
     runner_start_timeout: float = Field(60.0, gt=0)
     load_timeout: float = Field(600.0, gt=0)
     log_level: str = "info"
+    # Images in chat requests: http(s) URLs are fetched by the server, with these limits.
+    image_fetch: bool = True  # false: only data: URLs
+    image_fetch_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="hosts, IPs or CIDR ranges that may be fetched although private/loopback")
+    image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    image_fetch_timeout: float = Field(10.0, gt=0)
 
-    @field_validator("api_keys", "preload", mode="before")
+    @field_validator("api_keys", "preload", "image_fetch_allow", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_list(value)

@@ -19,6 +19,7 @@ BACKEND_MODULES = {
     "llama-cpp": "hearth.backends.llama_cpp",
     "sentencetransformers": "hearth.backends.sentence_transformers",
     "faster-whisper": "hearth.backends.whisper",
+    "transformers": "hearth.backends.transformers_vlm",
     "piper": "hearth.backends.piper",
     "fake": "hearth.backends.fake",
 }
@@ -72,6 +73,7 @@ class GenerationSpec:
     request_id: str = ""
     logprobs: bool = False
     top_logprobs: int = 0
+    images: list[bytes] = field(default_factory=list)  # encoded images, in prompt order (vision models)
 
 
 @dataclass
@@ -256,7 +258,7 @@ def create_backend(name: str) -> Backend:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         extra = {"llama-cpp": "llama", "sentencetransformers": "embeddings", "faster-whisper": "speech",
-                 "piper": "speech"}.get(name, "all")
+                 "piper": "speech", "transformers": "torch"}.get(name, "all")
         raise ModelLoadFailed(
             f"backend '{name}' is not installed ({exc.name or exc}); install it with: pip install 'hearth[{extra}]'"
         ) from None

@@ -128,6 +128,9 @@ class Backend(BaseBackend):
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         train_ctx = L.llama_model_n_ctx_train(self.model)
+        if spec.config.get("mmproj"):
+            raise ModelLoadFailed("vision through llama.cpp (mmproj) is not supported by this Hearth version yet; "
+                                  "serve the model's Hugging Face folder with backend: transformers instead")
         if spec.config.get("embeddings"):
             return self._load_embeddings(spec, path, train_ctx)
         parallel = spec.parallel or DEFAULT_PARALLEL

@@ -84,12 +84,25 @@ def arguments_object(arguments: Any) -> Any:
     return arguments
 
 
-def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI messages in the shape chat templates expect."""
+def _parts_of(content: Any) -> Any:
+    """Content for a multimodal template: text and image parts in order (an image as {"type": "image"})."""
+    if not isinstance(content, list):
+        return content or ""
+    parts = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "text":
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+            parts.append({"type": "image"})
+    return parts
+
+
+def normalize_messages(messages: list[dict[str, Any]], keep_parts: bool = False) -> list[dict[str, Any]]:
+    """OpenAI messages in the shape chat templates expect (content lists kept as parts for multimodal ones)."""
     normalized = []
     for message in messages:
         item = {key: value for key, value in message.items() if value is not None}
-        item["content"] = _text_of(message.get("content"))
+        item["content"] = _parts_of(message.get("content")) if keep_parts else _text_of(message.get("content"))
         if message.get("tool_calls"):
             calls = []
             for call in message["tool_calls"]:
@@ -112,6 +125,7 @@ def render_chat(
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
     strip_bos: bool = False,
+    keep_parts: bool = False,
     **extra: Any,
 ) -> str:
     """The prompt text for `messages`; InvalidRequest when the template refuses them.
@@ -124,7 +138,7 @@ def render_chat(
     except TemplateSyntaxError as exc:
         raise InvalidRequest(f"the model's chat template is invalid: {exc.message}") from None
     context = {
-        "messages": normalize_messages(messages),
+        "messages": normalize_messages(messages, keep_parts),
         "bos_token": bos_token,
         "eos_token": eos_token,
         "add_generation_prompt": add_generation_prompt,

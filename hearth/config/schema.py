@@ -20,6 +20,8 @@ BACKEND_ALIASES: dict[str, str] = {
     "faster-whisper": "faster-whisper",
     "whisper": "faster-whisper",
     "piper": "piper",
+    "transformers": "transformers",
+    "huggingface": "transformers",
     "fake": "fake",
 }
 
@@ -103,6 +105,7 @@ class ModelConfig(_Open):
     flash_attention: bool | None = None
     # Embedding models (LocalAI's `embeddings`): a llama-cpp model serves /v1/embeddings instead of generating.
     embeddings: bool = False
+    mmproj: str | None = None  # LocalAI's field: a llama.cpp multimodal projector file (vision)
     truncate: bool = False  # cut inputs longer than the model's limit instead of refusing them (400)
     reduce_dimensions: bool = False  # allow `dimensions`: truncate vectors and normalise them again
     similarity_rerank: bool = True  # an embeddings model also reranks by cosine similarity

@@ -122,6 +122,7 @@ def _generation_spec(request: pb.GenerateRequest) -> GenerationSpec:
         request_id=request.request_id,
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
+        images=list(request.images),
     )
 
 

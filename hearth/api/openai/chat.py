@@ -7,6 +7,7 @@ is parsed back into `tool_calls` as it streams.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from hearth.api.images import ImagePolicy, load_image
 from hearth.api.openai.common import (
     INT32_MAX,
     USAGE_KEY,
@@ -201,11 +203,14 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
     for index, message in enumerate(request.messages):
         if isinstance(message.content, list):
             for part in message.content:
-                if isinstance(part, ImagePart | AudioPart | FilePart):
-                    kind = {ImagePart: "images", AudioPart: "audio", FilePart: "files"}[type(part)]
+                if isinstance(part, AudioPart | FilePart):
+                    kind = "audio" if isinstance(part, AudioPart) else "files"
                     raise CapabilityNotSupported(
-                        f"model '{request.model}' does not accept {kind}; only text content is supported",
+                        f"model '{request.model}' does not accept {kind} in chat; text and images are supported",
                         param=f"messages[{index}].content")
+                if isinstance(part, ImagePart) and message.role != "user":
+                    raise InvalidRequest("images are only allowed in user messages",
+                                         param=f"messages[{index}].content")
         if message.role == "tool" and not message.tool_call_id:
             raise InvalidRequest(f"messages[{index}] has role 'tool' but no tool_call_id",
                                  param=f"messages[{index}].tool_call_id")
@@ -345,6 +350,32 @@ def _template_messages(request: ChatCompletionRequest, plan: Plan, native: bool)
     return messages
 
 
+def _image_urls(request: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(url, param) of every image part, in conversation order."""
+    found = []
+    for index, message in enumerate(request.messages):
+        if isinstance(message.content, list):
+            for number, part in enumerate(message.content):
+                if isinstance(part, ImagePart):
+                    found.append((part.image_url.url, f"messages[{index}].content[{number}].image_url.url"))
+    return found
+
+
+async def _images(request: ChatCompletionRequest, engine: Engine, capabilities: list[str]) -> list[bytes]:
+    """The request's images, loaded before the runner sees anything; a 400 if the model takes none."""
+    urls = _image_urls(request)
+    if not urls:
+        return []
+    if "vision" not in capabilities:
+        takes = sorted(c.name for c in engine.registry.models() if c.canonical_backend == "transformers"
+                       or c.mmproj)
+        where = (f"; installed models that do: {', '.join(takes)}" if takes else
+                 "; no installed model takes images (a vision-language model is needed)")
+        raise CapabilityNotSupported(f"model '{request.model}' does not accept images{where}", param="messages")
+    policy = ImagePolicy.from_settings(engine.settings)
+    return list(await asyncio.gather(*(load_image(url, policy, param) for url, param in urls)))
+
+
 def _chunk(request_id: str, created: int, model: str, index: int, delta: dict[str, Any],
            finish: str | None, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
@@ -390,10 +421,12 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
                 f"model '{request.model}' has no chat template, so it cannot chat; use /v1/completions with a "
                 f"prompt, or set template.chat (Jinja) in its YAML ({config.source_file})", param="model")
         plan = _plan(request, config, template)
+        images = await _images(request, engine, list(info.capabilities))
         native = template_takes_tools(template)
         tools = [{"type": "function", "function": t} for t in plan.tools] if native and plan.mode != "none" else None
         prompt = render_chat(template, _template_messages(request, plan, native), bos_token=info.bos_token,
-                             eos_token=info.eos_token, strip_bos=info.add_bos, tools=tools)
+                             eos_token=info.eos_token, strip_bos=info.add_bos, tools=tools,
+                             keep_parts="vision" in info.capabilities)
         sampling.grammar = plan.grammar
         if plan.lazy:
             sampling.grammar_triggers.extend(lazy_triggers(plan.fmt, [t["name"] for t in plan.tools],
@@ -406,7 +439,7 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
             generate = pb.GenerateRequest(
                 prompt=prompt, parse_special=True, add_special=True, max_tokens=max_tokens, stop=stops,
                 sampling=with_seed(sampling, index), request_id=request_id, ignore_eos=request.ignore_eos,
-                logprobs=bool(request.logprobs), top_logprobs=request.top_logprobs or 0)
+                logprobs=bool(request.logprobs), top_logprobs=request.top_logprobs or 0, images=images)
             parser = None
             if plan.mode != "none":
                 parser = ToolCallParser(names={t["name"] for t in plan.tools}, parallel=plan.parallel,

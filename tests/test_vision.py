@@ -1,0 +1,238 @@
+"""Vision: images in chat reach a tiny random-weight LLaVA the test builds with transformers; image URLs are fetched
+safely (no loopback, private or link-local destination unless allowed, redirects checked, size capped)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import HearthServer, free_port, write_yaml
+
+pytestmark = pytest.mark.real_model
+
+WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|user|>", "<|assistant|>", "<|end|>",
+         *["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t", "u", "v", "w", "x", "y", "z", "the", "is", "what", "this", "picture", "describe", "red", "blue"]]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+            "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image> {% else %}{{ p['text'] }} {% endif %}"
+            "{% endfor %}{% endif %}<|end|> {% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+IMAGE_TOKENS = 4  # a 28x28 image in 14x14 patches
+
+
+def build_tiny_llava(folder: Path) -> None:
+    """A LLaVA (CLIP vision tower + Llama) with random weights, saved as Hugging Face saves one."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    vocab = {word: index for index, word in enumerate(dict.fromkeys(WORDS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", chat_template=TEMPLATE,
+                               image_token="<image>", num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=3)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def png(colour: str = "red", size: tuple[int, int] = (40, 30)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+class Listener:
+    """A local HTTP server that counts the requests it gets; serves a PNG, a redirect, a big file or text."""
+
+    def __init__(self, host: str, redirect_to: str = "") -> None:
+        self.hits: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.hits.append(self.path)
+                if self.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", redirect_to)
+                    self.end_headers()
+                    return
+                body = {"/cat.png": png("blue"), "/big.png": b"\x89PNG" + b"\0" * (3 * 1024 * 1024),
+                        "/notes.txt": b"hello, I am not an image"}.get(self.path, b"")
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer((host, self.port), Handler)
+        self.base = f"http://{host}:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def victim() -> Iterator[Listener]:
+    """Something on loopback that must never be reached through an image URL."""
+    listener = Listener("127.0.0.1")
+    yield listener
+    listener.close()
+
+
+@pytest.fixture(scope="module")
+def allowed(victim: Listener) -> Iterator[Listener]:
+    """An image server on 127.0.0.2, which the server's allow-list names; it can redirect to the victim."""
+    listener = Listener("127.0.0.2", redirect_to=f"{victim.base}/cat.png")
+    yield listener
+    listener.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HearthServer]:
+    models = tmp_path_factory.mktemp("vision-models")
+    build_tiny_llava(models / "tiny-llava")
+    write_yaml(models, "tiny-llava", {"name": "tiny-llava", "backend": "transformers",
+                                      "parameters": {"model": "tiny-llava"}})
+    write_yaml(models, "fake-chat", {"name": "fake-chat", "backend": "fake"})
+    started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log",
+                           env={"HEARTH_IMAGE_FETCH_ALLOW": "127.0.0.2", "HEARTH_IMAGE_MAX_BYTES": str(2 * 1024 * 1024)})
+    yield started
+    started.stop()
+
+
+def ask(server: HearthServer, url: str, model: str = "tiny-llava", **extra: object):
+    return server.client().chat.completions.create(model=model, max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": "what is this picture"}]}], **extra)
+
+
+def test_data_url_image_reaches_the_model(server: HearthServer) -> None:
+    with_image = ask(server, data_url(png()))
+    text_only = server.client().chat.completions.create(
+        model="tiny-llava", max_tokens=6, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "what is this picture"}]}])
+    # The image was encoded: its tokens are counted in the prompt.
+    assert with_image.usage.prompt_tokens == text_only.usage.prompt_tokens + IMAGE_TOKENS
+    assert with_image.usage.completion_tokens > 0
+
+
+def test_two_images_and_streaming(server: HearthServer) -> None:
+    stream = server.client().chat.completions.create(
+        model="tiny-llava", max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png("red")), "detail": "low"}},
+            {"type": "text", "text": "describe"},
+            {"type": "image_url", "image_url": {"url": data_url(png("blue", (64, 64)))}}]}])
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens >= 2 * IMAGE_TOKENS
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_url_on_an_allowed_address_is_fetched(server: HearthServer, allowed: Listener) -> None:
+    before = len(allowed.hits)
+    reply = ask(server, f"{allowed.base}/cat.png")
+    assert reply.usage.prompt_tokens > IMAGE_TOKENS
+    assert allowed.hits[before:] == ["/cat.png"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "169.254.169.254", "10.0.0.1", "2130706433",
+                                  "0.0.0.0", "[::ffff:127.0.0.1]"])
+def test_private_destinations_are_refused_unfetched(server: HearthServer, victim: Listener, host: str) -> None:
+    before = len(victim.hits)
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(server, f"http://{host}:{victim.port}/cat.png")
+    assert "image refused" in caught.value.message and "address" in caught.value.message
+    assert caught.value.body["param"] == "messages[0].content[0].image_url.url"
+    assert victim.hits[before:] == []
+
+
+def test_redirect_to_loopback_is_refused(server: HearthServer, allowed: Listener, victim: Listener) -> None:
+    before = len(victim.hits)
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(server, f"{allowed.base}/redirect")
+    assert "127.0.0.1" in caught.value.message and "loopback" in caught.value.message
+    assert victim.hits[before:] == []
+
+
+@pytest.mark.parametrize(("path", "words"), [("/big.png", "larger than the limit"), ("/notes.txt", "not an image"),
+                                              ("/missing.png", "answered 404")])
+def test_bad_fetched_images(server: HearthServer, allowed: Listener, path: str, words: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(server, f"{allowed.base}{path}")
+    assert words in caught.value.message
+
+
+@pytest.mark.parametrize(("url", "words"), [
+    ("data:image/png;base64,not-base64!!", "base64"),
+    ("data:text/plain;base64,aGVsbG8=", "not an image"),
+    ("data:image/png;base64," + base64.b64encode(b"hello").decode(), "not an image"),
+    ("data:image/png;base64," + base64.b64encode(b"\0" * (3 * 1024 * 1024)).decode(), "larger than the limit"),
+    ("ftp://example.com/cat.png", "only http and https"),
+    ("file:///etc/passwd", "only http and https"),
+])
+def test_bad_image_urls(server: HearthServer, url: str, words: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(server, url)
+    assert words in caught.value.message
+
+
+def test_model_without_vision_names_those_with_it(server: HearthServer) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(server, data_url(png()), model="fake-chat")
+    assert "does not accept images" in caught.value.message and "tiny-llava" in caught.value.message
+
+
+def test_fetching_can_be_turned_off(tmp_path: Path, allowed: Listener) -> None:
+    build_tiny_llava(tmp_path / "tiny-llava")
+    write_yaml(tmp_path, "tiny-llava", {"name": "tiny-llava", "backend": "transformers",
+                                        "parameters": {"model": "tiny-llava"}})
+    server = HearthServer(tmp_path, tmp_path / "log.txt", env={"HEARTH_IMAGE_FETCH": "false",
+                                                                "HEARTH_IMAGE_FETCH_ALLOW": "127.0.0.2"})
+    try:
+        before = len(allowed.hits)
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(server, f"{allowed.base}/cat.png")
+        assert "turned off" in caught.value.message and allowed.hits[before:] == []
+        assert ask(server, data_url(png())).usage.prompt_tokens > IMAGE_TOKENS  # data: URLs still work
+    finally:
+        server.stop()
