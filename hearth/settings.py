@@ -56,6 +56,7 @@ class Settings(BaseSettings):
         default_factory=list, description="hosts, IPs or CIDR ranges that may be fetched although private/loopback")
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     image_fetch_timeout: float = Field(10.0, gt=0)
+    generated_images_ttl_minutes: float = Field(60.0, gt=0, description="how long `url` image results are kept")
 
     @field_validator("api_keys", "preload", "image_fetch_allow", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from hearth import __version__
 from hearth.api import health, runners
 from hearth.api.errors import install_error_handlers
 from hearth.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
-from hearth.api.openai import audio, chat, completions, embeddings, models
+from hearth.api.openai import audio, chat, completions, embeddings, images, models
 from hearth.engine import Engine
 from hearth.settings import Settings
 
@@ -27,9 +27,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         preload = asyncio.create_task(engine.preload())
+        cleanup = asyncio.create_task(images.cleanup_loop(engine))
         try:
             yield
         finally:
+            cleanup.cancel()
             preload.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await preload
@@ -40,7 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = engine
     install_error_handlers(app)
     for router in (health.router, models.router, chat.router, completions.router, embeddings.router,
-                   audio.router, runners.router):
+                   audio.router, images.router, runners.router):
         app.include_router(router)
     # Outermost first: refuse unauthenticated requests before reading their bodies.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)

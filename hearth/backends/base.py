@@ -20,6 +20,7 @@ BACKEND_MODULES = {
     "sentencetransformers": "hearth.backends.sentence_transformers",
     "faster-whisper": "hearth.backends.whisper",
     "transformers": "hearth.backends.transformers_vlm",
+    "diffusers": "hearth.backends.diffusers_backend",
     "piper": "hearth.backends.piper",
     "fake": "hearth.backends.fake",
 }
@@ -164,6 +165,7 @@ class ModelDescription:
     embedding_size: int = 0
     parallel: int = 1
     voices: list[str] = field(default_factory=list)
+    image_sizes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -202,6 +204,10 @@ class Backend:
     def speak(self, spec: SpeechSpec) -> Iterator[bytes]:
         """The speech in spec.response_format, piece by piece (sentence by sentence where the format allows)."""
         raise CapabilityNotSupported(f"backend '{self.name}' does not synthesise speech")
+
+    def generate_image(self, spec: Any) -> Iterator[Any]:
+        """Progress items, then one PNG per image (see backends/diffusers_backend.py for the types)."""
+        raise CapabilityNotSupported(f"backend '{self.name}' does not generate images")
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         raise CapabilityNotSupported(f"backend '{self.name}' has no tokenizer")
@@ -258,7 +264,7 @@ def create_backend(name: str) -> Backend:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         extra = {"llama-cpp": "llama", "sentencetransformers": "embeddings", "faster-whisper": "speech",
-                 "piper": "speech", "transformers": "torch"}.get(name, "all")
+                 "piper": "speech", "transformers": "torch", "diffusers": "images"}.get(name, "all")
         raise ModelLoadFailed(
             f"backend '{name}' is not installed ({exc.name or exc}); install it with: pip install 'hearth[{extra}]'"
         ) from None

@@ -21,6 +21,16 @@ log = logging.getLogger("hearth.config")
 
 YAML_SUFFIXES = (".yaml", ".yml")
 LOOSE_SUFFIXES = (".gguf",)
+# Names of LocalAI's all-in-one set whose weights Hearth's built-in list cannot install (no PyPI package holds
+# them): asking for one says how to get it.
+NOT_INSTALLABLE_HERE = {
+    "stablediffusion": "no diffusion weights ship on PyPI, so `hearth run` cannot install it. Put a diffusers "
+                       "pipeline folder (for example stable-diffusion-v1-5 or sd-turbo) in the models directory with "
+                       "a YAML naming it (name: stablediffusion, backend: diffusers, parameters: {model: FOLDER}).",
+    "gpt-4-vision-preview": "no vision weights ship on PyPI. Put a Hugging Face image-text-to-text folder (SmolVLM, "
+                            "Qwen2-VL, LLaVA) in the models directory with a YAML (backend: transformers, alias: "
+                            "[gpt-4-vision-preview]).",
+}
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -244,6 +254,9 @@ class ModelRegistry:
                 )
             installed = sorted(table.names)
             listing = ", ".join(installed) if installed else "none"
+            if name in NOT_INSTALLABLE_HERE:
+                raise ModelNotFound(f"model '{name}' is not installed: {NOT_INSTALLABLE_HERE[name]} Installed models: "
+                                    f"{listing}.", param="model")
             raise ModelNotFound(
                 f"model '{name}' not found; installed models: {listing}. "
                 f"Add a model config or .gguf file to {self.models_dir}, or run `hearth run` to install the defaults.",

@@ -21,6 +21,7 @@ BACKEND_ALIASES: dict[str, str] = {
     "whisper": "faster-whisper",
     "piper": "piper",
     "transformers": "transformers",
+    "diffusers": "diffusers",
     "huggingface": "transformers",
     "fake": "fake",
 }

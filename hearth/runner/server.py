@@ -78,6 +78,7 @@ def _describe(info: ModelDescription, load_seconds: float) -> pb.ModelInfo:
         embedding_size=info.embedding_size,
         parallel=info.parallel,
         voices=info.voices,
+        image_sizes=info.image_sizes,
         load_seconds=load_seconds,
         metadata=info.metadata,
     )
@@ -270,8 +271,26 @@ class RunnerService(pb_grpc.RunnerServicer):
         except Exception as exc:
             await _abort(context, _as_hearth_error(exc))
 
-    async def GenerateImage(self, request: pb.ImageRequest, context: grpc.aio.ServicerContext) -> Any:
-        return await self._missing("image generation", context)
+    async def GenerateImage(self, request: pb.ImageRequest,
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ImageReply]:
+        from hearth.backends.diffusers_backend import GeneratedImage, ImageProgress, ImageSpec
+
+        spec = ImageSpec(
+            prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width, height=request.height,
+            steps=request.steps, seed=request.seed if request.HasField("seed") else None,
+            guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None, n=request.n or 1,
+            init_image=request.init_image, mask_image=request.mask_image,
+            strength=request.strength if request.HasField("strength") else None)
+        try:
+            backend = self._loaded()
+            async for item in iterate_in_thread(lambda cancelled: backend.generate_image(spec)):
+                if isinstance(item, ImageProgress):
+                    yield pb.ImageReply(step=item.step, total_steps=item.total)
+                elif isinstance(item, GeneratedImage):
+                    yield pb.ImageReply(png=item.png, index=item.index)
+            yield pb.ImageReply(done=True)
+        except Exception as exc:
+            await _abort(context, _as_hearth_error(exc))
 
     def close(self) -> None:
         if self.backend is not None:

@@ -78,6 +78,10 @@ class RunnerClient:
         async for reply in self._stream(self.stub.Speak(request)):
             yield reply
 
+    async def generate_image(self, request: pb.ImageRequest) -> AsyncIterator[pb.ImageReply]:
+        async for reply in self._stream(self.stub.GenerateImage(request)):
+            yield reply
+
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateReply]:
         async for reply in self._stream(self.stub.Generate(request)):
             yield reply
