@@ -21,6 +21,7 @@ BACKEND_MODULES = {
     "faster-whisper": "hearth.backends.whisper",
     "transformers": "hearth.backends.transformers_vlm",
     "diffusers": "hearth.backends.diffusers_backend",
+    "stablediffusion-ggml": "hearth.backends.stable_diffusion_ggml",
     "piper": "hearth.backends.piper",
     "fake": "hearth.backends.fake",
 }
@@ -264,7 +265,8 @@ def create_backend(name: str) -> Backend:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         extra = {"llama-cpp": "llama", "sentencetransformers": "embeddings", "faster-whisper": "speech",
-                 "piper": "speech", "transformers": "torch", "diffusers": "images"}.get(name, "all")
+                 "piper": "speech", "transformers": "torch", "diffusers": "images",
+                 "stablediffusion-ggml": "sdcpp"}.get(name, "all")
         raise ModelLoadFailed(
             f"backend '{name}' is not installed ({exc.name or exc}); install it with: pip install 'hearth[{extra}]'"
         ) from None

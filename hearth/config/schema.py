@@ -22,6 +22,9 @@ BACKEND_ALIASES: dict[str, str] = {
     "piper": "piper",
     "transformers": "transformers",
     "diffusers": "diffusers",
+    "stablediffusion-ggml": "stablediffusion-ggml",
+    "stablediffusion-cpp": "stablediffusion-ggml",
+    "sd-cpp": "stablediffusion-ggml",
     "huggingface": "transformers",
     "fake": "fake",
 }
