@@ -103,22 +103,26 @@ class StreamEncoder:
         frame.sample_rate = self.in_rate
         return self.resampler.resample(frame)
 
-    def feed(self, pcm: bytes) -> bytes:
+    def _encode(self, pcm: bytes | None) -> bytes | None:
+        """Raw PCM for `pcm` output; otherwise the frames go into the container and None is returned."""
         frames = self._frames(pcm)
         if self.container is None:
             return b"".join(bytes(f.to_ndarray().astype("<i2").tobytes()) for f in frames)
         for frame in frames:
             for packet in self.stream.encode(frame):
                 self.container.mux(packet)
+        return None
+
+    def feed(self, pcm: bytes) -> bytes:
+        raw = self._encode(pcm)
+        if raw is not None:
+            return raw
         return b"" if self.fmt == "wav" else self.sink.take()
 
     def close(self) -> bytes:
-        frames = self._frames(None)
-        if self.container is None:
-            return b"".join(bytes(f.to_ndarray().astype("<i2").tobytes()) for f in frames)
-        for frame in frames:
-            for packet in self.stream.encode(frame):
-                self.container.mux(packet)
+        raw = self._encode(None)
+        if raw is not None:
+            return raw
         for packet in self.stream.encode(None):
             self.container.mux(packet)
         self.container.close()

@@ -11,7 +11,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from hearth.api.openai.common import refuse_unknown
+from hearth.api.openai.common import read_form, refuse_unknown
 from hearth.api.streaming import primed, sse_response, until_disconnect
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest
@@ -69,13 +69,7 @@ def vtt(segments: list[pb.Segment]) -> str:
 
 async def _form(request: Request) -> dict[str, Any]:
     """The multipart form, checked: every field known, `file` a file, numbers numbers."""
-    try:
-        form = await request.form()
-    except Exception as exc:  # malformed multipart bodies raise several types
-        raise InvalidRequest(f"the request must be multipart/form-data with a 'file': {exc}") from None
-    unknown = [key for key in form if key not in FORM_FIELDS]
-    if unknown:
-        raise InvalidRequest(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
+    form = await read_form(request, FORM_FIELDS, "a 'file'")
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise InvalidRequest("'file' is required: the audio file to transcribe", param="file")

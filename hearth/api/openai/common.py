@@ -103,6 +103,18 @@ def refuse_unknown(request: BaseModel) -> None:
         raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
 
 
+async def read_form(request: Request, known: set[str], needs: str) -> Any:
+    """A multipart form whose fields are all known; a 400 naming the first unknown one, or when it is no form."""
+    try:
+        form = await request.form()
+    except Exception as exc:  # malformed multipart bodies raise several types
+        raise InvalidRequest(f"the request must be multipart/form-data with {needs}: {exc}") from None
+    for key in form:
+        if key not in known:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {key}", param=key)
+    return form
+
+
 def refuse_unsupported(request: SamplingRequest) -> None:
     refuse_unknown(request)
     if request.grammar is not None and not request.grammar.strip():

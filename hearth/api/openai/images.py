@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from hearth.api.images import check_image
-from hearth.api.openai.common import refuse_unknown
+from hearth.api.openai.common import read_form, refuse_unknown
 from hearth.api.streaming import until_disconnect
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest, NotFound
@@ -163,13 +163,7 @@ def _mask_from(image: bytes, mask: bytes | None) -> bytes:
 
 async def edits(request: Request, variation: bool) -> dict[str, Any]:
     engine: Engine = request.app.state.engine
-    try:
-        form = await request.form()
-    except Exception as exc:  # malformed multipart bodies raise several types
-        raise InvalidRequest(f"the request must be multipart/form-data with an 'image': {exc}") from None
-    unknown = [key for key in form if key not in EDIT_FIELDS]
-    if unknown:
-        raise InvalidRequest(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
+    form = await read_form(request, EDIT_FIELDS, "an 'image'")
     fields = {key: value for key, value in form.items() if isinstance(value, str)}
     model = fields.get("model") or "stablediffusion"
     image = await _image_bytes(form.get("image") or form.get("image[]"), "image")
