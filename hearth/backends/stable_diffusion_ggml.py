@@ -1,5 +1,5 @@
-"""Image generation with stable-diffusion.cpp (LocalAI's `stablediffusion-ggml`): GGUF and safetensors checkpoints
-through stable-diffusion-cpp-python, faster than torch on a CPU.
+"""Image generation with stable-diffusion.cpp (LocalAI's `stablediffusion-ggml`): GGUF and safetensors checkpoints,
+or a diffusers folder, through stable-diffusion-cpp-python.
 
 Options from the model YAML: `step` (default steps), `cfg_scale`, `sampler` (stable-diffusion.cpp's sample method,
 e.g. euler_a), `sizes` (the exact WxH sizes allowed; default: both sides multiples of 64 from 64 to 2048, as
@@ -19,7 +19,7 @@ from typing import Any
 from hearth.backends.base import Backend as BaseBackend
 from hearth.backends.base import LoadSpec, ModelDescription
 from hearth.backends.diffusers_backend import GeneratedImage, ImageProgress, ImageSpec
-from hearth.errors import InvalidRequest, ModelLoadFailed
+from hearth.errors import BackendError, InvalidRequest, ModelLoadFailed
 
 log = logging.getLogger("hearth.runner.sdcpp")
 
@@ -39,8 +39,9 @@ class Backend(BaseBackend):
 
     def load(self, spec: LoadSpec) -> ModelDescription:
         path = Path(spec.model_path)
-        if not path.is_file():
-            raise ModelLoadFailed(f"{path.name} is not a checkpoint file (.gguf, .safetensors or .ckpt)")
+        if not path.is_file() and not (path / "model_index.json").is_file():
+            raise ModelLoadFailed(f"{path.name} is neither a checkpoint file (.gguf, .safetensors, .ckpt) nor a "
+                                  f"diffusers folder")
         try:
             from stable_diffusion_cpp import StableDiffusion
         except ImportError:
@@ -48,7 +49,9 @@ class Backend(BaseBackend):
                                   "pip install 'hearth[sdcpp]' (it builds stable-diffusion.cpp, a few minutes)") \
                 from None
         try:
-            self.sd = StableDiffusion(model_path=str(path), n_threads=spec.threads, verbose=False)
+            # verbose: stable-diffusion.cpp's own log lines (which say why a checkpoint is not recognised) reach
+            # the runner's output, and so Hearth's log.
+            self.sd = StableDiffusion(model_path=str(path), n_threads=spec.threads, verbose=True)
         except Exception as exc:  # stable-diffusion.cpp reports a failed load as an exception
             raise ModelLoadFailed(f"stable-diffusion.cpp could not load {path.name}: {exc}") from None
         self.steps = int(spec.config.get("step") or 20)
@@ -108,7 +111,11 @@ class Backend(BaseBackend):
                 log.info("step %d/%d", event.step, event.total)
                 yield event
         if "error" in result:
-            raise result["error"]
+            error = result["error"]
+            if isinstance(error, ValueError) and "NULL pointer" in str(error):
+                raise BackendError("stable-diffusion.cpp produced no image: most likely it did not recognise the "
+                                   "checkpoint's architecture (its log lines above say which part failed)")
+            raise error
         for index, image in enumerate(result["images"]):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
