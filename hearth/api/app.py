@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from hearth import __version__
-from hearth.api import health, runners
+from hearth.api import gallery, health, runners
 from hearth.api.errors import install_error_handlers
 from hearth.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from hearth.api.openai import audio, chat, completions, embeddings, images, models
@@ -41,10 +41,14 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Hearth", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     install_error_handlers(app)
-    for router in (health.router, models.router, chat.router, completions.router, embeddings.router,
+    # The gallery's /models/available and /models/jobs come before /models/{id}, which would swallow them.
+    for router in (health.router, gallery.router, models.router, chat.router, completions.router, embeddings.router,
                    audio.router, images.router, runners.router):
         app.include_router(router)
     # Outermost first: refuse unauthenticated requests before reading their bodies.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    # The admin key (model installs and deletes) opens every other route too.
+    keys = [*settings.api_keys, settings.admin_api_key] if settings.api_keys and settings.admin_api_key \
+        else settings.api_keys
+    app.add_middleware(ApiKeyMiddleware, keys=keys)
     return app

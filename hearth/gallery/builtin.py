@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from hearth.gallery.pypi import Progress, PypiFile, WheelCache, WheelMember, fetch_to_cache, place
+from hearth.gallery.pypi import Progress, PypiFile, WheelMember
 
 
 @dataclass(frozen=True)
@@ -198,31 +195,14 @@ def config_for(model: BuiltinModel) -> dict[str, Any]:
     }
 
 
-def write_config(path: Path, config: dict[str, Any]) -> None:
-    """Write a model YAML atomically (a reader never sees half a file)."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    os.replace(partial, path)
-
-
 def install(name: str, models_dir: Path, cache_dir: Path, progress: Progress | None = None,
             config_overrides: dict[str, Any] | None = None) -> Path:
-    """Install a built-in model into `models_dir` (file + YAML); returns the YAML's path."""
-    model = BUILTIN[name]
-    wheels = WheelCache()
-    try:
-        blobs = [(fetch_to_cache(spec, cache_dir, progress, wheels), target) for spec, target in model.targets(models_dir)]
-    finally:
-        wheels.close()
-    models_dir.mkdir(parents=True, exist_ok=True)
-    for blob, target in blobs:
-        place(blob, target)
-    config_path = models_dir / f"{model.name}.yaml"
-    write_config(config_path, {**config_for(model), **(config_overrides or {})})
-    return config_path
+    """Install a built-in model (files + YAML) through the gallery's one install path; returns the YAML's path."""
+    import asyncio
 
+    from hearth.gallery.download import Sources
+    from hearth.gallery.index import builtin_entries, install_entry
 
-def is_installed(name: str, models_dir: Path) -> bool:
-    model = BUILTIN[name]
-    return (models_dir / f"{model.name}.yaml").exists() and all(
-        target.exists() and target.stat().st_size == spec.size for spec, target in model.targets(models_dir))
+    entry = next(e for e in builtin_entries() if e.name == name)
+    report = (lambda t: progress(t.stage, t.done, t.total)) if progress else None
+    return asyncio.run(install_entry(entry, models_dir, cache_dir, Sources(), config_overrides, on_progress=report))

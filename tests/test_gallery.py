@@ -1,0 +1,252 @@
+"""The model gallery against a local HTTP server: the real download code (Range resume, checksums, refusals)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hearth.gallery.download import DownloadError, target_inside
+from hearth.gallery.index import GalleryFile
+from tests.conftest import CACHE_DIR, HearthServer, free_port, write_yaml
+
+PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)  # a "model file" for the fake backend
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+FLAKY = PAYLOAD[::-1]  # another file: the blob cache must not hold it already
+
+
+class FileServer:
+    """Serves PAYLOAD at /model.bin (honouring Range) and at /flaky.bin (the first full response breaks off
+    halfway). Records every request's path and Range header."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str | None]] = []
+        self.flaky_left = 1
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                byte_range = self.headers.get("Range")
+                outer.requests.append((self.path, byte_range))
+                if self.path not in ("/model.bin", "/flaky.bin", "/redirect"):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", f"http://127.0.0.2:{outer.port}/model.bin")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                start = int(byte_range.split("=")[1].split("-")[0]) if byte_range else 0
+                whole = FLAKY if self.path == "/flaky.bin" else PAYLOAD
+                body = whole[start:]
+                self.send_response(206 if byte_range else 200)
+                self.send_header("Content-Length", str(len(body)))
+                if byte_range:
+                    self.send_header("Content-Range", f"bytes {start}-{len(whole) - 1}/{len(whole)}")
+                self.end_headers()
+                if self.path == "/flaky.bin" and not byte_range and outer.flaky_left:
+                    outer.flaky_left -= 1
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # cut off halfway
+                    return
+                self.wfile.write(body)
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.base = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def files() -> Iterator[FileServer]:
+    server = FileServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gallery_file(tmp_path_factory: pytest.TempPathFactory, files: FileServer) -> Path:
+    folder = tmp_path_factory.mktemp("gallery")
+    entries = [
+        {"name": "tiny-fake", "description": "a fake model from a local server", "license": "MIT",
+         "config": {"backend": "fake", "fake": {"reply": "installed and answering"}},
+         "files": [{"filename": "tiny-fake.bin", "uri": f"{files.base}/model.bin", "sha256": SHA}]},
+        {"name": "bad-sum", "config": {"backend": "fake"},
+         "files": [{"filename": "bad-sum.bin", "uri": f"{files.base}/model.bin", "sha256": "0" * 64}]},
+        {"name": "flaky", "config": {"backend": "fake"},
+         "files": [{"filename": "flaky.bin", "uri": f"{files.base}/flaky.bin",
+                    "sha256": hashlib.sha256(FLAKY).hexdigest()}]},
+        {"name": "joined", "config": {"backend": "fake"},
+         "files": [{"filename": "joined.bin", "uri": [f"{files.base}/model.bin", f"{files.base}/model.bin"],
+                    "sha256": hashlib.sha256(PAYLOAD + PAYLOAD).hexdigest()}]},
+        {"name": "six-from-pypi", "config": {"backend": "fake"},
+         "files": [{"filename": "six.py", "uri": "pypi:six==1.16.0#six.py"}]},
+        {"name": "outside-file", "config": {"backend": "fake"},
+         "files": [{"filename": "passwd.bin", "uri": "file:///etc/passwd"}]},
+    ]
+    path = folder / "gallery.yaml"
+    path.write_text(yaml.safe_dump(entries))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, gallery_file: Path) -> Iterator[HearthServer]:
+    models = tmp_path_factory.mktemp("gallery-models")
+    started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log", env={
+        "HEARTH_GALLERIES": str(gallery_file), "HEARTH_DOWNLOAD_ALLOW": "127.0.0.1",
+        "HEARTH_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))})
+    yield started
+    started.stop()
+
+
+def wait(server: HearthServer, job: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = server.http().get(f"/models/jobs/{job}").json()
+        if status["processed"]:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job} did not finish")
+
+
+def apply(server: HearthServer, **body: object) -> dict:
+    response = server.http().post("/models/apply", json=body)
+    assert response.status_code == 200, response.text
+    return wait(server, response.json()["uuid"])
+
+
+def test_install_from_the_gallery_then_it_answers(server: HearthServer) -> None:
+    available = {e["name"]: e for e in server.http().get("/models/available").json()}
+    assert available["tiny-fake"]["installed"] is False and "smollm2-135m-instruct" in available
+    status = apply(server, id="gallery@tiny-fake")
+    assert status["state"] == "done" and status["progress"] == 100.0 and status["error"] is None
+    assert status["downloaded_bytes"] == status["total_bytes"] == len(PAYLOAD)
+    assert (server.models_dir / "tiny-fake.bin").read_bytes() == PAYLOAD
+    reply = server.client().chat.completions.create(model="tiny-fake", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "installed and answering"
+    assert {e["name"]: e for e in server.http().get("/models/available").json()}["tiny-fake"]["installed"]
+
+
+def test_wrong_checksum_fails_and_leaves_nothing(server: HearthServer) -> None:
+    status = apply(server, id="bad-sum")
+    assert status["state"] == "failed"
+    assert f"expected sha256 {'0' * 64}, got {SHA}" in status["error"]
+    assert not list(server.models_dir.glob("bad-sum*")) and not list(server.models_dir.glob("*.partial"))
+
+
+def test_broken_download_resumes_with_range(server: HearthServer, files: FileServer) -> None:
+    status = apply(server, id="flaky")
+    assert status["state"] == "done", status
+    ranges = [r for path, r in files.requests if path == "/flaky.bin"]
+    assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
+    assert int(ranges[1].split("=")[1].rstrip("-")) > 0
+    assert (server.models_dir / "flaky.bin").read_bytes() == FLAKY
+
+
+def test_uris_joined_in_order(server: HearthServer) -> None:
+    assert apply(server, id="joined")["state"] == "done"
+    assert (server.models_dir / "joined.bin").read_bytes() == PAYLOAD + PAYLOAD
+
+
+def test_pypi_install_of_a_real_package(server: HearthServer) -> None:
+    status = apply(server, id="six-from-pypi")
+    assert status["state"] == "done", status
+    assert "Utilities for writing code that runs on Python 2 and 3" in (server.models_dir / "six.py").read_text()
+
+
+def test_refusals(server: HearthServer, files: FileServer) -> None:
+    status = apply(server, id="outside-file")
+    assert status["state"] == "failed" and "allowed directories" in status["error"]
+    before = len(files.requests)
+    status = apply(server, url=f"http://127.0.0.2:{files.port}/model.bin", name="elsewhere")
+    assert status["state"] == "failed" and "loopback" in status["error"]
+    status = apply(server, url=f"{files.base}/redirect", name="redirected")
+    assert status["state"] == "failed" and "127.0.0.2" in status["error"]
+    assert all(path != "/model.bin" for path, _ in files.requests[before:])
+    bad = server.http().post("/models/apply", json={"url": f"{files.base}/..", "name": "x"})
+    assert bad.status_code == 400
+    with pytest.raises(ValueError):
+        GalleryFile(filename="../../etc/evil", uri="https://example.com/x")
+    with pytest.raises(DownloadError):
+        target_inside(server.models_dir, "a/../../b")
+    unknown = server.http().post("/models/apply", json={"id": "no-such-model"})
+    assert unknown.status_code == 404
+
+
+def test_delete_keeps_shared_files(server: HearthServer) -> None:
+    assert apply(server, id="tiny-fake", name="second-copy")["state"] == "done"
+    write_yaml(server.models_dir, "shared", {"name": "shared", "backend": "fake",
+                                             "parameters": {"model": "tiny-fake.bin"}})
+    deleted = server.http().post("/models/delete/second-copy").json()
+    assert deleted["deleted"] == "second-copy"
+    assert (server.models_dir / "tiny-fake.bin").exists(), "another config still uses it"
+    server.http().post("/models/delete/shared")
+    assert (server.models_dir / "tiny-fake.bin").exists(), "tiny-fake still uses it"
+    server.http().post("/models/delete/tiny-fake")
+    assert not (server.models_dir / "tiny-fake.bin").exists() and not (server.models_dir / "tiny-fake.yaml").exists()
+    gone = server.http().post("/chat/completions", json={"model": "tiny-fake", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert gone.status_code == 404
+
+
+def test_admin_key_guards_installs(tmp_path: Path, gallery_file: Path) -> None:
+    server = HearthServer(tmp_path, tmp_path / "log.txt", "--admin-api-key", "root-key", "--api-key", "user-key",
+                          env={"HEARTH_GALLERIES": str(gallery_file)})
+    try:
+        user = server.http(headers={"Authorization": "Bearer user-key"})
+        assert user.get("/models/available").status_code == 200
+        assert user.post("/models/apply", json={"id": "tiny-fake"}).status_code == 401
+        admin = server.http(headers={"Authorization": "Bearer root-key"})
+        assert admin.post("/models/apply", json={"id": "no-such-entry"}).status_code == 404  # past the key check
+        assert admin.get("/v1/models").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_cli_install_reports_the_same_numbers(tmp_path: Path, gallery_file: Path, files: FileServer) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_")}
+    result = subprocess.run([sys.executable, "-m", "hearth", "models", "install", "tiny-fake", "--models-dir",
+                             str(tmp_path), "--gallery", str(gallery_file), "--download-allow", "127.0.0.1",
+                             "--cache-dir", str(tmp_path / "cache")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    total_mb = f"{len(PAYLOAD) / 1e6:.1f}/{len(PAYLOAD) / 1e6:.1f} MB"
+    assert total_mb in result.stderr and "100.0%" in result.stderr
+    shown = subprocess.run([sys.executable, "-m", "hearth", "models", "show", "tiny-fake", "--models-dir",
+                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    assert "backend: fake" in shown.stdout
+    removed = subprocess.run([sys.executable, "-m", "hearth", "models", "rm", "tiny-fake", "--models-dir",
+                              str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    assert removed.returncode == 0 and not (tmp_path / "tiny-fake.bin").exists()
+
+
+@pytest.mark.real_model
+def test_builtin_entry_installs_from_the_cache(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_")}
+    result = subprocess.run([sys.executable, "-m", "hearth", "models", "install", "smollm2-135m-instruct",
+                             "--models-dir", str(tmp_path), "--cache-dir", str(CACHE_DIR)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size == 98_362_432
