@@ -21,7 +21,8 @@ from tests.conftest import CACHE_DIR, HearthServer, free_port, write_yaml
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)  # a "model file" for the fake backend
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
-FLAKY = PAYLOAD[::-1]  # another file: the blob cache must not hold it already
+FLAKY = PAYLOAD[::-1]  # other files: the blob cache must not hold them already
+HF_PAYLOAD = PAYLOAD[:1_000_003]
 
 
 class FileServer:
@@ -30,6 +31,7 @@ class FileServer:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str | None]] = []
+        self.authorizations: list[str | None] = []
         self.flaky_left = 1
         outer = self
 
@@ -42,7 +44,10 @@ class FileServer:
             def do_GET(self) -> None:
                 byte_range = self.headers.get("Range")
                 outer.requests.append((self.path, byte_range))
-                if self.path not in ("/model.bin", "/flaky.bin", "/redirect"):
+                outer.authorizations.append(self.headers.get("Authorization"))
+                if self.path == "/owner/repo/resolve/main/weights/model.bin":  # as a Hugging Face mirror serves it
+                    self.path = "/hf.bin"
+                if self.path not in ("/model.bin", "/flaky.bin", "/hf.bin", "/redirect"):
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
@@ -54,7 +59,7 @@ class FileServer:
                     self.end_headers()
                     return
                 start = int(byte_range.split("=")[1].split("-")[0]) if byte_range else 0
-                whole = FLAKY if self.path == "/flaky.bin" else PAYLOAD
+                whole = {"/flaky.bin": FLAKY, "/hf.bin": HF_PAYLOAD}.get(self.path, PAYLOAD)
                 body = whole[start:]
                 self.send_response(206 if byte_range else 200)
                 self.send_header("Content-Length", str(len(body)))
@@ -101,6 +106,9 @@ def gallery_file(tmp_path_factory: pytest.TempPathFactory, files: FileServer) ->
         {"name": "joined", "config": {"backend": "fake"},
          "files": [{"filename": "joined.bin", "uri": [f"{files.base}/model.bin", f"{files.base}/model.bin"],
                     "sha256": hashlib.sha256(PAYLOAD + PAYLOAD).hexdigest()}]},
+        {"name": "from-hf", "config": {"backend": "fake"},
+         "files": [{"filename": "hf.bin", "uri": "huggingface://owner/repo/weights/model.bin",
+                    "sha256": hashlib.sha256(HF_PAYLOAD).hexdigest()}]},
         {"name": "six-from-pypi", "config": {"backend": "fake"},
          "files": [{"filename": "six.py", "uri": "pypi:six==1.16.0#six.py"}]},
         {"name": "outside-file", "config": {"backend": "fake"},
@@ -112,11 +120,12 @@ def gallery_file(tmp_path_factory: pytest.TempPathFactory, files: FileServer) ->
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, gallery_file: Path) -> Iterator[HearthServer]:
+def server(tmp_path_factory: pytest.TempPathFactory, gallery_file: Path, files: FileServer) -> Iterator[HearthServer]:
     models = tmp_path_factory.mktemp("gallery-models")
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log", env={
         "HEARTH_GALLERIES": str(gallery_file), "HEARTH_DOWNLOAD_ALLOW": "127.0.0.1",
-        "HEARTH_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))})
+        "HEARTH_CACHE_DIR": str(tmp_path_factory.mktemp("cache")), "HF_ENDPOINT": files.base,
+        "HF_TOKEN": "hf_secret"})
     yield started
     started.stop()
 
@@ -163,6 +172,15 @@ def test_broken_download_resumes_with_range(server: HearthServer, files: FileSer
     assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
     assert int(ranges[1].split("=")[1].rstrip("-")) > 0
     assert (server.models_dir / "flaky.bin").read_bytes() == FLAKY
+
+
+def test_huggingface_uri_through_a_mirror_with_the_token(server: HearthServer, files: FileServer) -> None:
+    before = len(files.requests)
+    status = apply(server, id="from-hf")
+    assert status["state"] == "done", status
+    assert files.requests[before][0] == "/owner/repo/resolve/main/weights/model.bin"
+    assert files.authorizations[before] == "Bearer hf_secret"
+    assert (server.models_dir / "hf.bin").read_bytes() == HF_PAYLOAD
 
 
 def test_uris_joined_in_order(server: HearthServer) -> None:
