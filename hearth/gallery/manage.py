@@ -18,7 +18,6 @@ from hearth.gallery.index import (
     load_galleries,
 )
 from hearth.gallery.pypi import ProgressBar
-from hearth.net import AddressPolicy
 from hearth.settings import Settings
 
 URI_PREFIXES = ("https://", "http://", "hf://", "huggingface://", "file://", "pypi:")
@@ -29,7 +28,7 @@ class CommandFailed(Exception):
 
 
 def _sources(settings: Settings) -> Sources:
-    return Sources.from_environment(AddressPolicy.from_list(settings.download_allow), list(settings.gallery_file_dirs))
+    return Sources.from_settings(settings)
 
 
 def _entries(settings: Settings) -> dict[str, GalleryEntry]:
