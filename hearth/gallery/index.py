@@ -66,8 +66,11 @@ class GalleryEntry(BaseModel):
         return value
 
 
-def builtin_entries() -> list[GalleryEntry]:
-    """The built-in gallery: every model in hearth.gallery.builtin, with pypi: URIs."""
+HUB_INDEX = Path(__file__).with_name("hub.yaml")
+
+
+def builtin_entries(include_hub: bool = True) -> list[GalleryEntry]:
+    """The built-in gallery: every model in hearth.gallery.builtin (pypi: URIs), then the hub models of hub.yaml."""
     from hearth.gallery.builtin import BUILTIN, config_for
 
     entries = []
@@ -79,6 +82,9 @@ def builtin_entries() -> list[GalleryEntry]:
         entries.append(GalleryEntry(name=model.name, description=model.description, config=config_for(model),
                                     files=files, tags=list(model.config.get("known_usecases", [])),
                                     gallery="builtin"))
+    if include_hub:
+        entries += [entry.model_copy(update={"gallery": "builtin"})
+                    for entry in parse_index(HUB_INDEX.read_text(encoding="utf-8"), "builtin")]
     return entries
 
 
