@@ -68,16 +68,25 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid value for '{param}': {message}{detail}", param
 
 
+def ollama_style(request: Request) -> bool:
+    """Ollama's routes answer errors in Ollama's shape: {"error": "..."}."""
+    return request.url.path.startswith("/api/")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HearthError)
     async def _hearth(request: Request, exc: HearthError) -> JSONResponse:
         if exc.status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+        if ollama_style(request):
+            return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
         return from_hearth_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
+        if ollama_style(request):
+            return JSONResponse({"error": message}, status_code=400)
         return error_response(400, message, param=param, code="invalid_value" if param else "invalid_json")
 
     @app.exception_handler(StarletteHTTPException)
@@ -89,6 +98,8 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         code = "request_too_large" if exc.status_code == 413 else None
+        if ollama_style(request):
+            return JSONResponse({"error": message}, status_code=exc.status_code)
         return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -37,6 +37,7 @@ class Runner:
     active: int = 0
     loaded_at: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
+    keep_alive: float | None = None  # seconds idle before unloading (Ollama's keep_alive); None: the server setting
     started_wall: float = field(default_factory=time.time)
 
     @property
@@ -110,8 +111,7 @@ class RunnerManager:
     async def start(self) -> None:
         self._socket_dir = Path(tempfile.mkdtemp(prefix="hearth-"))
         self._socket_dir.chmod(0o700)
-        if self.settings.idle_unload_minutes > 0:
-            self._reaper = asyncio.create_task(self._reap_idle())
+        self._reaper = asyncio.create_task(self._reap_idle())
 
     # -- using a model ---------------------------------------------------------------------------------
 
@@ -235,12 +235,15 @@ class RunnerManager:
         return True
 
     async def _reap_idle(self) -> None:
-        limit = self.settings.idle_unload_minutes * 60
+        """Unload runners idle longer than their keep_alive, or than idle_unload_minutes (0: never)."""
+        default = self.settings.idle_unload_minutes * 60 or None
         while True:
-            await asyncio.sleep(min(max(limit / 4, 1.0), 30.0))
+            await asyncio.sleep(1.0 if default is None else min(max(default / 4, 1.0), 30.0))
             now = time.monotonic()
             for runner in list(self.runners.values()):
-                if runner.active == 0 and runner.state == "ready" and now - runner.last_used >= limit:
+                limit = runner.keep_alive if runner.keep_alive is not None else default
+                if limit is not None and limit >= 0 and runner.active == 0 and runner.state == "ready" \
+                        and now - runner.last_used >= limit:
                     log.info("unloading '%s': idle for %.0f s", runner.name, now - runner.last_used)
                     await self._forget(runner)
 

@@ -1,0 +1,125 @@
+"""Ollama's API over the same models: fake models for the semantics, SmolLM2 and MiniLM for real answers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hearth.gallery.builtin import install
+from tests.conftest import CACHE_DIR, HearthServer, install_cached, write_yaml
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path) -> Iterator[HearthServer]:
+    models = tmp_path_factory.mktemp("ollama-models")
+    write_yaml(models, "fake", {"name": "fake", "backend": "fake", "fake": {"reply": "one two three four"}})
+    install_cached(models, smollm2_file, "smollm2.gguf")
+    write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 4096})
+    install("all-minilm-l6-v2", models, CACHE_DIR)
+    started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log",
+                           env={"HEARTH_CACHE_DIR": str(CACHE_DIR)})
+    yield started
+    started.stop()
+
+
+def lines(response) -> list[dict]:
+    return [json.loads(line) for line in response.iter_lines() if line]
+
+
+def test_version_tags_and_show(server: HearthServer) -> None:
+    http = server.http()
+    assert http.get("/api/version").json()["version"]
+    names = {m["name"] for m in http.get("/api/tags").json()["models"]}
+    assert {"fake", "smollm2", "all-minilm-l6-v2", "text-embedding-ada-002"} <= names
+    shown = http.post("/api/show", json={"model": "smollm2:latest"})
+    assert shown.status_code == 200 and "FROM smollm2.gguf" in shown.json()["modelfile"]
+    missing = http.post("/api/show", json={"model": "nope"})
+    assert missing.status_code == 404 and set(missing.json()) == {"error"}
+
+
+def test_chat_streams_ndjson(server: HearthServer) -> None:
+    with server.http().stream("POST", "/api/chat", json={
+            "model": "fake", "messages": [{"role": "user", "content": "hi"}]}) as response:
+        assert response.headers["content-type"] == "application/x-ndjson"
+        items = lines(response)
+    assert all(not i["done"] for i in items[:-1]) and items[-1]["done"] is True
+    assert "".join(i["message"]["content"] for i in items) == "one two three four"
+    final = items[-1]
+    assert final["done_reason"] == "stop" and final["eval_count"] == 4 and final["prompt_eval_count"] > 0
+    assert final["total_duration"] > 0 and "eval_duration" in final
+
+
+def test_chat_and_generate_without_streaming(server: HearthServer) -> None:
+    http = server.http()
+    reply = http.post("/api/chat", json={"model": "fake", "stream": False, "options": {"num_predict": 2},
+                                         "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert reply["message"] == {"role": "assistant", "content": "one two "} and reply["done_reason"] == "length"
+    generated = http.post("/api/generate", json={"model": "fake", "prompt": "hi", "system": "Be brief.",
+                                                 "stream": False}).json()
+    assert generated["response"] == "one two three four" and generated["done"] is True
+    raw = http.post("/api/generate", json={"model": "fake", "prompt": "hi", "raw": True, "stream": False}).json()
+    assert raw["response"] == "one two three four"
+
+
+def test_real_model_with_json_format(server: HearthServer) -> None:
+    reply = server.http().post("/api/chat", json={
+        "model": "smollm2", "stream": False, "format": "json", "options": {"temperature": 0, "num_predict": 200},
+        "messages": [{"role": "user", "content": "Reply with a JSON object with two keys: city and country, "
+                                                 "for Paris."}]}).json()
+    assert isinstance(json.loads(reply["message"]["content"]), dict)
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    reply = server.http().post("/api/generate", json={
+        "model": "smollm2", "stream": False, "format": schema, "prompt": "What is 2 + 2?",
+        "options": {"temperature": 0}}).json()
+    assert isinstance(json.loads(reply["response"])["answer"], int)
+
+
+def test_embeddings(server: HearthServer) -> None:
+    http = server.http()
+    reply = http.post("/api/embed", json={"model": "all-minilm-l6-v2", "input": ["a cat", "a dog"]}).json()
+    assert len(reply["embeddings"]) == 2 and len(reply["embeddings"][0]) == 384 and reply["prompt_eval_count"] > 0
+    single = http.post("/api/embeddings", json={"model": "all-minilm-l6-v2", "prompt": "a cat"}).json()
+    assert single["embedding"] == pytest.approx(reply["embeddings"][0], abs=1e-6)
+
+
+def test_errors_in_ollamas_shape(server: HearthServer) -> None:
+    http = server.http()
+    unknown = http.post("/api/chat", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert unknown.status_code == 404 and set(unknown.json()) == {"error"} and "nope" in unknown.json()["error"]
+    option = http.post("/api/chat", json={"model": "fake", "options": {"mirostat": 2},
+                                          "messages": [{"role": "user", "content": "x"}]})
+    assert option.status_code == 400 and "mirostat" in option.json()["error"]
+    invalid = http.post("/api/generate", json={"prompt": "x"})
+    assert invalid.status_code == 400 and "error" in invalid.json()
+
+
+def test_keep_alive_zero_unloads(server: HearthServer) -> None:
+    http = server.http()
+    http.post("/api/generate", json={"model": "fake", "prompt": "hi", "stream": False})
+    assert "fake" in {m["name"] for m in http.get("/api/ps").json()["models"]}
+    reply = http.post("/api/generate", json={"model": "fake", "keep_alive": 0}).json()
+    assert reply["done_reason"] == "unload"
+    assert "fake" not in {m["name"] for m in http.get("/api/ps").json()["models"]}
+    http.post("/api/generate", json={"model": "fake", "prompt": "hi", "stream": False, "keep_alive": "1s"})
+    deadline = time.monotonic() + 10
+    while "fake" in {m["name"] for m in http.get("/api/ps").json()["models"]}:
+        assert time.monotonic() < deadline, "keep_alive 1s should unload the model"
+        time.sleep(0.3)
+
+
+def test_pull_and_delete(server: HearthServer) -> None:
+    http = server.http()
+    with http.stream("POST", "/api/pull", json={"model": "smollm2-135m-instruct"}) as response:
+        items = lines(response)
+    assert items[0]["status"] == "pulling manifest" and items[-1]["status"] == "success"
+    assert (server.models_dir / "smollm2-135m-instruct.yaml").exists()
+    assert http.post("/api/pull", json={"model": "no-such-model", "stream": False}).status_code == 404
+    assert http.request("DELETE", "/api/delete", json={"model": "smollm2-135m-instruct"}).status_code == 200
+    assert not (server.models_dir / "smollm2-135m-instruct.yaml").exists()
+    assert http.request("DELETE", "/api/delete", json={"model": "smollm2-135m-instruct"}).status_code == 404
