@@ -73,20 +73,30 @@ def ollama_style(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
+def shaped(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse | None:
+    """The error in Ollama's or Anthropic's shape when the route is theirs; None for OpenAI's."""
+    if ollama_style(request):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    if request.url.path.startswith("/v1/messages"):
+        from hearth.api.anthropic import error_body as anthropic_error
+
+        return JSONResponse(anthropic_error(status, message), status_code=status, headers=headers)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HearthError)
     async def _hearth(request: Request, exc: HearthError) -> JSONResponse:
         if exc.status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-        if ollama_style(request):
-            return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
-        return from_hearth_error(exc)
+        return shaped(request, exc.status, exc.message, exc.headers) or from_hearth_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        if ollama_style(request):
-            return JSONResponse({"error": message}, status_code=400)
+        other = shaped(request, 400, message)
+        if other is not None:
+            return other
         return error_response(400, message, param=param, code="invalid_value" if param else "invalid_json")
 
     @app.exception_handler(StarletteHTTPException)
@@ -98,8 +108,9 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         code = "request_too_large" if exc.status_code == 413 else None
-        if ollama_style(request):
-            return JSONResponse({"error": message}, status_code=exc.status_code)
+        other = shaped(request, exc.status_code, message)
+        if other is not None:
+            return other
         return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

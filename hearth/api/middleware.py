@@ -14,7 +14,21 @@ from hearth.api.errors import error_body
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+def _for_path(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped error body in the shape of the API the path belongs to (Ollama's, Anthropic's)."""
+    message = body["error"]["message"]
+    if path.startswith("/api/"):
+        return {"error": message}
+    if path.startswith("/v1/messages"):
+        from hearth.api.anthropic import error_body as anthropic_error
+
+        return anthropic_error(status, message)
+    return body
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None,
+                     path: str = "") -> None:
+    body = _for_path(path, status, body)
     payload = json.dumps(body).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -57,7 +71,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         await _send_json(send, 401, error_body(message, type="authentication_error", code="invalid_api_key"),
-                         {"WWW-Authenticate": "Bearer"})
+                         {"WWW-Authenticate": "Bearer"}, path=scope["path"])
 
 
 class BodyLimitMiddleware:
@@ -82,7 +96,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = 0
                 if declared > self.limit:
-                    await _send_json(send, 413, self._too_large())
+                    await _send_json(send, 413, self._too_large(), path=scope["path"])
                     return
         received = 0
         started = False
@@ -106,7 +120,7 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await _send_json(send, 413, self._too_large())
+                await _send_json(send, 413, self._too_large(), path=scope["path"])
 
 
 class _BodyTooLarge(HTTPException):

@@ -402,6 +402,36 @@ def _call_delta(item: ToolCallDelta, legacy: bool) -> dict[str, Any]:
     return {"tool_calls": [{"index": item.index, "function": {"arguments": item.arguments}}]}
 
 
+async def prepare(request: ChatCompletionRequest, engine: Engine, config: ModelConfig,
+                  runner: Any) -> tuple[str, Plan, list[bytes]]:
+    """The rendered prompt, the tool/format plan and the loaded images of a chat request, for a ready runner."""
+    info = runner.info
+    assert info is not None
+    template = config.template.chat or info.chat_template
+    if not template:
+        raise CapabilityNotSupported(
+            f"model '{request.model}' has no chat template, so it cannot chat; use /v1/completions with a "
+            f"prompt, or set template.chat (Jinja) in its YAML ({config.source_file})", param="model")
+    plan = _plan(request, config, template)
+    images = await _images(request, engine, list(info.capabilities))
+    native = template_takes_tools(template)
+    tools = [{"type": "function", "function": t} for t in plan.tools] if native and plan.mode != "none" else None
+    prompt = render_chat(template, _template_messages(request, plan, native), bos_token=info.bos_token,
+                         eos_token=info.eos_token, strip_bos=info.add_bos, tools=tools,
+                         keep_parts="vision" in info.capabilities)
+    return prompt, plan, images
+
+
+async def count_prompt_tokens(request: ChatCompletionRequest, engine: Engine) -> int:
+    """How many tokens the chat request's prompt is, as the model reads it (template and tools included)."""
+    _refuse_unsupported(request)
+    config = engine.model(request.model)
+    async with engine.runner(config, "generate") as runner:
+        prompt = (await prepare(request, engine, config, runner))[0]
+        tokens = await runner.call("tokenize", prompt, add_special=True, parse_special=True)
+    return len(tokens)
+
+
 async def chat_completion_events(request: ChatCompletionRequest, engine: Engine) -> AsyncIterator[dict[str, Any]]:
     """The chat completion as OpenAI stream chunks; the first arrives only once generation has begun."""
     _refuse_unsupported(request)
@@ -413,20 +443,7 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
     request_id, created = new_id("chatcmpl"), now()
 
     async with engine.runner(config, "generate") as runner:
-        info = runner.info
-        assert info is not None
-        template = config.template.chat or info.chat_template
-        if not template:
-            raise CapabilityNotSupported(
-                f"model '{request.model}' has no chat template, so it cannot chat; use /v1/completions with a "
-                f"prompt, or set template.chat (Jinja) in its YAML ({config.source_file})", param="model")
-        plan = _plan(request, config, template)
-        images = await _images(request, engine, list(info.capabilities))
-        native = template_takes_tools(template)
-        tools = [{"type": "function", "function": t} for t in plan.tools] if native and plan.mode != "none" else None
-        prompt = render_chat(template, _template_messages(request, plan, native), bos_token=info.bos_token,
-                             eos_token=info.eos_token, strip_bos=info.add_bos, tools=tools,
-                             keep_parts="vision" in info.capabilities)
+        prompt, plan, images = await prepare(request, engine, config, runner)
         sampling.grammar = plan.grammar
         if plan.lazy:
             sampling.grammar_triggers.extend(lazy_triggers(plan.fmt, [t["name"] for t in plan.tools],
