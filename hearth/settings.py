@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     gallery_file_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="directories file:// URIs may read")
     admin_api_key: str | None = Field(None, description="when set, only this key may install or delete models")
+    responses_ttl_minutes: float = Field(60.0, gt=0, description="how long /v1/responses results are kept")
     generated_images_ttl_minutes: float = Field(60.0, gt=0, description="how long `url` image results are kept")
 
     @field_validator("api_keys", "preload", "image_fetch_allow", "galleries", "download_allow", "gallery_file_dirs",

@@ -13,7 +13,7 @@ from hearth import __version__
 from hearth.api import anthropic, gallery, health, ollama, runners
 from hearth.api.errors import install_error_handlers
 from hearth.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
-from hearth.api.openai import audio, chat, completions, embeddings, images, models
+from hearth.api.openai import audio, chat, completions, embeddings, images, models, responses
 from hearth.engine import Engine
 from hearth.settings import Settings
 
@@ -43,7 +43,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     # The gallery's /models/available and /models/jobs come before /models/{id}, which would swallow them.
     for router in (health.router, gallery.router, models.router, chat.router, completions.router, embeddings.router,
-                   audio.router, images.router, runners.router, ollama.router, anthropic.router):
+                   audio.router, images.router, runners.router, ollama.router, anthropic.router,
+                   responses.router):
         app.include_router(router)
     # Outermost first: refuse unauthenticated requests before reading their bodies.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)

@@ -1,13 +1,16 @@
-"""Anthropic's Messages API and Ollama's, driven with their official Python clients, on SmolLM2 and Qwen 0.5B."""
+"""Ollama's, Anthropic's and OpenAI's Responses APIs, driven with their official Python clients, on SmolLM2 and
+Qwen 0.5B."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
 import httpx
 import ollama
+import openai
 import pytest
 
 from tests.conftest import CACHE_DIR, HearthServer, cached_model, install_cached, write_yaml
@@ -108,3 +111,62 @@ def test_ollama_client(server: HearthServer) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
         client.show("nope")
     assert caught.value.status_code == 404
+
+
+def test_responses_create_and_continue(server: HearthServer) -> None:
+    client = server.client(api_key="sk-test")
+    first = client.responses.create(model="smollm2", input="My name is Ada. Say hello to me.",
+                                    instructions="Answer briefly.", max_output_tokens=24, temperature=0)
+    assert first.id.startswith("resp_") and first.status in ("completed", "incomplete")
+    assert first.output_text and first.usage.input_tokens > 0 and first.usage.output_tokens > 0
+    follow = client.responses.create(model="smollm2", input="What is my name?", previous_response_id=first.id,
+                                     max_output_tokens=16, temperature=0)
+    assert follow.usage.input_tokens > first.usage.input_tokens, "the earlier turn is part of the prompt"
+    assert client.responses.retrieve(first.id).id == first.id
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="smollm2", input="x", previous_response_id=first.id)
+
+
+def test_responses_streaming_and_formats(server: HearthServer) -> None:
+    client = server.client(api_key="sk-test")
+    events = list(client.responses.create(model="smollm2", input="Count to three.", max_output_tokens=12,
+                                          temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert "response.output_text.delta" in kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == events[-1].response.output_text
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    structured = client.responses.create(model="smollm2", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Which city is the capital of France? Answer in JSON."}]}],
+        text={"format": {"type": "json_schema", "name": "city", "schema": schema, "strict": True}}, temperature=0)
+    assert isinstance(json.loads(structured.output_text)["city"], str)
+
+
+def test_responses_function_call_round_trip(server: HearthServer) -> None:
+    client = server.client(api_key="sk-test")
+    tool = {"type": "function", "name": "get_current_weather", "description": WEATHER["description"],
+            "parameters": WEATHER["input_schema"]}
+    first = client.responses.create(model="qwen", input="What is the weather in Boston?", tools=[tool],
+                                    tool_choice="required", temperature=0)
+    call = next(item for item in first.output if item.type == "function_call")
+    assert call.name == "get_current_weather" and "boston" in json.loads(call.arguments)["location"].lower()
+    follow = client.responses.create(model="qwen", previous_response_id=first.id, temperature=0,
+                                     max_output_tokens=40, tool_choice="none", tools=[tool],
+                                     input=[{"type": "function_call_output", "call_id": call.call_id,
+                                             "output": "22 degrees Celsius and sunny"}])
+    assert follow.status in ("completed", "incomplete") and follow.output
+
+
+def test_responses_errors(server: HearthServer) -> None:
+    client = server.client(api_key="sk-test")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="smollm2", input="x", tools=[{"type": "web_search"}])
+    assert caught.value.body["param"] == "tools[0].type"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="nope", input="x")
