@@ -13,6 +13,7 @@ import ollama
 import openai
 import pytest
 
+from hearth.gallery.builtin import install
 from tests.conftest import CACHE_DIR, HearthServer, cached_model, install_cached, write_yaml
 
 pytestmark = pytest.mark.real_model
@@ -29,6 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path) -> Iter
     install_cached(models, cached_model("qwen2.5-coder-0.5b-instruct"), "qwen.gguf")
     write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 4096})
     write_yaml(models, "qwen", {"name": "qwen", "parameters": {"model": "qwen.gguf"}, "context_size": 8192})
+    install("all-minilm-l6-v2", models, CACHE_DIR)
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log", "--api-key", "sk-test",
                            env={"HEARTH_CACHE_DIR": str(CACHE_DIR)})
     yield started
@@ -104,6 +106,8 @@ def test_ollama_client(server: HearthServer) -> None:
                                     options={"temperature": 0, "num_predict": 6}))
     assert streamed[-1].done and "".join(part.response for part in streamed)
     assert "smollm2" in {m.model for m in client.list().models}
+    vectors = client.embed(model="all-minilm-l6-v2", input=["a cat", "a dog"]).embeddings
+    assert len(vectors) == 2 and len(vectors[0]) == 384
     assert client.show("smollm2").modelfile.startswith("FROM")
     assert "smollm2" in {m.model for m in client.ps().models}
     progress = list(client.pull("smollm2-135m-instruct", stream=True))

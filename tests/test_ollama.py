@@ -35,6 +35,7 @@ def lines(response) -> list[dict]:
 def test_version_tags_and_show(server: HearthServer) -> None:
     http = server.http()
     assert http.get("/api/version").json()["version"]
+    assert all(http.head(path).status_code == 200 for path in ("/", "/api/version", "/api/tags", "/api/ps"))
     names = {m["name"] for m in http.get("/api/tags").json()["models"]}
     assert {"fake", "smollm2", "all-minilm-l6-v2", "text-embedding-ada-002"} <= names
     shown = http.post("/api/show", json={"model": "smollm2:latest"})

@@ -218,12 +218,18 @@ async def _respond(events: AsyncIterator[dict[str, Any]], stream: bool) -> Any:
 router = APIRouter()
 
 
-@router.get("/api/version")
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def root() -> Response:
+    """What Ollama's clients probe for (the web page will take this route over)."""
+    return Response("Hearth is running\n", media_type="text/plain")
+
+
+@router.api_route("/api/version", methods=["GET", "HEAD"])
 async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.get("/api/tags")
+@router.api_route("/api/tags", methods=["GET", "HEAD"])
 async def tags(request: Request) -> dict[str, Any]:
     engine: Engine = request.app.state.engine
     models = []
@@ -267,7 +273,7 @@ async def show(body: NameBody, request: Request) -> dict[str, Any]:
             "model_info": {"general.name": config.name}, "capabilities": config.known_usecases}
 
 
-@router.get("/api/ps")
+@router.api_route("/api/ps", methods=["GET", "HEAD"])
 async def ps(request: Request) -> dict[str, Any]:
     engine: Engine = request.app.state.engine
     return {"models": [{"name": status["name"], "model": status["name"], "size": 0, "digest": "",
