@@ -55,6 +55,14 @@ def test_messages(claude: anthropic.Anthropic) -> None:
     assert short.stop_reason == "max_tokens"
 
 
+def test_stop_sequence_is_reported(claude: anthropic.Anthropic) -> None:
+    reply = claude.messages.create(model="smollm2", max_tokens=40, stop_sequences=[",", "."],
+                                   extra_body={"temperature": 0},
+                                   messages=[{"role": "user", "content": "Count from one to five, in words."}])
+    assert reply.stop_reason == "stop_sequence" and reply.stop_sequence in (",", ".")
+    assert reply.stop_sequence not in reply.content[0].text
+
+
 def test_streaming_helper(claude: anthropic.Anthropic) -> None:
     with claude.messages.stream(model="smollm2", max_tokens=24, extra_body={"temperature": 0},
                                 messages=[{"role": "user", "content": "Count from one to five."}]) as stream:

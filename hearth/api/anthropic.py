@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from hearth.api.openai.chat import ChatCompletionRequest, chat_completion_events, count_prompt_tokens
-from hearth.api.openai.common import USAGE_KEY
+from hearth.api.openai.common import STOP_KEY, USAGE_KEY
 from hearth.api.streaming import SSE_HEADERS, primed
 from hearth.engine import Engine
 from hearth.errors import HearthError, InvalidRequest
@@ -183,9 +183,12 @@ async def _events(body: MessagesBody, engine: Engine) -> AsyncIterator[tuple[str
             if block >= 0:
                 yield "content_block_stop", {"type": "content_block_stop", "index": block}
             usage = chunk[USAGE_KEY]
+            stop = chunk.get(STOP_KEY) or None
+            reason = "stop_sequence" if stop and choice["finish_reason"] == "stop" else \
+                _stop_reason(choice["finish_reason"])
             yield "message_delta", {"type": "message_delta",
-                                    "delta": {"stop_reason": _stop_reason(choice["finish_reason"]),
-                                              "stop_sequence": None},
+                                    "delta": {"stop_reason": reason, "stop_sequence": stop if reason == "stop_sequence"
+                                              else None},
                                     "usage": {"input_tokens": usage.prompt_tokens,
                                               "output_tokens": usage.completion_tokens}}
             yield "message_stop", {"type": "message_stop"}

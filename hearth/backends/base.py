@@ -100,6 +100,7 @@ class GenerationChunk:
     cached_tokens: int = 0
     prompt_ms: float = 0.0
     predicted_ms: float = 0.0
+    stop_sequence: str = ""  # on the last chunk: the stop string that ended it, if one did
 
 
 @dataclass
@@ -279,6 +280,7 @@ class StopBuffer:
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self._pending = ""
+        self.matched = ""  # the stop string that ended the output, once one has
         self._pattern = re.compile("|".join(re.escape(s) for s in self.stops)) if self.stops else None
 
     def push(self, text: str) -> tuple[str, bool]:
@@ -288,6 +290,7 @@ class StopBuffer:
         self._pending += text
         match = self._pattern.search(self._pending)
         if match:
+            self.matched = match.group(0)
             out = self._pending[: match.start()]
             self._pending = ""
             return out, True

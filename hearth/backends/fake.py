@@ -140,7 +140,7 @@ class Backend(BaseBackend):
                 yield GenerationChunk(text=tail)
         elapsed = (time.perf_counter() - started) * 1000
         yield GenerationChunk(finish_reason=finish, prompt_tokens=n_prompt, completion_tokens=produced,
-                              prompt_ms=0.0, predicted_ms=elapsed)
+                              prompt_ms=0.0, predicted_ms=elapsed, stop_sequence=stops.matched)
 
 
 def _logprob(piece: str, top: int) -> TokenLogprob:

@@ -434,6 +434,7 @@ class Scheduler:
             first = slot.first_token or now
             self._emit(job, GenerationChunk(
                 finish_reason=reason, prompt_tokens=len(job.tokens), completion_tokens=slot.produced,
+                stop_sequence=slot.stops.matched,
                 cached_tokens=slot.cached, prompt_ms=(first - slot.admitted) * 1000,
                 predicted_ms=(now - first) * 1000 if slot.produced else 0.0))
         _free_samplers(slot)

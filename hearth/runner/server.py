@@ -189,6 +189,7 @@ class RunnerService(pb_grpc.RunnerServicer):
                 if chunk.finish_reason:
                     finished = True
                     reply.finish_reason = chunk.finish_reason
+                    reply.stop_sequence = chunk.stop_sequence
                     reply.usage.CopyFrom(pb.Usage(prompt_tokens=chunk.prompt_tokens,
                                                   completion_tokens=chunk.completion_tokens,
                                                   cached_tokens=chunk.cached_tokens))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hearth.api.images import ImagePolicy, load_image
 from hearth.api.openai.common import (
     INT32_MAX,
+    STOP_KEY,
     USAGE_KEY,
     SamplingRequest,
     chat_logprobs,
@@ -494,6 +495,7 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
                     final = chunk({}, finish)
                     final["timings"] = timings_dict(reply.timings)
                     final[USAGE_KEY] = reply.usage if index == 0 else only_completion(reply.usage)
+                    final[STOP_KEY] = reply.stop_sequence
                     yield final
 
         if n == 1:

@@ -224,6 +224,7 @@ def timings_dict(timings: pb.Timings) -> dict[str, Any]:
 
 
 USAGE_KEY = "_usage"  # the pb.Usage a choice's last chunk carries inside the serving layer
+STOP_KEY = "_stop_sequence"  # and the stop string that ended it, if one did (for Anthropic's stop_reason)
 
 
 def total_usage(finals: list[dict[str, Any]]) -> dict[str, Any]:
@@ -242,7 +243,7 @@ async def public_stream(events: AsyncIterator[dict[str, Any]], include_usage: bo
         async for chunk in events:
             if USAGE_KEY in chunk:
                 finals.append(chunk)
-                chunk = {key: value for key, value in chunk.items() if key != USAGE_KEY}
+                chunk = {key: value for key, value in chunk.items() if key not in (USAGE_KEY, STOP_KEY)}
             if include_usage:
                 chunk["usage"] = None
             last = chunk
