@@ -124,3 +124,33 @@ def test_pull_and_delete(server: HearthServer) -> None:
     assert http.request("DELETE", "/api/delete", json={"model": "smollm2-135m-instruct"}).status_code == 200
     assert not (server.models_dir / "smollm2-135m-instruct.yaml").exists()
     assert http.request("DELETE", "/api/delete", json={"model": "smollm2-135m-instruct"}).status_code == 404
+
+
+def test_tools_and_images(tmp_path: Path) -> None:
+    """Ollama's `tools` reach the same tool-call parser, and `images` (base64) the same vision path."""
+    import base64
+
+    from tests.test_chat_parity import CALL_REPLY, HERMES_TEMPLATE, TIME, WEATHER
+    from tests.test_vision import IMAGE_TOKENS, build_tiny_llava, png
+
+    write_yaml(tmp_path, "caller", {"name": "caller", "backend": "fake",
+                                    "fake": {"chat_template": HERMES_TEMPLATE, "reply": CALL_REPLY}})
+    build_tiny_llava(tmp_path / "tiny-llava")
+    write_yaml(tmp_path, "tiny-llava", {"name": "tiny-llava", "backend": "transformers",
+                                        "parameters": {"model": "tiny-llava"}})
+    server = HearthServer(tmp_path, tmp_path / "log.txt")
+    try:
+        http = server.http()
+        reply = http.post("/api/chat", json={"model": "caller", "stream": False, "tools": [WEATHER, TIME],
+                                             "messages": [{"role": "user", "content": "Weather in Boston?"}]}).json()
+        calls = reply["message"]["tool_calls"]
+        assert [c["function"]["name"] for c in calls] == ["get_current_weather", "get_time"]
+        assert calls[0]["function"]["arguments"] == {"location": "Boston, MA", "unit": "celsius"}
+        image = base64.b64encode(png()).decode()
+        with_image = http.post("/api/generate", json={"model": "tiny-llava", "prompt": "describe", "stream": False,
+                                                      "images": [image], "options": {"num_predict": 3}}).json()
+        without = http.post("/api/generate", json={"model": "tiny-llava", "prompt": "describe", "stream": False,
+                                                   "options": {"num_predict": 3}}).json()
+        assert with_image["prompt_eval_count"] == without["prompt_eval_count"] + IMAGE_TOKENS
+    finally:
+        server.stop()
