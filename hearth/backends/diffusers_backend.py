@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,37 +184,51 @@ class Backend(BaseBackend):
             raise InvalidRequest(f"this model cannot edit images: {exc}", param="image") from None
         if spec.seed is not None:
             arguments["generator"] = torch.Generator().manual_seed(spec.seed)
-        events: queue.Queue = queue.Queue()
         total = max(1, int(steps * (spec.strength if spec.init_image and spec.strength is not None else 1)))
 
-        def on_step(_pipe: Any, step: int, _timestep: Any, state: dict) -> dict:
-            events.put(ImageProgress(step=step + 1, total=total))
-            return state
+        def work(report: Callable[[int, int], None]) -> list[Any]:
+            def on_step(_pipe: Any, step: int, _timestep: Any, state: dict) -> dict:
+                report(step + 1, total)
+                return state
 
-        result: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    result["images"] = pipe(**arguments, callback_on_step_end=on_step).images
-            except BaseException as exc:  # handed to the reader below
-                result["error"] = exc
-            events.put(None)
+            with torch.inference_mode():
+                return pipe(**arguments, callback_on_step_end=on_step).images
 
         with self._lock:
             started = time.perf_counter()
-            threading.Thread(target=run, name="diffusers", daemon=True).start()
-            while (event := events.get()) is not None:
-                log.info("step %d/%d", event.step, event.total)
-                yield event
-            if "error" in result:
-                error = result["error"]
-                if isinstance(error, ValueError):
-                    raise InvalidRequest(f"the pipeline refused the request: {error}") from None
-                raise error
+            try:
+                images = yield from run_with_progress(work, "diffusers")
+            except ValueError as error:
+                raise InvalidRequest(f"the pipeline refused the request: {error}") from None
             log.info("%d image(s) of %dx%d in %d steps, %.2f s", spec.n, width, height, steps,
                      time.perf_counter() - started)
-        for index, image in enumerate(result["images"]):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            yield GeneratedImage(index=index, png=buffer.getvalue())
+        yield from as_pngs(images)
+
+
+def run_with_progress(work: Callable[[Callable[[int, int], None]], list[Any]],
+                      name: str) -> Generator[ImageProgress, None, list[Any]]:
+    """Run `work(report)` in a thread, yielding (and logging) each step it reports; returns its images."""
+    events: queue.Queue = queue.Queue()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["images"] = work(lambda step, total: events.put(ImageProgress(step=step, total=total)))
+        except BaseException as exc:  # handed to the reader below
+            result["error"] = exc
+        events.put(None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    while (event := events.get()) is not None:
+        log.info("step %d/%d", event.step, event.total)
+        yield event
+    if "error" in result:
+        raise result["error"]
+    return result["images"]
+
+
+def as_pngs(images: list[Any]) -> Iterator[GeneratedImage]:
+    for index, image in enumerate(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        yield GeneratedImage(index=index, png=buffer.getvalue())

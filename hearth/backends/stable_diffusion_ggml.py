@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,13 @@ from typing import Any
 
 from hearth.backends.base import Backend as BaseBackend
 from hearth.backends.base import LoadSpec, ModelDescription
-from hearth.backends.diffusers_backend import GeneratedImage, ImageProgress, ImageSpec
+from hearth.backends.diffusers_backend import (
+    GeneratedImage,
+    ImageProgress,
+    ImageSpec,
+    as_pngs,
+    run_with_progress,
+)
 from hearth.errors import BackendError, InvalidRequest, ModelLoadFailed
 
 log = logging.getLogger("hearth.runner.sdcpp")
@@ -92,31 +97,16 @@ class Backend(BaseBackend):
                     arguments["strength"] = spec.strength
         except (UnidentifiedImageError, OSError) as exc:
             raise InvalidRequest(f"the image could not be read: {exc}", param="image") from None
-        events: queue.Queue = queue.Queue()
-        result: dict[str, Any] = {}
-
-        def progress(step: int, total: int, _time: float) -> None:
-            events.put(ImageProgress(step=step, total=total))
-
-        def run() -> None:
-            try:
-                result["images"] = self.sd.generate_image(**arguments, progress_callback=progress)
-            except BaseException as exc:  # handed to the reader below
-                result["error"] = exc
-            events.put(None)
+        def work(report: Any) -> list[Any]:
+            return self.sd.generate_image(**arguments, progress_callback=lambda step, total, _time: report(step, total))
 
         with self._lock:
-            threading.Thread(target=run, name="sdcpp", daemon=True).start()
-            while (event := events.get()) is not None:
-                log.info("step %d/%d", event.step, event.total)
-                yield event
-        if "error" in result:
-            error = result["error"]
-            if isinstance(error, ValueError) and "NULL pointer" in str(error):
-                raise BackendError("stable-diffusion.cpp produced no image: most likely it did not recognise the "
-                                   "checkpoint's architecture (its log lines above say which part failed)")
-            raise error
-        for index, image in enumerate(result["images"]):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            yield GeneratedImage(index=index, png=buffer.getvalue())
+            try:
+                images = yield from run_with_progress(work, "sdcpp")
+            except ValueError as error:
+                if "NULL pointer" in str(error):
+                    raise BackendError("stable-diffusion.cpp produced no image: most likely it did not recognise "
+                                       "the checkpoint's architecture (its log lines above say which part failed)") \
+                        from None
+                raise
+        yield from as_pngs(images)
