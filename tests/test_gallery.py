@@ -47,6 +47,15 @@ class FileServer:
                 outer.authorizations.append(self.headers.get("Authorization"))
                 if self.path == "/owner/repo/resolve/main/weights/model.bin":  # as a Hugging Face mirror serves it
                     self.path = "/hf.bin"
+                if self.path == "/entry.yaml":  # one gallery entry, published on its own
+                    body = yaml.safe_dump({"name": "from-yaml", "config": {"backend": "fake", "fake": {
+                        "reply": "from a published entry"}}, "files": [{
+                            "filename": "from-yaml.bin", "uri": f"{outer.base}/model.bin", "sha256": SHA}]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if self.path not in ("/model.bin", "/flaky.bin", "/hf.bin", "/redirect"):
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
@@ -181,6 +190,13 @@ def test_huggingface_uri_through_a_mirror_with_the_token(server: HearthServer, f
     assert files.requests[before][0] == "/owner/repo/resolve/main/weights/model.bin"
     assert files.authorizations[before] == "Bearer hf_secret"
     assert (server.models_dir / "hf.bin").read_bytes() == HF_PAYLOAD
+
+
+def test_apply_an_entry_published_as_yaml(server: HearthServer, files: FileServer) -> None:
+    status = apply(server, url=f"{files.base}/entry.yaml")
+    assert status["state"] == "done", status
+    reply = server.client().chat.completions.create(model="from-yaml", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "from a published entry"
 
 
 def test_uris_joined_in_order(server: HearthServer) -> None:

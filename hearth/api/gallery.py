@@ -27,9 +27,11 @@ from hearth.gallery.index import (
     GalleryEntry,
     GalleryFile,
     delete_model,
+    fetch_text,
     install_entry,
     is_installed,
     load_galleries,
+    parse_index,
 )
 
 log = logging.getLogger("hearth.gallery")
@@ -81,6 +83,20 @@ class Jobs:
 
 def sources(engine: Engine) -> Sources:
     return Sources.from_settings(engine.settings)
+
+
+async def entry_from_url(url: str, name: str | None, source: Sources) -> GalleryEntry:
+    """A gallery entry published as YAML at `url` (LocalAI's `apply` with a config URL); a list takes `name`."""
+    try:
+        found = parse_index(await fetch_text(url, source), url)
+    except DownloadError as exc:
+        raise InvalidRequest(f"the entry at {url} cannot be used: {exc}", param="url") from None
+    if len(found) == 1:
+        return found[0]
+    chosen = next((e for e in found if e.name == name), None)
+    if chosen is None:
+        raise InvalidRequest(f"{url} lists {len(found)} entries; send 'name' to pick one", param="name")
+    return chosen
 
 
 def require_admin(request: Request) -> None:
@@ -138,6 +154,8 @@ async def apply(body: ApplyRequest, request: Request) -> dict[str, Any]:
         if found is None:
             raise NotFound(f"no gallery entry '{name}'; see GET /models/available")
         entry = found
+    elif body.url and PurePosixPath(urlsplit(body.url).path).suffix in (".yaml", ".yml"):
+        entry = await entry_from_url(body.url, body.name, sources(engine))
     elif body.url:
         filename = PurePosixPath(urlsplit(body.url).path).name
         if not filename:

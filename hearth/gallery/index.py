@@ -89,12 +89,15 @@ def builtin_entries(include_hub: bool = True) -> list[GalleryEntry]:
 
 
 def parse_index(text: str, origin: str) -> list[GalleryEntry]:
+    """A gallery's entries: a YAML list of them, or one entry on its own."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise DownloadError(f"gallery {origin} is not valid YAML: {exc}") from None
+    if isinstance(data, dict):
+        data = [data]
     if not isinstance(data, list):
-        raise DownloadError(f"gallery {origin} must be a YAML list of entries")
+        raise DownloadError(f"gallery {origin} must be a YAML list of entries, or one entry")
     entries = []
     for index, item in enumerate(data):
         try:
