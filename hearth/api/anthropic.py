@@ -57,7 +57,10 @@ class CountBody(BaseModel):
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
-    return "".join(block.get("text", "") for block in content or [] if block.get("type") == "text")
+    if not isinstance(content, list):
+        raise InvalidRequest("content must be a string or a list of blocks", param="messages")
+    return "".join(str(block.get("text", "")) for block in content
+                   if isinstance(block, dict) and block.get("type") == "text")
 
 
 def _image(block: dict[str, Any], where: str) -> dict[str, Any]:

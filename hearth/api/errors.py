@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hearth.errors import HearthError
@@ -98,6 +99,16 @@ def install_error_handlers(app: FastAPI) -> None:
         if other is not None:
             return other
         return error_response(400, message, param=param, code="invalid_value" if param else "invalid_json")
+
+    @app.exception_handler(ValidationError)
+    async def _adapted(request: Request, exc: ValidationError) -> JSONResponse:
+        """An adapter (Ollama, Anthropic, Responses) built an internal request from what the client sent, and the
+        client's values did not fit: that is the client's 400, not a server error."""
+        first = exc.errors()[0]
+        where = _param_path(tuple(first.get("loc", ())))
+        message = f"invalid value for '{where}': {first.get('msg', 'invalid')}" if where else str(first.get("msg"))
+        return shaped(request, 400, message) or error_response(400, message, param=where or None,
+                                                                 code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -56,6 +56,11 @@ def check_image(data: bytes, param: str) -> bytes:
     return data
 
 
+async def check_image_async(data: bytes, param: str) -> bytes:
+    """check_image off the event loop: decoding a large image takes a while."""
+    return await asyncio.to_thread(check_image, data, param)
+
+
 def decode_data_url(url: str, policy: ImagePolicy, param: str) -> bytes:
     match = DATA_URL.fullmatch(url)
     if not match:
@@ -102,12 +107,12 @@ async def _fetch(url: str, policy: ImagePolicy, param: str) -> bytes:
                 body += chunk
                 if len(body) > policy.max_bytes:
                     raise _refuse(param, f"the image is larger than the limit of {policy.max_bytes} bytes")
-            return check_image(bytes(body), param)
+            return await check_image_async(bytes(body), param)
         finally:
             await response.aclose()
 
 
 async def load_image(url: str, policy: ImagePolicy, param: str) -> bytes:
     if url.startswith("data:"):
-        return decode_data_url(url, policy, param)
+        return await asyncio.to_thread(decode_data_url, url, policy, param)
     return await fetch_image(url, policy, param)

@@ -126,10 +126,13 @@ def _openai_message(message: OllamaMessage) -> dict[str, Any]:
     if message.images:
         item["content"] = [{"type": "text", "text": message.content}, *map(_image_part, message.images)]
     if message.tool_calls:
+        functions = [c.get("function") for c in message.tool_calls]
+        if not all(isinstance(f, dict) for f in functions):
+            raise InvalidRequest("each tool call needs a 'function' object", param="messages")
         item["tool_calls"] = [{"id": f"call_{i}", "type": "function",
-                               "function": {"name": c.get("function", {}).get("name", ""),
-                                            "arguments": json.dumps(c.get("function", {}).get("arguments", {}))}}
-                              for i, c in enumerate(message.tool_calls)]
+                               "function": {"name": str(f.get("name", "")),
+                                            "arguments": json.dumps(f.get("arguments", {}))}}
+                              for i, f in enumerate(functions)]
     if message.role == "tool":
         item["tool_call_id"] = "call_0"
     return item

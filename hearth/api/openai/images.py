@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from hearth.api.images import check_image
+from hearth.api.images import check_image_async
 from hearth.api.openai.common import read_form, refuse_unknown
 from hearth.api.streaming import until_disconnect
 from hearth.engine import Engine
@@ -113,7 +113,7 @@ async def _generate(engine: Engine, request: Request, model: str, message: pb.Im
             name = f"{secrets.token_hex(16)}.png"
             path = image_dir(engine) / name
             partial = path.with_name(f".{name}.partial")
-            partial.write_bytes(png)
+            await asyncio.to_thread(partial.write_bytes, png)
             os.replace(partial, path)
             data.append({"url": f"{str(request.base_url).rstrip('/')}/generated-images/{name}"})
     return {"created": int(time.time()), "data": data}
@@ -139,7 +139,7 @@ async def _image_bytes(upload: Any, param: str) -> bytes:
     data = await upload.read()
     if not data:
         raise InvalidRequest(f"'{param}' is empty", param=param)
-    return check_image(data, param)
+    return await check_image_async(data, param)
 
 
 def _mask_from(image: bytes, mask: bytes | None) -> bytes:
@@ -196,7 +196,8 @@ async def edits(request: Request, variation: bool) -> dict[str, Any]:
         raise InvalidRequest("response_format must be 'url' or 'b64_json'", param="response_format")
     message = pb.ImageRequest(prompt=prompt, negative_prompt=negative, width=width, height=height, n=n,
                               steps=number("steps", int, 1, 500) or number("step", int, 1, 500) or 0,
-                              init_image=image, mask_image=_mask_from(image, mask))
+                              init_image=image,
+                              mask_image=await asyncio.to_thread(_mask_from, image, mask))
     for name, kind, low, high in (("seed", int, 0, 2**32 - 1), ("guidance_scale", float, 0, 50),
                                   ("strength", float, 0.01, 1)):
         value = number(name, kind, low, high)

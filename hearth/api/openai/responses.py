@@ -65,9 +65,11 @@ def _store(request: Request) -> dict[str, Stored]:
 def _content(parts: Any, where: str) -> Any:
     if isinstance(parts, str):
         return parts
+    if not isinstance(parts, list):
+        raise InvalidRequest(f"{where} must be a string or a list of parts", param=where)
     out = []
-    for number, part in enumerate(parts or []):
-        kind = part.get("type")
+    for number, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text"):
             out.append({"type": "text", "text": part.get("text", "")})
         elif kind == "input_image":
