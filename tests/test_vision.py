@@ -1,10 +1,12 @@
-"""Vision: images in chat reach a tiny random-weight LLaVA the test builds with transformers; image URLs are fetched
-safely (no loopback, private or link-local destination unless allowed, redirects checked, size capped)."""
+"""Vision: images in chat reach a tiny random-weight LLaVA the test builds with transformers, and a tiny Idefics3
+(SmolVLM's architecture) converted to GGUF plus mmproj by llama.cpp's own converter; image URLs are fetched safely
+(no loopback, private or link-local destination unless allowed, redirects checked, size capped)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +15,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import HearthServer, free_port, write_yaml
+from tests import tiny_vlm_gguf
+from tests.conftest import CACHE_DIR, HearthServer, free_port, write_yaml
 
 pytestmark = pytest.mark.real_model
 
@@ -23,6 +26,8 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {% if m['content'] is st
             "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image> {% else %}{{ p['text'] }} {% endif %}"
             "{% endfor %}{% endif %}<|end|> {% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
 IMAGE_TOKENS = 4  # a 28x28 image in 14x14 patches
+# The GGUF model sees a small image as one 64x64 slice plus the overview, each 4x4 patches merged 2x2: 4 tokens each.
+GGUF_IMAGE_TOKENS = 8
 
 
 def build_tiny_llava(folder: Path) -> None:
@@ -131,6 +136,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HearthServer]:
     build_tiny_llava(models / "tiny-llava")
     write_yaml(models, "tiny-llava", {"name": "tiny-llava", "backend": "transformers",
                                       "parameters": {"model": "tiny-llava"}})
+    weights, projector = tiny_vlm_gguf.build(models, CACHE_DIR)
+    write_yaml(models, "tiny-vlm", {"name": "tiny-vlm", "backend": "llama-cpp", "parameters": {"model": weights},
+                                    "mmproj": projector, "context_size": 2048, "parallel": 2})
+    write_yaml(models, "tiny-vlm-text", {"name": "tiny-vlm-text", "parameters": {"model": weights},
+                                         "context_size": 2048, "parallel": 2})
     write_yaml(models, "fake-chat", {"name": "fake-chat", "backend": "fake"})
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log",
                            env={"HEARTH_IMAGE_FETCH_ALLOW": "127.0.0.2", "HEARTH_IMAGE_MAX_BYTES": str(2 * 1024 * 1024)})
@@ -139,7 +149,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HearthServer]:
 
 
 def ask(server: HearthServer, url: str, model: str = "tiny-llava", **extra: object):
-    return server.client().chat.completions.create(model=model, max_tokens=6, temperature=0, messages=[
+    extra.setdefault("max_tokens", 6)
+    return server.client().chat.completions.create(model=model, temperature=0, messages=[
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                      {"type": "text", "text": "what is this picture"}]}], **extra)
 
@@ -236,3 +247,101 @@ def test_fetching_can_be_turned_off(tmp_path: Path, allowed: Listener) -> None:
         assert ask(server, data_url(png())).usage.prompt_tokens > IMAGE_TOKENS  # data: URLs still work
     finally:
         server.stop()
+
+
+# -- llama.cpp: GGUF plus mmproj ---------------------------------------------------------------------------------
+
+
+def first_token_logprob(server: HearthServer, url: str) -> float:
+    reply = ask(server, url, model="tiny-vlm", logprobs=True, max_tokens=1)
+    return reply.choices[0].logprobs.content[0].logprob
+
+
+def test_gguf_image_reaches_the_model(server: HearthServer) -> None:
+    with_image = ask(server, data_url(png()), model="tiny-vlm")
+    text_only = server.client().chat.completions.create(
+        model="tiny-vlm", max_tokens=6, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "what is this picture"}]}])
+    # The image was encoded into its embedding positions, counted in the prompt (with the tokens around them).
+    assert with_image.usage.prompt_tokens >= text_only.usage.prompt_tokens + GGUF_IMAGE_TOKENS
+    assert with_image.usage.completion_tokens > 0
+    # The picture changes what the model computes: another colour, another distribution.
+    red = first_token_logprob(server, data_url(png("red")))
+    assert first_token_logprob(server, data_url(png("red"))) == pytest.approx(red, abs=1e-4)
+    assert first_token_logprob(server, data_url(png("blue"))) != pytest.approx(red, abs=1e-4)
+
+
+def test_gguf_two_images_streamed_from_an_allowed_url(server: HearthServer, allowed: Listener) -> None:
+    before = len(allowed.hits)
+    stream = server.client().chat.completions.create(
+        model="tiny-vlm", max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"{allowed.base}/cat.png"}},
+            {"type": "text", "text": "describe"},
+            {"type": "image_url", "image_url": {"url": data_url(png("blue", (64, 64)))}}]}])
+    chunks = list(stream)
+    assert allowed.hits[before:] == ["/cat.png"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.prompt_tokens >= 2 * GGUF_IMAGE_TOKENS
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_gguf_image_and_text_requests_run_together_without_leaking(server: HearthServer) -> None:
+    """An image request and a text request share the model's context (two sequences): the text answer is the same
+    as when it runs alone, and the image request's answer is the same as alone too."""
+    client = server.client()
+
+    def text() -> str:
+        return client.chat.completions.create(model="tiny-vlm", max_tokens=12, temperature=0, messages=[
+            {"role": "user", "content": "the quick brown fox"}]).choices[0].message.content
+
+    def image() -> str:
+        return ask(server, data_url(png("green")), model="tiny-vlm").choices[0].message.content
+
+    alone = (text(), image())
+    results: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda: results.__setitem__("text", text())),
+               threading.Thread(target=lambda: results.__setitem__("image", image()))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (results["text"], results["image"]) == alone
+
+
+def test_gguf_without_mmproj_refuses_images_and_names_the_vision_models(server: HearthServer) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(server, data_url(png()), model="tiny-vlm-text")
+    assert "does not accept images" in caught.value.message
+    assert caught.value.message.endswith("installed models that do: tiny-llava, tiny-vlm")
+
+
+def test_gguf_projector_is_not_listed_as_a_model(server: HearthServer) -> None:
+    names = {m.id for m in server.client().models.list()}
+    assert {"tiny-vlm", "tiny-vlm-text"} <= names
+    assert not any("mmproj" in name for name in names)
+
+
+def test_bad_projectors_fail_with_reasons(tmp_path: Path, server: HearthServer) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(server.models_dir / "tiny-vlm.gguf", models / "tiny-vlm.gguf")
+    (models / "notes.gguf").write_text("not a projector")
+    write_yaml(models, "not-gguf", {"name": "not-gguf", "parameters": {"model": "tiny-vlm.gguf"},
+                                    "mmproj": "notes.gguf", "context_size": 512, "parallel": 1})
+    write_yaml(models, "missing", {"name": "missing", "parameters": {"model": "tiny-vlm.gguf"},
+                                   "mmproj": "nowhere.gguf", "context_size": 512, "parallel": 1})
+    write_yaml(models, "escapes", {"name": "escapes", "parameters": {"model": "tiny-vlm.gguf"},
+                                   "mmproj": "../outside.gguf"})
+    started = HearthServer(models, tmp_path / "log.txt")
+    try:
+        client = started.client()
+        for name, words in (("not-gguf", "notes.gguf is not a GGUF file"), ("missing", "nowhere.gguf (mmproj) does "
+                                                                                      "not exist")):
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.chat.completions.create(model=name, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+            assert words in caught.value.message
+        assert "escapes" not in {m.id for m in client.models.list()}
+        assert "mmproj path '../outside.gguf' contains '..'" in (tmp_path / "log.txt").read_text()
+    finally:
+        started.stop()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp.llama_cpp as L
+import llama_cpp.mtmd_cpp as M
 import numpy as np
 
 from hearth.backends.base import Backend as BaseBackend
@@ -21,7 +22,7 @@ from hearth.backends.base import (
     ModelDescription,
     Sampling,
 )
-from hearth.backends.llama_scheduler import Job, Scheduler
+from hearth.backends.llama_scheduler import IMAGE_TOKEN, Job, Media, Scheduler
 from hearth.errors import (
     BackendError,
     CapabilityNotSupported,
@@ -55,7 +56,7 @@ class _LlamaLog:
                 if message:
                     self.lines.append(message)
 
-        self._callback = callback  # keep a reference: C holds only the pointer
+        self.callback = callback  # keep a reference: C holds only the pointer
         L.llama_log_set(callback, ctypes.c_void_p(0))
 
     def reason(self) -> str:
@@ -96,6 +97,7 @@ class Backend(BaseBackend):
         self.embedding_size = 0
         self.truncate = False
         self._embed_lock = threading.Lock()
+        self.mtmd: Any = None  # llama.cpp's multimodal context (the mmproj projector), for vision models
 
     # -- loading ---------------------------------------------------------------------------------------
 
@@ -128,10 +130,10 @@ class Backend(BaseBackend):
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         train_ctx = L.llama_model_n_ctx_train(self.model)
-        if spec.config.get("mmproj"):
-            raise ModelLoadFailed("vision through llama.cpp (mmproj) is not supported by this Hearth version yet; "
-                                  "serve the model's Hugging Face folder with backend: transformers instead")
+        mmproj = spec.files.get("mmproj")
         if spec.config.get("embeddings"):
+            if mmproj:
+                raise ModelLoadFailed("'mmproj' and 'embeddings: true' cannot be combined")
             return self._load_embeddings(spec, path, train_ctx)
         parallel = spec.parallel or DEFAULT_PARALLEL
         # context_size is the total, shared out evenly: each of the `parallel` sequences gets context_size/parallel.
@@ -164,7 +166,10 @@ class Backend(BaseBackend):
         self.n_ctx_seq = L.llama_n_ctx_seq(self.ctx)
         self.scheduler = Scheduler(self.ctx, self.vocab, n_parallel=parallel, n_ctx_seq=self.n_ctx_seq,
                                    n_batch=self.n_batch, queue_size=int(spec.config.get("queue_size") or 64),
-                                   piece=self._piece, n_vocab=self.n_vocab)
+                                   piece=self._piece, n_vocab=self.n_vocab, mtmd=None)
+        if mmproj:
+            self.mtmd = self._load_projector(Path(mmproj), spec.threads)
+            self.scheduler.mtmd = self.mtmd
 
         template = L.llama_model_chat_template(self.model, None)
         capabilities = ["generate", "tokenize"]
@@ -172,6 +177,12 @@ class Backend(BaseBackend):
             capabilities.append("chat")
         if self._fim_tokens():
             capabilities.append("fim")
+        metadata = {key: value for key in ("general.name", "general.file_type", "general.quantization_version")
+                    if (value := self._meta(key))}
+        if self.mtmd:
+            capabilities.append("vision")
+            # The API process writes this marker where each image goes in the rendered prompt.
+            metadata["media_marker"] = M.mtmd_default_marker().decode()
         return ModelDescription(
             backend=self.name,
             capabilities=capabilities,
@@ -186,9 +197,34 @@ class Backend(BaseBackend):
             size_bytes=int(L.llama_model_size(self.model)),
             embedding_size=int(L.llama_model_n_embd(self.model)),
             parallel=parallel,
-            metadata={key: value for key in ("general.name", "general.file_type", "general.quantization_version")
-                      if (value := self._meta(key))},
+            metadata=metadata,
         )
+
+    def _load_projector(self, path: Path, threads: int) -> Any:
+        """llama.cpp's multimodal context for a projector (mmproj) GGUF that belongs to the loaded text model."""
+        assert _LOG is not None
+        if not path.is_file():
+            raise ModelLoadFailed(f"the projector file {path.name} (mmproj) does not exist in the models directory")
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadFailed(f"the projector {path.name} is not a GGUF file (it starts with {magic!r})")
+        _LOG.lines.clear()
+        M.mtmd_helper_log_set(_LOG.callback, ctypes.c_void_p(0))
+        params = M.mtmd_context_params_default()
+        params.use_gpu = False
+        params.print_timings = False
+        params.n_threads = threads
+        params.warmup = False
+        context = M.mtmd_init_from_file(str(path).encode(), self.model, params)
+        if not context:
+            raise ModelLoadFailed(f"llama.cpp could not load the projector {path.name} for this model: "
+                                  f"{_LOG.reason() or 'unknown reason'}")
+        if not M.mtmd_support_vision(context):
+            M.mtmd_free(context)
+            raise ModelLoadFailed(f"the projector {path.name} has no vision encoder (audio projectors are not "
+                                  f"supported)")
+        return context
 
     def _load_embeddings(self, spec: LoadSpec, path: Path, train_ctx: int) -> ModelDescription:
         """An embeddings context: several inputs per llama_decode, one sequence each, pooled by llama.cpp (the
@@ -314,6 +350,9 @@ class Backend(BaseBackend):
         if self.batch is not None:
             L.llama_batch_free(self.batch)
             self.batch = None
+        if self.mtmd:
+            M.mtmd_free(self.mtmd)
+            self.mtmd = None
         if self.ctx:
             L.llama_free(self.ctx)
             self.ctx = None
@@ -451,7 +490,8 @@ class Backend(BaseBackend):
 
     def _job(self, spec: GenerationSpec) -> Job:
         """Checks the request against the context and makes the scheduler's job for it."""
-        tokens = self._prompt_tokens(spec)
+        media = self._media(spec) if spec.images else None
+        tokens = media.tokens if media else self._prompt_tokens(spec)
         if len(tokens) >= self.n_ctx_seq:
             raise ContextLengthExceeded(
                 f"the prompt is {len(tokens)} tokens, but the model's context is {self.n_ctx_seq} tokens; "
@@ -461,7 +501,7 @@ class Backend(BaseBackend):
                 f"the model's context is {self.n_ctx_seq} tokens, but {len(tokens) + spec.max_tokens} were requested "
                 f"({len(tokens)} in the prompt, {spec.max_tokens} for the completion); lower max_tokens",
                 param="max_tokens")
-        look_back = tokens[-(spec.sampling.repeat_last_n or DEFAULTS["repeat_last_n"]):]
+        look_back = [t for t in tokens if t >= 0][-(spec.sampling.repeat_last_n or DEFAULTS["repeat_last_n"]):]
         if spec.sampling.grammar:
             # Refuse a bad grammar now, not mid-loop.
             L.llama_sampler_free(self._grammar(spec.sampling.grammar, spec.sampling.grammar_triggers))
@@ -478,4 +518,52 @@ class Backend(BaseBackend):
 
         return Job(tokens=tokens, max_tokens=spec.max_tokens, stops=spec.stop, ignore_eos=spec.ignore_eos,
                    make_sampler=make_sampler, request_id=spec.request_id, logprobs=spec.logprobs,
-                   top_logprobs=spec.top_logprobs)
+                   top_logprobs=spec.top_logprobs, media=media)
+
+    def _media(self, spec: GenerationSpec) -> Media:
+        """The prompt with its images, cut by llama.cpp into text and image chunks (images preprocessed)."""
+        if not self.mtmd:
+            raise CapabilityNotSupported("this model does not accept images (its YAML names no mmproj projector)",
+                                         param="messages")
+        if spec.prompt_tokens is not None or spec.suffix is not None:
+            raise InvalidRequest("images can only be sent with a text prompt", param="prompt")
+        marker = M.mtmd_default_marker().decode()
+        prompt = spec.prompt or ""
+        if prompt.count(marker) != len(spec.images):
+            raise InvalidRequest(f"the prompt has {prompt.count(marker)} image places ({marker}) but "
+                                 f"{len(spec.images)} images were sent", param="messages")
+        bitmaps = []
+        media = Media()
+        try:
+            for number, data in enumerate(spec.images):
+                buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+                bitmap = M.mtmd_helper_bitmap_init_from_buf(self.mtmd, buffer, len(data), False)
+                if not bitmap:
+                    raise InvalidRequest(f"image {number + 1} could not be decoded by llama.cpp", param="messages")
+                bitmaps.append(bitmap)
+            media.chunks = M.mtmd_input_chunks_init()
+            data = prompt.encode("utf-8")
+            text = M.mtmd_input_text(text=data, text_len=len(data), add_special=spec.add_special,
+                                     parse_special=spec.parse_special)
+            array = (M.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+            result = M.mtmd_tokenize(self.mtmd, media.chunks, ctypes.byref(text), array, len(bitmaps))
+            if result != 0:
+                raise InvalidRequest(f"llama.cpp could not prepare the images for this model (code {result})",
+                                     param="messages")
+            for index in range(M.mtmd_input_chunks_size(media.chunks)):
+                chunk = M.mtmd_input_chunks_get(media.chunks, index)
+                if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    count = ctypes.c_size_t(0)
+                    pointer = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                    media.tokens.extend(pointer[i] for i in range(count.value))
+                else:
+                    media.tokens.extend([IMAGE_TOKEN] * M.mtmd_input_chunk_get_n_tokens(chunk))
+                    media.images += 1
+            media.positions = M.mtmd_helper_get_n_pos(media.chunks)
+        except BaseException:
+            media.close()
+            raise
+        finally:
+            for bitmap in bitmaps:
+                M.mtmd_bitmap_free(bitmap)
+        return media

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp.llama_cpp as L
+import llama_cpp.mtmd_cpp as M
 import numpy as np
 
 from hearth.backends.base import GenerationChunk, StopBuffer, TokenLogprob
@@ -36,6 +37,28 @@ log = logging.getLogger("hearth.runner.llama")
 # Copy a busy slot's prefix into a free one only when it saves at least this many tokens of prompt processing.
 MIN_COPIED_PREFIX = 32
 PROMPT_CHUNK_WHILE_GENERATING = 256
+
+
+IMAGE_TOKEN = -1  # stands for an image embedding in a token list: it matches no prompt, so no prefix reuse crosses it
+
+
+class Media:
+    """A prompt with images, as llama.cpp's multimodal helper cut it: chunks to evaluate, their tokens (image
+    positions as IMAGE_TOKEN) and the number of positions they take (not always one per token)."""
+
+    def __init__(self) -> None:
+        self.chunks: Any = None
+        self.tokens: list[int] = []
+        self.images = 0
+        self.positions = 0
+
+    def close(self) -> None:
+        if self.chunks:
+            M.mtmd_input_chunks_free(self.chunks)
+            self.chunks = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -65,6 +88,7 @@ class Job:
     # Set for a reader on an event loop: the scheduler hands it each step's output in one call to the loop.
     loop: asyncio.AbstractEventLoop | None = None
     aqueue: asyncio.Queue | None = None
+    media: Media | None = None  # set when the prompt has images: evaluated by llama.cpp's multimodal helper
 
     async def achunks(self) -> AsyncIterator[GenerationChunk]:
         """Chunks for a reader on the event loop; leaving early (cancellation) frees the slot."""
@@ -132,6 +156,8 @@ class Slot:
     last_used: float = 0.0
     admitted: float = 0.0
     first_token: float = 0.0
+    media: Media | None = None  # images still to evaluate before the first token
+    pos_delta: int = 0  # positions minus tokens held (images can take fewer positions than tokens)
 
     @property
     def busy(self) -> bool:
@@ -142,8 +168,9 @@ class Scheduler:
     """Owns the context; runs the decode loop in its own thread."""
 
     def __init__(self, ctx: Any, vocab: Any, *, n_parallel: int, n_ctx_seq: int, n_batch: int, queue_size: int,
-                 piece: Callable[[int, Any], bytes], n_vocab: int) -> None:
+                 piece: Callable[[int, Any], bytes], n_vocab: int, mtmd: Any = None) -> None:
         self.ctx = ctx
+        self.mtmd = mtmd
         self.vocab = vocab
         self.n_vocab = n_vocab
         self.memory = L.llama_get_memory(ctx)
@@ -248,6 +275,10 @@ class Scheduler:
             target = next((s for s in self.slots if not s.busy), None)
             if target is None:
                 return
+            if job.media is not None:  # images are evaluated whole, from the start
+                self.waiting.popleft()
+                self._start(target, job, 0)
+                continue
             reuse = common_prefix(target.tokens, job.tokens)
             if self._prefix_in_progress(job, reuse):
                 return  # its prefix is being computed in another slot right now: wait a step or two, then copy it
@@ -284,7 +315,9 @@ class Scheduler:
         reuse = min(reuse, len(job.tokens) - 1)  # the last prompt token is always decoded, for its logits
         L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
         slot.tokens = job.tokens[:reuse]
-        slot.pending = job.tokens[reuse:]
+        slot.pending = job.tokens[reuse:] if job.media is None else []
+        slot.media = job.media
+        slot.pos_delta = 0
         slot.job = job
         slot.sampler, slot.grammar = sampler, grammar
         slot.next_token = -1
@@ -302,10 +335,13 @@ class Scheduler:
             slot.batch_index = -1
             if slot.job is not None and slot.job.cancelled:
                 self._finish(slot, cancelled=True)
+        for slot in self.slots:
+            if slot.job is not None and slot.media is not None:
+                self._evaluate_media(slot)
         # Generating sequences first: one token each.
         for slot in self.slots:
             if slot.job is not None and not slot.pending and slot.next_token >= 0:
-                self._add(batch, n, slot.next_token, len(slot.tokens), slot.seq, True)
+                self._add(batch, n, slot.next_token, len(slot.tokens) + slot.pos_delta, slot.seq, True)
                 slot.tokens.append(slot.next_token)
                 slot.batch_index = n
                 n += 1
@@ -333,6 +369,26 @@ class Scheduler:
         for slot in self.slots:
             if slot.batch_index >= 0 and slot.job is not None:
                 self._sample(slot)
+
+    def _evaluate_media(self, slot: Slot) -> None:
+        """A prompt with images, evaluated whole by llama.cpp's multimodal helper (image encoder, then its
+        embeddings and the text in batches), then its first token sampled. The other sequences wait meanwhile."""
+        media, job = slot.media, slot.job
+        assert media is not None and job is not None
+        slot.media = None
+        positions = L.llama_pos(0)
+        try:
+            result = M.mtmd_helper_eval_chunks(self.mtmd, self.ctx, media.chunks, 0, slot.seq, self.n_batch, True,
+                                               ctypes.byref(positions))
+        finally:
+            media.close()
+        if result != 0:
+            self._finish(slot, error=BackendError(f"llama.cpp could not evaluate the prompt's images (code {result})"))
+            return
+        slot.tokens = list(job.tokens)
+        slot.pos_delta = positions.value - len(slot.tokens)
+        slot.batch_index = -1  # the helper's last decode holds the prompt's logits, at its last output
+        self._sample(slot)
 
     @staticmethod
     def _add(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
@@ -438,6 +494,9 @@ class Scheduler:
                 cached_tokens=slot.cached, prompt_ms=(first - slot.admitted) * 1000,
                 predicted_ms=(now - first) * 1000 if slot.produced else 0.0))
         _free_samplers(slot)
+        if slot.media is not None:
+            slot.media.close()
+            slot.media = None
         slot.job = None
         slot.pending = []
         slot.first_token = 0.0

@@ -97,12 +97,31 @@ def _parts_of(content: Any) -> Any:
     return parts
 
 
-def normalize_messages(messages: list[dict[str, Any]], keep_parts: bool = False) -> list[dict[str, Any]]:
-    """OpenAI messages in the shape chat templates expect (content lists kept as parts for multimodal ones)."""
+def _text_with_markers(content: Any, marker: str) -> str:
+    """Content as text with `marker` where each image goes (llama.cpp's multimodal prompts)."""
+    if not isinstance(content, list):
+        return content or ""
+    parts = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "text":
+            parts.append(str(part.get("text", "")))
+        elif isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+            parts.append(marker)
+    return "\n".join(parts)
+
+
+def normalize_messages(messages: list[dict[str, Any]], keep_parts: bool = False,
+                       media_marker: str = "") -> list[dict[str, Any]]:
+    """OpenAI messages in the shape chat templates expect: content lists kept as parts for multimodal templates
+    (an image as {"type": "image"}), or text with `media_marker` where each image goes, or plain text."""
     normalized = []
     for message in messages:
         item = {key: value for key, value in message.items() if value is not None}
-        item["content"] = _parts_of(message.get("content")) if keep_parts else _text_of(message.get("content"))
+        content = message.get("content")
+        if media_marker:
+            item["content"] = _text_with_markers(content, media_marker)
+        else:
+            item["content"] = _parts_of(content) if keep_parts else _text_of(content)
         if message.get("tool_calls"):
             calls = []
             for call in message["tool_calls"]:
@@ -126,6 +145,7 @@ def render_chat(
     tools: list[dict[str, Any]] | None = None,
     strip_bos: bool = False,
     keep_parts: bool = False,
+    media_marker: str = "",
     **extra: Any,
 ) -> str:
     """The prompt text for `messages`; InvalidRequest when the template refuses them.
@@ -138,7 +158,7 @@ def render_chat(
     except TemplateSyntaxError as exc:
         raise InvalidRequest(f"the model's chat template is invalid: {exc.message}") from None
     context = {
-        "messages": normalize_messages(messages, keep_parts),
+        "messages": normalize_messages(messages, keep_parts, media_marker),
         "bos_token": bos_token,
         "eos_token": eos_token,
         "add_generation_prompt": add_generation_prompt,

@@ -145,8 +145,7 @@ class ModelRegistry:
             if path.suffix.lower() in YAML_SUFFIXES:
                 for cfg in self._load_yaml(path, table):
                     self._add(table, cfg)
-                    if cfg.model_path:
-                        referenced.add(Path(cfg.model_path))
+                    referenced.update(Path(f) for f in cfg.file_paths)
         for path in files:
             if path.suffix.lower() in LOOSE_SUFFIXES and path.resolve() not in referenced:
                 cfg = ModelConfig(name=path.stem, backend="llama-cpp", alias=[path.name])
@@ -209,6 +208,7 @@ class ModelRegistry:
             raise ConfigError(message, file=str(path), line=lines.get(top or "")) from None
         cfg.source_file = str(path)
         cfg.model_path = None
+        cfg.mmproj_path = None
         for unknown in cfg.unknown_fields():
             log.warning("%s: unknown field '%s' is kept but ignored", path, unknown)
 
@@ -226,6 +226,11 @@ class ModelRegistry:
         elif cfg.canonical_backend != "fake":
             raise ConfigError("'parameters.model' is required: the model file, relative to the models directory",
                               file=str(path), line=lines.get("parameters"))
+        if cfg.mmproj:
+            if cfg.canonical_backend != "llama-cpp":
+                raise ConfigError("'mmproj' is a llama.cpp projector file; it only applies to backend llama-cpp",
+                                  file=str(path), line=lines.get("mmproj"))
+            cfg.mmproj_path = str(resolve_inside(self.models_dir, cfg.mmproj, what="mmproj"))
         if cfg.template.chat:
             problem = check_template(cfg.template.chat)
             if problem:

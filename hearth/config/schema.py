@@ -128,6 +128,12 @@ class ModelConfig(_Open):
     # Filled by the loader, never read from YAML.
     source_file: str | None = Field(None, exclude=True)
     model_path: str | None = Field(None, exclude=True)
+    mmproj_path: str | None = Field(None, exclude=True)
+
+    @property
+    def file_paths(self) -> list[str]:
+        """The resolved files this model uses: its weights and, for vision GGUFs, the projector."""
+        return [p for p in (self.model_path, self.mmproj_path) if p]
 
     @field_validator("name")
     @classmethod

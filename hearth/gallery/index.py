@@ -206,26 +206,27 @@ def delete_model(name: str, models_dir: Path, configs: list[Any]) -> list[str]:
     target = next((c for c in configs if c.name == name), None)
     if target is None or not target.source_file:
         raise DownloadError(f"model '{name}' is not installed (or has no YAML of its own)")
-    others = {Path(c.model_path).resolve() for c in configs if c.name != name and c.model_path}
+    others = {Path(f).resolve() for c in configs if c.name != name for f in c.file_paths}
     removed = []
     root = models_dir.resolve()
-    if target.model_path:
-        path = Path(target.model_path).resolve()
+    for file in target.file_paths:
+        path = Path(file).resolve()
         if path == root or root not in path.parents:
             raise DownloadError(f"model '{name}' names a path that is not inside the models directory")
-        if path not in others and not any(o.is_relative_to(path) or path.is_relative_to(o) for o in others):
-            resolve_inside(models_dir, str(path.relative_to(models_dir.resolve())), what="model")
-            if path.is_dir():
-                import shutil
+        if path in others or any(o.is_relative_to(path) or path.is_relative_to(o) for o in others):
+            continue  # another model still uses it
+        resolve_inside(models_dir, str(path.relative_to(root)), what="model")
+        if path.is_dir():
+            import shutil
 
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            removed.append(str(path.relative_to(models_dir.resolve())))
-            for sidecar in (path.with_name(path.name + ".json"),):
-                if sidecar.is_file():
-                    sidecar.unlink()
-                    removed.append(sidecar.name)
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        removed.append(str(path.relative_to(root)))
+        for sidecar in (path.with_name(path.name + ".json"),):
+            if sidecar.is_file():
+                sidecar.unlink()
+                removed.append(sidecar.name)
     Path(target.source_file).unlink()
     removed.append(Path(target.source_file).name)
     return removed

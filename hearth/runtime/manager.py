@@ -175,6 +175,7 @@ class RunnerManager:
                 threads=config.threads or self.settings.threads,
                 context_size=config.context_size or 0,
                 parallel=config.parallel or 0,
+                files={"mmproj": config.mmproj_path} if config.mmproj_path else {},
             )
             try:
                 runner.info = await runner.client.load(request, timeout=self.settings.load_timeout)

@@ -419,7 +419,8 @@ async def prepare(request: ChatCompletionRequest, engine: Engine, config: ModelC
     tools = [{"type": "function", "function": t} for t in plan.tools] if native and plan.mode != "none" else None
     prompt = render_chat(template, _template_messages(request, plan, native), bos_token=info.bos_token,
                          eos_token=info.eos_token, strip_bos=info.add_bos, tools=tools,
-                         keep_parts="vision" in info.capabilities)
+                         keep_parts="vision" in info.capabilities,
+                         media_marker=info.metadata.get("media_marker", "") if images else "")
     return prompt, plan, images
 
 
