@@ -15,7 +15,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/hearth run $(ARGS)
 
-test: $(STAMP)
+# The web page's tests drive Debian's Chromium (through Playwright's Python package, with no browser download).
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check hearth tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

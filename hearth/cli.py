@@ -26,6 +26,8 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-loaded-models", type=int, help="unload the least recently used beyond this")
     parser.add_argument("--idle-unload-minutes", type=float, help="unload models idle this long (0: never)")
     parser.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 25 MB)")
+    parser.add_argument("--no-web", dest="web", action="store_const", const=False,
+                        help="do not serve the web page at / (env HEARTH_WEB=false)")
     parser.add_argument("--no-image-fetch", dest="image_fetch", action="store_const", const=False,
                         help="do not fetch image URLs in chat requests; only data: URLs (env HEARTH_IMAGE_FETCH)")
     parser.add_argument("--image-fetch-allow", action="append",
@@ -43,7 +45,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     flags: dict[str, Any] = {
         name: getattr(args, name, None)
         for name in ("host", "port", "models_dir", "cache_dir", "api_keys", "threads", "preload",
-                     "max_loaded_models", "idle_unload_minutes", "max_body_bytes", "log_level", "image_fetch",
+                     "max_loaded_models", "idle_unload_minutes", "max_body_bytes", "log_level", "image_fetch", "web",
                      "image_fetch_allow", "galleries", "download_allow", "admin_api_key")
     }
     try:

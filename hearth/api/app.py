@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from hearth import __version__
-from hearth.api import anthropic, gallery, health, ollama, runners
+from hearth.api import anthropic, gallery, health, ollama, runners, web
 from hearth.api.errors import install_error_handlers
 from hearth.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from hearth.api.openai import audio, chat, completions, embeddings, images, models, responses
@@ -41,6 +41,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Hearth", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     install_error_handlers(app)
+    if settings.web:  # before Ollama's plain-text "/", which answers in its place with --no-web
+        web.mount(app)
     # The gallery's /models/available and /models/jobs come before /models/{id}, which would swallow them.
     for router in (health.router, gallery.router, models.router, chat.router, completions.router, embeddings.router,
                    audio.router, images.router, runners.router, ollama.router, anthropic.router,
@@ -51,5 +53,6 @@ def create_app(settings: Settings) -> FastAPI:
     # The admin key (model installs and deletes) opens every other route too.
     keys = [*settings.api_keys, settings.admin_api_key] if settings.api_keys and settings.admin_api_key \
         else settings.api_keys
-    app.add_middleware(ApiKeyMiddleware, keys=keys)
+    app.add_middleware(ApiKeyMiddleware, keys=keys, open_prefixes=("/web/",) if settings.web else (),
+                       open_paths=("/", "/ui") if settings.web else ())
     return app

@@ -47,9 +47,13 @@ def _presented_key(scope: Scope) -> str | None:
 class ApiKeyMiddleware:
     """When keys are configured, every HTTP route but /healthz and /readyz needs one of them."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: list[str], open_prefixes: tuple[str, ...] = (),
+                 open_paths: tuple[str, ...] = ()) -> None:
         self.app = app
         self.keys = [key.encode() for key in keys if key]
+        # The web page's static files: they hold no data, and a browser cannot send a key when it opens a page.
+        self.open_paths = OPEN_PATHS | set(open_paths)
+        self.open_prefixes = open_prefixes
 
     def _valid(self, presented: str) -> bool:
         candidate = presented.encode()
@@ -59,7 +63,8 @@ class ApiKeyMiddleware:
         return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths or \
+                scope["path"].startswith(self.open_prefixes):
             await self.app(scope, receive, send)
             return
         presented = _presented_key(scope)

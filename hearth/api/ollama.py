@@ -223,7 +223,7 @@ router = APIRouter()
 
 @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 async def root() -> Response:
-    """What Ollama's clients probe for (the web page will take this route over)."""
+    """What Ollama's clients probe for (GET / is the web page unless --no-web)."""
     return Response("Hearth is running\n", media_type="text/plain")
 
 

@@ -22,6 +22,36 @@ async def runners(request: Request) -> dict[str, Any]:
     return {"runners": engine.runners.status(), "load_failures": engine.runners.failures}
 
 
+@router.get("/runners/models")
+async def model_states(request: Request) -> dict[str, Any]:
+    """Every installed model with what it is for and the state of its runner (for the web page's Models tab):
+    idle or busy (loaded), loading, stopping, failed (with the reason), or not loaded."""
+    engine: Engine = request.app.state.engine
+    live = {r.name: r for r in engine.runners.runners.values()}
+    models = []
+    for config in engine.registry.models():
+        if config.disabled:
+            continue
+        entry: dict[str, Any] = {"name": config.name, "aliases": list(config.alias), "backend": config.canonical_backend,
+                                 "usecases": config.usecases, "description": config.description, "reason": None,
+                                 "capabilities": [], "active_requests": 0}
+        runner = live.get(config.name)
+        if runner is not None and runner.state != "dead":
+            status = runner.status()
+            state = {"ready": "busy" if runner.active else "idle"}.get(runner.state, runner.state)
+            entry.update(state=state, capabilities=status["capabilities"], active_requests=status["active_requests"],
+                         context_size=status["context_size"], idle_seconds=status["idle_seconds"],
+                         load_seconds=status["load_seconds"],
+                         voices=list(runner.info.voices) if runner.info else [],
+                         image_sizes=list(runner.info.image_sizes) if runner.info else [])
+        elif config.name in engine.runners.failures:
+            entry.update(state="failed", reason=engine.runners.failures[config.name])
+        else:
+            entry["state"] = "not loaded"
+        models.append(entry)
+    return {"models": models}
+
+
 @router.post("/runners/load")
 async def load(body: ModelRef, request: Request) -> dict[str, Any]:
     engine: Engine = request.app.state.engine

@@ -29,13 +29,16 @@ BACKEND_ALIASES: dict[str, str] = {
     "fake": "fake",
 }
 
-# What each backend can serve once loaded (the runner confirms at load time).
+# What each backend serves (LocalAI's known_usecases words), before a runner confirms it at load time.
 BACKEND_USECASES: dict[str, list[str]] = {
-    "llama-cpp": ["chat", "completion", "tokenize"],
-    "sentencetransformers": ["embeddings", "rerank", "tokenize"],
+    "llama-cpp": ["chat", "completion"],
+    "sentencetransformers": ["embeddings", "rerank"],
     "faster-whisper": ["transcript"],
     "piper": ["tts"],
-    "fake": ["chat", "completion", "tokenize"],
+    "transformers": ["chat", "completion", "vision"],
+    "diffusers": ["image"],
+    "stablediffusion-ggml": ["image"],
+    "fake": ["chat", "completion"],
 }
 
 
@@ -129,6 +132,19 @@ class ModelConfig(_Open):
     source_file: str | None = Field(None, exclude=True)
     model_path: str | None = Field(None, exclude=True)
     mmproj_path: str | None = Field(None, exclude=True)
+
+    @property
+    def usecases(self) -> list[str]:
+        """What the model is for: its YAML's known_usecases, else what its backend serves."""
+        if self.known_usecases:
+            found = list(self.known_usecases)
+        elif self.canonical_backend == "llama-cpp" and self.embeddings:
+            found = ["embeddings", "rerank"] if self.similarity_rerank else ["embeddings"]
+        else:
+            found = list(BACKEND_USECASES.get(self.canonical_backend, []))
+        if self.mmproj and "vision" not in found:
+            found.append("vision")
+        return found
 
     @property
     def file_paths(self) -> list[str]:

@@ -1,0 +1,293 @@
+"""The web page at /, driven in headless Chromium (Debian's chromium package, through Playwright) against a real
+server with real models: chat on SmolLM2, speech with whisper tiny.en and Piper, images on a tiny random-weight
+Stable Diffusion pipeline, reranking on all-MiniLM-L6-v2. Screenshots go to test-artifacts/web/."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from hearth.gallery.builtin import install
+from tests.conftest import ARTIFACTS, CACHE_DIR, HearthServer, install_cached, write_yaml
+from tests.test_images import build_tiny_sd
+
+pytestmark = pytest.mark.real_model
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As the machine notes say: no sandbox as root, and no background connections to Google on a closed network.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
+         "--use-fake-device-for-media-stream"]
+SHOTS = ARTIFACTS / "web"
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def browser(server: HearthServer) -> Iterator[Browser]:
+    """Chromium, started after the server: Playwright's sync API keeps an event loop running in this thread, and
+    installing the test models runs one of its own."""
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed (make test installs it: apt-get install chromium)"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path) -> Iterator[HearthServer]:
+    models = tmp_path_factory.mktemp("web-models")
+    install_cached(models, smollm2_file, "smollm2.gguf")
+    write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 2048,
+                                   "parallel": 1})
+    for name in ("whisper-tiny.en", "en_US-joe-medium", "all-minilm-l6-v2"):
+        install(name, models, CACHE_DIR)
+    build_tiny_sd(models / "tiny-sd")
+    write_yaml(models, "tiny-sd", {"name": "tiny-sd", "backend": "diffusers", "parameters": {"model": "tiny-sd"},
+                                   "step": 2})
+    write_yaml(models, "fake-chat", {"name": "fake-chat", "backend": "fake"})
+    write_yaml(models, "broken", {"name": "broken", "backend": "fake", "fake": {"fail_load": "weights are corrupt"}})
+    started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log")
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def page(browser: Browser, server: HearthServer) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.goto(server.base_url + "/")
+    expect(opened.locator("#chat-model option")).not_to_have_count(0)
+    yield opened
+    context.close()
+    assert errors == [], f"the page threw: {errors}"
+
+
+def shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_chat_streams_an_answer_from_smollm2(page: Page) -> None:
+    page.select_option("#chat-model", "smollm2")
+    page.fill("#chat-temperature", "0")
+    page.fill("#chat-max-tokens", "48")
+    page.fill("#chat-input", "Write one sentence about the sea.")
+    page.click("#chat-send")
+    answer = page.locator(".msg.assistant").last
+    # Text appears while the answer is still streaming (Stop is enabled until it ends).
+    expect(answer.locator(".md")).not_to_be_empty(timeout=60_000)
+    expect(answer.locator(".meta")).to_contain_text("tokens/s", timeout=60_000)
+    expect(page.locator("#chat-stop")).to_be_disabled()
+    assert len(answer.locator(".md").inner_text().split()) >= 3
+    assert "/v1/chat/completions" in page.locator(".snippet[data-for=chat]").inner_text()
+    assert "client.chat.completions.create" in page.locator(".snippet[data-for=chat]").inner_text()
+    shot(page, "chat")
+    # The conversation survives a reload (local storage).
+    page.reload()
+    expect(page.locator(".msg.assistant .md").last).to_have_text(answer.locator(".md").inner_text())
+
+
+def test_chat_renders_markdown_and_escapes_html(page: Page) -> None:
+    rendered = page.evaluate("""() => HearthMarkdown.render(
+        "# Title\\n**bold** and `code`\\n\\n```python\\ndef f():\\n    return 1  # one\\n```\\n<img src=x onerror=alert(1)>")""")
+    assert "<strong>bold</strong>" in rendered and "<code>code</code>" in rendered
+    assert '<span class="tok-kw">def</span>' in rendered and '<span class="tok-com"># one</span>' in rendered
+    assert "<img" not in rendered and "&lt;img" in rendered
+
+
+def test_stop_button_ends_a_stream(page: Page, server: HearthServer) -> None:
+    write_yaml(server.models_dir, "slow", {"name": "slow", "backend": "fake",
+                                           "fake": {"token_delay": 0.1, "sample_length": 300}})
+    page.reload()
+    page.select_option("#chat-model", "slow")
+    page.fill("#chat-input", "go on")
+    page.keyboard.press("Enter")
+    answer = page.locator(".msg.assistant").last
+    expect(answer.locator(".md")).not_to_be_empty(timeout=30_000)
+    page.click("#chat-stop")
+    expect(answer.locator(".meta")).to_contain_text("stopped")
+    assert len(answer.locator(".md").inner_text().split()) < 300
+
+
+def test_api_errors_are_shown(page: Page) -> None:
+    page.select_option("#chat-model", "fake-chat")
+    page.fill("#chat-temperature", "7")
+    page.fill("#chat-input", "hello")
+    page.click("#chat-send")
+    error = page.locator("#chat-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("temperature")
+    expect(error).to_contain_text("HTTP 400")
+    shot(page, "chat-error")
+
+
+def test_transcribe_an_uploaded_wav(page: Page, server: HearthServer, tmp_path: Path) -> None:
+    speech = httpx.post(f"{server.base_url}/v1/audio/speech", timeout=120, json={
+        "model": "en_US-joe-medium", "input": SENTENCE, "voice": "alloy", "response_format": "wav"})
+    assert speech.status_code == 200
+    wav = tmp_path / "fox.wav"
+    wav.write_bytes(speech.content)
+    page.click("#tab-speech")
+    page.select_option("#stt-model", "whisper-tiny.en")
+    page.set_input_files("#stt-file", str(wav))
+    page.click("#stt-go")
+    expect(page.locator("#stt-result")).to_contain_text("lazy dog", timeout=120_000)
+    assert "audio.transcriptions.create" in page.locator(".snippet[data-for=speech]").inner_text()
+    shot(page, "speech-transcript")
+
+
+def test_synthesise_playable_audio(page: Page) -> None:
+    page.click("#tab-speech")
+    page.select_option("#tts-model", "en_US-joe-medium")
+    page.select_option("#tts-format", "wav")
+    page.fill("#tts-text", "Hello from the web page.")
+    page.click("#tts-go")
+    audio = page.locator("#tts-result audio")
+    expect(audio).to_have_count(1, timeout=120_000)
+    # The browser decodes it: it knows the duration once the metadata is read.
+    duration = page.evaluate("""() => new Promise((resolve, reject) => {
+        const audio = document.querySelector('#tts-result audio');
+        if (audio.readyState >= 1) return resolve(audio.duration);
+        audio.addEventListener('loadedmetadata', () => resolve(audio.duration));
+        audio.addEventListener('error', () => reject(new Error('audio could not be decoded')));
+    })""")
+    assert 0.5 < duration < 10
+    expect(page.locator("#tts-result a[download]")).to_have_attribute("download", "speech.wav")
+    shot(page, "speech-synthesis")
+
+
+def test_generate_an_image(page: Page) -> None:
+    page.click("#tab-images")
+    page.select_option("#img-model", "tiny-sd")
+    page.fill("#img-size", "64x64")
+    page.fill("#img-steps", "2")
+    page.fill("#img-seed", "3")
+    page.fill("#img-n", "2")
+    page.click("#img-go")
+    images = page.locator("#img-grid img")
+    expect(images).to_have_count(2, timeout=120_000)
+    sizes = page.evaluate("""() => Promise.all([...document.querySelectorAll('#img-grid img')].map((img) =>
+        img.decode().then(() => [img.naturalWidth, img.naturalHeight])))""")
+    assert sizes == [[64, 64], [64, 64]]
+    assert "client.images.generate" in page.locator(".snippet[data-for=images]").inner_text()
+    shot(page, "images")
+
+
+def test_bad_image_size_shows_the_api_message(page: Page) -> None:
+    page.click("#tab-images")
+    page.select_option("#img-model", "tiny-sd")
+    page.fill("#img-size", "60x60")
+    page.click("#img-go")
+    expect(page.locator("#img-error")).to_contain_text("60x60", timeout=60_000)
+
+
+def test_rerank_documents(page: Page) -> None:
+    page.click("#tab-embeddings")
+    page.select_option("#emb-model", "all-minilm-l6-v2")
+    page.click("#emb-rank")
+    ranked = page.locator("#emb-result li")
+    expect(ranked).to_have_count(3, timeout=60_000)
+    assert "Paris" in ranked.nth(2).inner_text(), "the unrelated document ranks last"
+    page.click("#emb-embed")
+    expect(page.locator("#emb-vector")).to_contain_text("384 dimensions", timeout=30_000)
+    shot(page, "embeddings")
+
+
+def test_models_tab_loads_and_unloads(page: Page) -> None:
+    page.click("#tab-models")
+    row = page.locator("#models-table tr[data-model=fake-chat]")
+    state = row.locator(".state")
+    if state.inner_text() != "not loaded":
+        row.get_by_role("button", name="Unload fake-chat").click()
+    expect(state).to_have_text("not loaded", timeout=30_000)
+    row.get_by_role("button", name="Load fake-chat").click()
+    expect(state).to_have_text("idle", timeout=30_000)
+    expect(row).to_contain_text("chat")  # the runner's own capabilities, once loaded
+    shot(page, "models-loaded")
+    row.get_by_role("button", name="Unload fake-chat").click()
+    expect(state).to_have_text("not loaded", timeout=30_000)
+    # A model that fails to load says why.
+    broken = page.locator("#models-table tr[data-model=broken]")
+    broken.get_by_role("button", name="Load broken").click()
+    expect(broken.locator(".state")).to_have_text("failed", timeout=30_000)
+    expect(broken).to_contain_text("weights are corrupt")
+    expect(page.locator("#models-error")).to_contain_text("weights are corrupt")
+    expect(page.locator("#gallery-list li").first).to_be_visible()
+    page.fill("#gallery-search", "whisper")
+    assert all("whisper" in text.lower() for text in page.locator("#gallery-list li").all_inner_texts())
+    shot(page, "models")
+
+
+def test_keyboard_alone(page: Page) -> None:
+    page.locator("#tab-chat").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#speech")).to_be_visible()
+    expect(page.locator("#tab-speech")).to_be_focused()
+    page.keyboard.press("End")
+    expect(page.locator("#models")).to_be_visible()
+    page.keyboard.press("Home")
+    expect(page.locator("#chat")).to_be_visible()
+    # Tab into the form and send with Enter, no mouse.
+    page.locator("#chat-model").focus()
+    page.keyboard.press("Tab")  # temperature
+    page.keyboard.press("Tab")  # max tokens
+    page.keyboard.press("Tab")  # new chat
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg")).to_have_count(0)
+    page.locator("#chat-model").select_option("fake-chat")
+    page.locator("#chat-input").focus()
+    page.keyboard.type("hello by keyboard")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg.assistant .meta")).to_contain_text("tokens", timeout=30_000)
+
+
+def test_phone_width(browser: Browser, server: HearthServer) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    try:
+        phone = context.new_page()
+        phone.goto(server.base_url + "/")
+        for tab in ("chat", "speech", "images", "embeddings", "models"):
+            phone.click(f"#tab-{tab}")
+            expect(phone.locator(f"#{tab}")).to_be_visible()
+            phone.wait_for_timeout(200)
+            overflow = phone.evaluate("() => document.documentElement.scrollWidth")
+            assert overflow <= 375, f"the {tab} tab is {overflow} px wide on a 375 px screen"
+            phone.screenshot(path=str(SHOTS / f"phone-{tab}.png"), full_page=True)
+    finally:
+        context.close()
+
+
+def test_api_key_is_asked_once_and_kept(browser: Browser, server: HearthServer, tmp_path: Path) -> None:
+    guarded = HearthServer(server.models_dir, tmp_path / "log.txt", "--api-key", "sesame")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(guarded.base_url + "/")
+        dialog = page.locator("#key-dialog")
+        expect(dialog).to_be_visible()
+        expect(dialog).to_contain_text("missing API key")
+        page.fill("#key-input", "sesame")
+        page.click("#key-save")
+        expect(page.locator("#chat-model option[value=fake-chat]")).to_have_count(1)
+        page.select_option("#chat-model", "fake-chat")
+        page.fill("#chat-input", "hi")
+        page.click("#chat-send")
+        expect(page.locator(".msg.assistant .meta")).to_contain_text("tokens", timeout=30_000)
+        assert "Authorization: Bearer $HEARTH_API_KEY" in page.locator(".snippet[data-for=chat]").inner_text()
+        page.reload()  # kept in local storage: not asked again
+        expect(page.locator("#chat-model option[value=fake-chat]")).to_have_count(1)
+        expect(dialog).to_be_hidden()
+        # The page's files need no key, but the API behind them does.
+        assert httpx.get(guarded.base_url + "/web/app.js").status_code == 200
+        assert httpx.get(guarded.base_url + "/runners/models").status_code == 401
+        assert httpx.get(guarded.base_url + "/web/../runners/models").status_code in (401, 404)
+    finally:
+        context.close()
+        guarded.stop()
