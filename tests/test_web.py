@@ -10,11 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from hearth.gallery.builtin import install
 from tests.conftest import ARTIFACTS, CACHE_DIR, HearthServer, install_cached, write_yaml
+from tests.test_gallery import SHA, FileServer
 from tests.test_images import build_tiny_sd
+from tests.test_vision import build_tiny_llava, png
 
 pytestmark = pytest.mark.real_model
 
@@ -40,7 +43,21 @@ def browser(server: HearthServer) -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path) -> Iterator[HearthServer]:
+def files() -> Iterator[FileServer]:
+    served = FileServer()
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path, files: FileServer) -> Iterator[HearthServer]:
+    gallery = tmp_path_factory.mktemp("gallery") / "gallery.yaml"
+    gallery.write_text(yaml.safe_dump([
+        {"name": "web-fake", "description": "a fake model served by the test", "tags": ["test"],
+         "config": {"backend": "fake"}, "files": [{"filename": "web-fake.bin", "uri": f"{files.base}/model.bin",
+                                                   "sha256": SHA}]},
+        {"name": "web-bad-sum", "description": "a download whose checksum is wrong", "config": {"backend": "fake"},
+         "files": [{"filename": "web-bad-sum.bin", "uri": f"{files.base}/model.bin", "sha256": "0" * 64}]}]))
     models = tmp_path_factory.mktemp("web-models")
     install_cached(models, smollm2_file, "smollm2.gguf")
     write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 2048,
@@ -51,8 +68,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path) -> Iter
     write_yaml(models, "tiny-sd", {"name": "tiny-sd", "backend": "diffusers", "parameters": {"model": "tiny-sd"},
                                    "step": 2})
     write_yaml(models, "fake-chat", {"name": "fake-chat", "backend": "fake"})
+    build_tiny_llava(models / "tiny-llava")
+    write_yaml(models, "tiny-llava", {"name": "tiny-llava", "backend": "transformers",
+                                      "parameters": {"model": "tiny-llava"}})
     write_yaml(models, "broken", {"name": "broken", "backend": "fake", "fake": {"fail_load": "weights are corrupt"}})
-    started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log")
+    started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log", env={
+        "HEARTH_GALLERIES": str(gallery), "HEARTH_DOWNLOAD_ALLOW": "127.0.0.1",
+        "HEARTH_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))})
     yield started
     started.stop()
 
@@ -100,6 +122,27 @@ def test_chat_renders_markdown_and_escapes_html(page: Page) -> None:
     assert "<strong>bold</strong>" in rendered and "<code>code</code>" in rendered
     assert '<span class="tok-kw">def</span>' in rendered and '<span class="tok-com"># one</span>' in rendered
     assert "<img" not in rendered and "&lt;img" in rendered
+
+
+def test_attach_an_image_for_a_vision_model(page: Page, tmp_path: Path) -> None:
+    picture = tmp_path / "red.png"
+    picture.write_bytes(png("red"))
+    page.select_option("#chat-model", "fake-chat")
+    expect(page.locator("#chat-attach")).to_be_disabled()  # this model takes no images
+    page.select_option("#chat-model", "tiny-llava")
+    expect(page.locator("#chat-attach")).to_be_enabled()
+    page.set_input_files("#chat-attach", str(picture))
+    expect(page.locator("#chat-attached")).to_have_text("red.png")
+    page.fill("#chat-max-tokens", "4")
+    page.fill("#chat-input", "what is this picture")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.click("#chat-send")
+    parts = sent.value.post_data_json["messages"][-1]["content"]
+    assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    expect(page.locator(".msg.assistant .meta").last).to_contain_text("tokens", timeout=60_000)
+    expect(page.locator(".msg.user img").last).to_be_visible()
+    expect(page.locator("#chat-error")).to_be_hidden()
+    shot(page, "chat-vision")
 
 
 def test_stop_button_ends_a_stream(page: Page, server: HearthServer) -> None:
@@ -223,6 +266,40 @@ def test_models_tab_loads_and_unloads(page: Page) -> None:
     page.fill("#gallery-search", "whisper")
     assert all("whisper" in text.lower() for text in page.locator("#gallery-list li").all_inner_texts())
     shot(page, "models")
+
+
+def test_gallery_install_shows_progress_then_the_model(page: Page) -> None:
+    page.click("#tab-models")
+    page.fill("#gallery-search", "web-")
+    entry = page.locator("#gallery-list li[data-entry=web-fake]")
+    # Record every progress value the page shows while the job runs.
+    page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
+        for (const bar of document.querySelectorAll('#gallery-list progress')) window.seen.push(bar.value);
+    }).observe(document.getElementById('gallery-list'), {childList: true, subtree: true}); }""")
+    entry.get_by_role("button", name="Install web-fake").click()
+    expect(entry).to_contain_text("installed", timeout=60_000)
+    assert page.evaluate("() => window.seen.length") > 0, "no progress bar was shown"
+    expect(page.locator("#models-table tr[data-model=web-fake] .state")).to_have_text("not loaded")
+    bad = page.locator("#gallery-list li[data-entry=web-bad-sum]")
+    bad.get_by_role("button", name="Install web-bad-sum").click()
+    expect(bad.locator(".error")).to_contain_text(f"expected sha256 {'0' * 64}, got {SHA}", timeout=60_000)
+    shot(page, "gallery")
+
+
+def test_microphone_recording_is_transcribed(page: Page) -> None:
+    """Chromium's fake microphone (a beep) records through MediaRecorder; the recording reaches whisper."""
+    page.click("#tab-speech")
+    page.select_option("#stt-model", "whisper-tiny.en")
+    page.click("#stt-record")
+    expect(page.locator("#stt-record")).to_have_text("Stop recording")
+    page.wait_for_timeout(1500)
+    page.click("#stt-record")
+    expect(page.locator("#stt-source")).to_contain_text("Recording:")
+    with page.expect_response("**/v1/audio/transcriptions") as answered:
+        page.click("#stt-go")
+    assert answered.value.status == 200
+    expect(page.locator("#stt-result")).not_to_have_text("Transcribing…", timeout=60_000)
+    expect(page.locator("#stt-error")).to_be_hidden()
 
 
 def test_keyboard_alone(page: Page) -> None:
