@@ -336,7 +336,7 @@ def test_bad_projectors_fail_with_reasons(tmp_path: Path, server: HearthServer) 
     started = HearthServer(models, tmp_path / "log.txt")
     try:
         client = started.client()
-        for name, words in (("not-gguf", "notes.gguf is not a GGUF file"), ("missing", "nowhere.gguf (mmproj) does "
+        for name, words in (("not-gguf", "notes.gguf is not a GGUF file"), ("missing", "(mmproj) nowhere.gguf does "
                                                                                       "not exist")):
             with pytest.raises(openai.APIStatusError) as caught:
                 client.chat.completions.create(model=name, max_tokens=2, messages=[{"role": "user", "content": "hi"}])

@@ -77,6 +77,18 @@ def _mem_available() -> int | None:
     return None
 
 
+def _check_gguf(path: Path, what: str) -> None:
+    """ModelLoadFailed unless `path` is a GGUF file, saying what is wrong with it."""
+    if not path.exists():
+        raise ModelLoadFailed(f"{what} {path.name} does not exist in the models directory")
+    if not path.is_file():
+        raise ModelLoadFailed(f"{what} {path.name} is not a file")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadFailed(f"{path.name} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -104,14 +116,7 @@ class Backend(BaseBackend):
     def load(self, spec: LoadSpec) -> ModelDescription:
         global _LOG
         path = Path(spec.model_path)
-        if not path.exists():
-            raise ModelLoadFailed(f"model file {path.name} does not exist in the models directory")
-        if not path.is_file():
-            raise ModelLoadFailed(f"model path {path.name} is not a file")
-        with path.open("rb") as handle:
-            magic = handle.read(4)
-        if magic != b"GGUF":
-            raise ModelLoadFailed(f"{path.name} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        _check_gguf(path, "model file")
         size = path.stat().st_size
         available = _mem_available()
         if available is not None and size > available:
@@ -203,12 +208,7 @@ class Backend(BaseBackend):
     def _load_projector(self, path: Path, threads: int) -> Any:
         """llama.cpp's multimodal context for a projector (mmproj) GGUF that belongs to the loaded text model."""
         assert _LOG is not None
-        if not path.is_file():
-            raise ModelLoadFailed(f"the projector file {path.name} (mmproj) does not exist in the models directory")
-        with path.open("rb") as handle:
-            magic = handle.read(4)
-        if magic != b"GGUF":
-            raise ModelLoadFailed(f"the projector {path.name} is not a GGUF file (it starts with {magic!r})")
+        _check_gguf(path, "projector file (mmproj)")
         _LOG.lines.clear()
         M.mtmd_helper_log_set(_LOG.callback, ctypes.c_void_p(0))
         params = M.mtmd_context_params_default()
