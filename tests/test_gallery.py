@@ -47,6 +47,16 @@ class FileServer:
                 outer.authorizations.append(self.headers.get("Authorization"))
                 if self.path == "/owner/repo/resolve/main/weights/model.bin":  # as a Hugging Face mirror serves it
                     self.path = "/hf.bin"
+                if self.path == "/base.yaml":  # a LocalAI-style base config, as gallery entries' `url:` names
+                    body = yaml.safe_dump({"name": "base", "config_file": yaml.safe_dump({
+                        "backend": "fake", "stopwords": ["<|im_end|>"], "context_size": 1024,
+                        "template": {"chat_message": "{{.RoleName}}: {{.Content}}"},
+                        "fake": {"reply": "configured by the base"}})}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if self.path == "/entry.yaml":  # one gallery entry, published on its own
                     body = yaml.safe_dump({"name": "from-yaml", "config": {"backend": "fake", "fake": {
                         "reply": "from a published entry"}}, "files": [{
@@ -118,6 +128,8 @@ def gallery_file(tmp_path_factory: pytest.TempPathFactory, files: FileServer) ->
         {"name": "from-hf", "config": {"backend": "fake"},
          "files": [{"filename": "hf.bin", "uri": "huggingface://owner/repo/weights/model.bin",
                     "sha256": hashlib.sha256(HF_PAYLOAD).hexdigest()}]},
+        {"name": "with-base", "url": f"{files.base}/base.yaml", "overrides": {"context_size": 2048},
+         "files": [{"filename": "with-base.bin", "uri": f"{files.base}/model.bin", "sha256": SHA}]},
         {"name": "six-from-pypi", "config": {"backend": "fake"},
          "files": [{"filename": "six.py", "uri": "pypi:six==1.16.0#six.py"}]},
         {"name": "outside-file", "config": {"backend": "fake"},
@@ -316,3 +328,26 @@ def test_delete_handles_projectors(tmp_path: Path) -> None:
     registry = ModelRegistry(tmp_path)
     assert delete_model("vlm-q4", tmp_path, registry.models()) == ["vlm-q4.gguf", "mmproj-vlm.gguf", "vlm-q4.yaml"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_entry_with_a_base_config_url(server: HearthServer) -> None:
+    """LocalAI's entries name a base config by `url:`: its config comes first (Go templates left out: the model's
+    own chat template is used), the entry's overrides on top."""
+    assert apply(server, id="with-base")["state"] == "done"
+    config = yaml.safe_load((server.models_dir / "with-base.yaml").read_text())
+    assert config["backend"] == "fake" and config["stopwords"] == ["<|im_end|>"]
+    assert config["context_size"] == 2048 and "template" not in config
+    assert config["parameters"]["model"] == "with-base.bin"
+    reply = server.client().chat.completions.create(model="with-base", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "configured by the base"
+
+
+def test_github_config_urls() -> None:
+    from hearth.gallery.index import config_url
+
+    assert config_url("github:mudler/LocalAI/gallery/chatml.yaml@master") == \
+        "https://raw.githubusercontent.com/mudler/LocalAI/master/gallery/chatml.yaml"
+    assert config_url("github:owner/repo/a/b.yaml") == "https://raw.githubusercontent.com/owner/repo/main/a/b.yaml"
+    for bad in ("github:owner/repo", "github:owner/repo/../x.yaml@main", "file:///etc/passwd", "ftp://x/y.yaml"):
+        with pytest.raises(DownloadError):
+            config_url(bad)

@@ -1,7 +1,9 @@
 """Galleries: YAML indexes of installable models, and installing an entry into the models directory.
 
-An entry: `name`, `description`, `license`, `tags`, `urls`, `config` (a model YAML, inline), `files` (`filename`,
-`uri` or a list of URIs joined in order, `sha256`), `overrides` (merged into the config). The built-in gallery
+An entry: `name`, `description`, `license`, `tags`, `urls`, `config` (a model YAML, inline), `url` (a base config
+published at a URI, as LocalAI's galleries have: `github:owner/repo/path@branch` or https; its `config_file` and
+`files` come first, the entry's own on top), `files` (`filename`, `uri` or a list of URIs joined in order,
+`sha256`), `overrides` (merged into the config). The built-in gallery
 holds the models that ship inside PyPI wheels (`pypi:` URIs); more galleries come from `--gallery` files or URLs.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -22,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hearth.gallery.download import DownloadError, Sources, Transfer, download, safe_relative, target_inside
 from hearth.net import FetchRefused, open_checked
 
+log = logging.getLogger("hearth.gallery")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}")
 MAX_INDEX_BYTES = 8 * 1024 * 1024
 
@@ -56,6 +60,7 @@ class GalleryEntry(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     files: list[GalleryFile] = Field(default_factory=list)
     overrides: dict[str, Any] = Field(default_factory=dict)
+    url: str | None = None  # a base config (LocalAI's "model config file"), fetched when the entry installs
     gallery: str = ""
 
     @field_validator("name")
@@ -142,6 +147,61 @@ async def load_galleries(locations: list[str], sources: Sources) -> dict[str, Ga
     return entries
 
 
+def config_url(uri: str) -> str:
+    """The https URL of a base config: LocalAI's `github:owner/repo/path/file.yaml@branch` (branch `main` when
+    not given) is the file on raw.githubusercontent.com; http(s) URLs are taken as they are."""
+    if uri.startswith("github:"):
+        where, _, branch = uri[len("github:"):].partition("@")
+        parts = where.strip("/").split("/", 2)
+        if len(parts) < 3 or not all(parts) or ".." in where.split("/"):
+            raise DownloadError(f"'{uri}' is not github:OWNER/REPO/PATH[@BRANCH]")
+        owner, repo, path = parts
+        return f"https://raw.githubusercontent.com/{owner}/{repo}/{branch or 'main'}/{path}"
+    if uri.startswith(("https://", "http://")):
+        return uri
+    raise DownloadError(f"a base config must be at a github: or http(s) URI, not '{uri}'")
+
+
+def _portable(config: dict[str, Any], origin: str) -> dict[str, Any]:
+    """A LocalAI base config as Hearth uses it: its Go prompt templates are dropped (Hearth renders the model's own
+    Jinja chat template), every other field is kept."""
+    from hearth.chat.template import check_template
+
+    config = dict(config)
+    template = config.get("template")
+    if isinstance(template, dict):
+        kept = {key: value for key, value in template.items()
+                if not (isinstance(value, str) and (check_template(value) or "{{." in value))}
+        if len(kept) != len(template):
+            log.info("base config %s: Go templates %s left out; the model's own chat template is used",
+                     origin, ", ".join(sorted(set(template) - set(kept))))
+        config["template"] = kept
+        if not kept:
+            del config["template"]
+    return config
+
+
+async def base_config(uri: str, sources: Sources) -> tuple[dict[str, Any], list[GalleryFile]]:
+    """The config and files of a base config published at `uri` (LocalAI's gallery `url:`): a YAML mapping with
+    `config_file` (a YAML string or mapping) and `files`, as LocalAI's gallery/*.yaml files are."""
+    url = config_url(uri)
+    text = await fetch_text(url, sources)
+    try:
+        data = yaml.safe_load(text)
+        config = data.get("config_file") or {} if isinstance(data, dict) else None
+        if isinstance(config, str):
+            config = yaml.safe_load(config) or {}
+    except yaml.YAMLError as exc:
+        raise DownloadError(f"the base config at {url} is not valid YAML: {exc}") from None
+    if not isinstance(config, dict):
+        raise DownloadError(f"the base config at {url} must be a mapping with a 'config_file' mapping")
+    try:
+        files = [GalleryFile.model_validate(item) for item in data.get("files") or []]
+    except (ValidationError, TypeError) as exc:
+        raise DownloadError(f"the base config at {url} lists a file Hearth cannot take: {exc}") from None
+    return _portable(config, url), files
+
+
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     result = dict(base)
     for key, value in extra.items():
@@ -167,7 +227,12 @@ async def install_entry(entry: GalleryEntry, models_dir: Path, cache_dir: Path, 
     models_dir.mkdir(parents=True, exist_ok=True)
     transfer = transfer if transfer is not None else Transfer()
     blobs = cache_dir / "blobs"
-    for item in entry.files:
+    base: dict[str, Any] = {}
+    files = list(entry.files)
+    if entry.url:
+        base, more = await base_config(entry.url, sources)
+        files = [*more, *(f for f in files if f.filename not in {m.filename for m in more})]
+    for item in files:
         target = target_inside(models_dir, item.filename)
         blob = blobs / f"sha256-{item.sha256.lower()}" if item.sha256 else None
         if blob is not None and blob.is_file():
@@ -184,10 +249,10 @@ async def install_entry(entry: GalleryEntry, models_dir: Path, cache_dir: Path, 
             blobs.mkdir(parents=True, exist_ok=True)
             if not (blobs / f"sha256-{got}").exists():
                 os.link(target, blobs / f"sha256-{got}")
-    config = merged(merged(entry.config or {}, entry.overrides), overrides or {})
+    config = merged(merged(merged(base, entry.config or {}), entry.overrides), overrides or {})
     config["name"] = model_name
-    if not config.get("parameters", {}).get("model") and entry.files:
-        config.setdefault("parameters", {})["model"] = entry.files[0].filename
+    if not config.get("parameters", {}).get("model") and files:
+        config.setdefault("parameters", {})["model"] = files[0].filename
     path = models_dir / f"{model_name}.yaml"
     write_yaml_atomic(path, config)
     return path
