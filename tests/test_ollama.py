@@ -40,6 +40,8 @@ def test_version_tags_and_show(server: HearthServer) -> None:
     assert {"fake", "smollm2", "all-minilm-l6-v2", "text-embedding-ada-002"} <= names
     shown = http.post("/api/show", json={"model": "smollm2:latest"})
     assert shown.status_code == 200 and "FROM smollm2.gguf" in shown.json()["modelfile"]
+    assert shown.json()["capabilities"] == ["completion"]
+    assert http.post("/api/show", json={"model": "all-minilm-l6-v2"}).json()["capabilities"] == ["embedding", "rerank"]
     missing = http.post("/api/show", json={"model": "nope"})
     assert missing.status_code == 404 and set(missing.json()) == {"error"}
 

@@ -317,6 +317,9 @@ def test_gguf_without_mmproj_refuses_images_and_names_the_vision_models(server: 
 
 
 def test_gguf_projector_is_not_listed_as_a_model(server: HearthServer) -> None:
+    # Ollama's clients see the capability (Open WebUI offers image upload on it).
+    assert "vision" in server.http().post("/api/show", json={"model": "tiny-vlm"}).json()["capabilities"]
+    assert "vision" not in server.http().post("/api/show", json={"model": "tiny-vlm-text"}).json()["capabilities"]
     names = {m.id for m in server.client().models.list()}
     assert {"tiny-vlm", "tiny-vlm-text"} <= names
     assert not any("mmproj" in name for name in names)

@@ -273,7 +273,22 @@ async def show(body: NameBody, request: Request) -> dict[str, Any]:
                            if key != "model")
     return {"modelfile": f"FROM {config.parameters.model or config.name}\n", "parameters": parameters,
             "template": config.template.chat or "", "details": {"family": config.canonical_backend},
-            "model_info": {"general.name": config.name}, "capabilities": config.known_usecases}
+            "model_info": {"general.name": config.name}, "capabilities": _ollama_capabilities(config.usecases)}
+
+
+# Ollama's capability words for Hearth's (LocalAI's) usecases; clients such as Open WebUI offer image upload on
+# "vision".
+OLLAMA_CAPABILITIES = {"chat": "completion", "completion": "completion", "embeddings": "embedding",
+                       "vision": "vision"}
+
+
+def _ollama_capabilities(usecases: list[str]) -> list[str]:
+    found = []
+    for usecase in usecases:
+        word = OLLAMA_CAPABILITIES.get(usecase, usecase)
+        if word not in found:
+            found.append(word)
+    return found
 
 
 @router.api_route("/api/ps", methods=["GET", "HEAD"])
