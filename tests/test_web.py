@@ -169,6 +169,9 @@ def test_api_errors_are_shown(page: Page) -> None:
     expect(error).to_contain_text("temperature")
     expect(error).to_contain_text("HTTP 400")
     shot(page, "chat-error")
+    # The message comes back to the box, to fix and send again; the conversation keeps no failed turn.
+    expect(page.locator("#chat-input")).to_have_value("hello")
+    expect(page.locator(".msg")).to_have_count(0)
 
 
 def test_transcribe_an_uploaded_wav(page: Page, server: HearthServer, tmp_path: Path) -> None:

@@ -374,7 +374,15 @@
       });
     } catch (err) {
       if (err.name === "AbortError") finish = "stopped";
-      else { showError("chat-error", err); if (!reply.content) conversation.pop(); }
+      else {
+        showError("chat-error", err);
+        if (!reply.content) {  // nothing came back: take the message back into the box, to fix and send again
+          const asked = conversation.splice(conversation.length - 2, 2)[0];
+          $("chat-input").value = asked.content;
+          attached = asked.images || [];
+          $("chat-attached").textContent = attached.length ? `${attached.length} image(s) attached` : "";
+        }
+      }
     } finally {
       controller = null;
       $("chat-stop").disabled = true;
@@ -385,7 +393,8 @@
     const seconds = first ? (performance.now() - first) / 1000 : 0;
     reply.meta = `${tokens} tokens` + (seconds > 0 && tokens > 1 ? ` · ${((tokens - 1) / seconds).toFixed(1)} tokens/s` : "") + (finish && finish !== "stop" ? ` · ${finish}` : "");
     meta.textContent = reply.meta;
-    if (conversation.includes(reply)) store.set("chat", conversation); else { store.set("chat", conversation); renderConversation(); }
+    store.set("chat", conversation);
+    if (!conversation.includes(reply)) renderConversation();
   }
 
   $("chat-form").addEventListener("submit", sendChat);
