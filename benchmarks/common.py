@@ -93,7 +93,7 @@ class StreamResult:
 def stream_completion(base: str, model: str, prompt: str | list[int], max_tokens: int) -> StreamResult:
     """One streamed /v1/completions request (greedy, end of sequence ignored), measured by the client."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}, "cache_prompt": True}
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # llama-server caches prompts by default
     sent = time.perf_counter()
     first = last = 0.0
     pieces = tokens = 0

@@ -28,6 +28,9 @@ def server(smollm2_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Hear
                                 "context_size": 4096})
     write_yaml(models, "one", {"name": "one", "parameters": {"model": "smollm2.gguf"}, "parallel": 1,
                                "context_size": 2048, "queue_size": 1})
+    for name, interval in (("every-token", 0), ("bursty", 300)):
+        write_yaml(models, name, {"name": name, "parameters": {"model": "smollm2.gguf"}, "parallel": 1,
+                                  "context_size": 1024, "stream_interval_ms": interval})
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log")
     yield started
     started.stop()
@@ -152,3 +155,29 @@ def test_prefix_copied_from_a_busy_sequence(server: HearthServer) -> None:
     assert copied.choices[0].message.content
     again = client.chat.completions.create(model="four", messages=question, temperature=0, max_tokens=16)
     assert again.choices[0].message.content == copied.choices[0].message.content
+
+
+def test_stream_interval_groups_tokens_but_not_the_first(server: HearthServer) -> None:
+    """`stream_interval_ms` holds streamed text back to at most one delivery per interval; the first text and the
+    end still go at once, and the text is the same as when every token goes out on its own."""
+    client = server.client()
+
+    def stream(model: str) -> tuple[list[str], float, float]:
+        sent = time.monotonic()
+        pieces, first = [], 0.0
+        for chunk in client.completions.create(model=model, prompt="Once upon a time", max_tokens=40, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True}):
+            if chunk.choices and chunk.choices[0].text:
+                pieces.append(chunk.choices[0].text)
+                first = first or time.monotonic() - sent
+        return pieces, first, time.monotonic() - sent
+
+    stream("bursty")  # loads it
+    stream("every-token")
+    every, _, _ = stream("every-token")
+    grouped, first, total = stream("bursty")
+    assert "".join(grouped) == "".join(every)
+    assert len(every) >= 20, "with no interval each token goes out on its own (a slow reader may merge a few)"
+    # 40 tokens take well under a second or two on SmolLM2: at 300 ms at most a handful of deliveries.
+    assert len(grouped) <= 2 + total / 0.3 and len(grouped) < len(every)
+    assert first < total / 2, "the first text is not held back"

@@ -33,6 +33,9 @@ from hearth.errors import (
 
 DEFAULT_CONTEXT = 4096  # per sequence, when the YAML sets no context_size
 DEFAULT_PARALLEL = 4
+# Streamed text goes to the API process at most this often (YAML `stream_interval_ms`; 0: every token). Fewer
+# deliveries leave the cores to the decode loop: on two cores, a delivery per token costs fast models 4-8% speed.
+DEFAULT_STREAM_INTERVAL_MS = 25
 EMBED_CONTEXT = 2048  # tokens per embeddings batch (and the longest input), when the YAML sets no context_size
 EMBED_SEQUENCES = 64  # inputs per llama_decode at most
 GGML_LOG_LEVEL_WARN = 3
@@ -87,6 +90,11 @@ def _check_gguf(path: Path, what: str) -> None:
         magic = handle.read(4)
     if magic != b"GGUF":
         raise ModelLoadFailed(f"{path.name} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+
+def _stream_interval(config: dict) -> float:
+    given = config.get("stream_interval_ms")
+    return (DEFAULT_STREAM_INTERVAL_MS if given is None else float(given)) / 1000
 
 
 def _gib(n: float) -> str:
@@ -171,7 +179,8 @@ class Backend(BaseBackend):
         self.n_ctx_seq = L.llama_n_ctx_seq(self.ctx)
         self.scheduler = Scheduler(self.ctx, self.vocab, n_parallel=parallel, n_ctx_seq=self.n_ctx_seq,
                                    n_batch=self.n_batch, queue_size=int(spec.config.get("queue_size") or 64),
-                                   piece=self._piece, n_vocab=self.n_vocab, mtmd=None)
+                                   piece=self._piece, n_vocab=self.n_vocab, mtmd=None,
+                                   stream_interval=_stream_interval(spec.config))
         if mmproj:
             self.mtmd = self._load_projector(Path(mmproj), spec.threads)
             self.scheduler.mtmd = self.mtmd

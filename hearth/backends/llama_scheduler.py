@@ -89,6 +89,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     aqueue: asyncio.Queue | None = None
     media: Media | None = None  # set when the prompt has images: evaluated by llama.cpp's multimodal helper
+    delivered: bool = False  # its first output has gone to the reader (that one is never held back)
 
     async def achunks(self) -> AsyncIterator[GenerationChunk]:
         """Chunks for a reader on the event loop; leaving early (cancellation) frees the slot."""
@@ -168,7 +169,8 @@ class Scheduler:
     """Owns the context; runs the decode loop in its own thread."""
 
     def __init__(self, ctx: Any, vocab: Any, *, n_parallel: int, n_ctx_seq: int, n_batch: int, queue_size: int,
-                 piece: Callable[[int, Any], bytes], n_vocab: int, mtmd: Any = None) -> None:
+                 piece: Callable[[int, Any], bytes], n_vocab: int, mtmd: Any = None,
+                 stream_interval: float = 0.0) -> None:
         self.ctx = ctx
         self.mtmd = mtmd
         self.vocab = vocab
@@ -185,6 +187,10 @@ class Scheduler:
         self._closing = False
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._outbox: list[tuple[Job, Any]] = []
+        # Readers on an event loop get text at most this often (seconds): each delivery wakes threads in this
+        # process and the API's, and on a machine whose cores all decode, that costs the decode loop speed.
+        self.stream_interval = stream_interval
+        self._last_flush = 0.0
         # Candidate arrays for sampling by hand (sequences with a grammar), laid out as llama_token_data.
         token_data = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
         assert token_data.itemsize == ctypes.sizeof(L.llama_token_data)
@@ -227,13 +233,21 @@ class Scheduler:
         else:
             self._outbox.append((job, item))
 
-    def _flush(self) -> None:
-        """Hand a step's output to the event loop(s) in one call each: one wake-up per step, not per token."""
+    def _flush(self, force: bool = False) -> None:
+        """Hand the output to the event loop(s) in one call each: one wake-up per step at most, not per token, and
+        not more often than `stream_interval`, except that a job's first text, its end and errors go at once."""
         if not self._outbox:
             return
+        now = time.perf_counter()
+        if not force and now - self._last_flush < self.stream_interval and not any(
+                not job.delivered or isinstance(item, BaseException) or item.finish_reason
+                for job, item in self._outbox):
+            return
+        self._last_flush = now
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
         for job, item in self._outbox:
             by_loop.setdefault(job.loop, []).append((job, item))  # type: ignore[arg-type]
+            job.delivered = True
         self._outbox = []
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: its readers are gone
@@ -258,7 +272,8 @@ class Scheduler:
                     if slot.job is not None:
                         self._finish(slot, error=exc if isinstance(exc, HearthError) else
                                      BackendError(f"llama.cpp failed: {exc}"))
-            self._flush()
+            # Held text goes out before a step that reads a prompt: that step may take long.
+            self._flush(force=any(slot.pending or slot.media is not None for slot in self.slots))
 
     def _admit(self) -> None:
         """Give waiting jobs free slots, first come first served, reusing cached prefixes.

@@ -110,6 +110,8 @@ class ModelConfig(_Open):
     parallel: int | None = Field(None, ge=1, le=64)
     queue_size: int | None = Field(None, ge=0, le=100_000)
     flash_attention: bool | None = None
+    # llama-cpp: streamed text is sent at most this often (the first text and the end at once); 0: every token.
+    stream_interval_ms: float | None = Field(None, ge=0, le=1000)
     # Embedding models (LocalAI's `embeddings`): a llama-cpp model serves /v1/embeddings instead of generating.
     embeddings: bool = False
     mmproj: str | None = None  # LocalAI's field: a llama.cpp multimodal projector file (vision)
