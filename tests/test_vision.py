@@ -165,6 +165,15 @@ def test_data_url_image_reaches_the_model(server: HearthServer) -> None:
     assert with_image.usage.completion_tokens > 0
 
 
+def test_openai_vision_names_reach_the_first_vision_model(server: HearthServer) -> None:
+    """No config claims gpt-4-vision-preview or gpt-4o here, so they name the first installed vision model."""
+    listed = {m.id: m for m in server.client().models.list()}
+    assert listed["gpt-4-vision-preview"].model_extra["alias_of"] == "tiny-llava"
+    assert listed["gpt-4o"].model_extra["alias_of"] == "tiny-llava"
+    reply = ask(server, data_url(png()), model="gpt-4-vision-preview")
+    assert reply.usage.prompt_tokens > IMAGE_TOKENS and reply.model == "gpt-4-vision-preview"
+
+
 def test_two_images_and_streaming(server: HearthServer) -> None:
     stream = server.client().chat.completions.create(
         model="tiny-llava", max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True},

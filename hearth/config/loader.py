@@ -86,6 +86,9 @@ def _describe_validation(error: ValidationError) -> tuple[str, str | None]:
     return (f"field '{loc}': {first['msg']}" if loc else first["msg"]), top
 
 
+VISION_ALIASES = ("gpt-4-vision-preview", "gpt-4o")
+
+
 @dataclass
 class ModelTable:
     """A consistent view of the models directory at one moment."""
@@ -153,7 +156,21 @@ class ModelRegistry:
                 cfg.model_path = str(path.resolve())
                 cfg.source_file = str(path)
                 self._add(table, cfg, loose=True)
+        self._vision_aliases(table)
         return table
+
+    @staticmethod
+    def _vision_aliases(table: ModelTable) -> None:
+        """OpenAI's vision model names, for the first installed vision model (by name) when no config claims them:
+        clients written for LocalAI's all-in-one images ask for them."""
+        seeing = sorted((c for c in table.configs.values() if not c.disabled and "vision" in c.usecases),
+                        key=lambda c: c.name)
+        if not seeing:
+            return
+        for alias in VISION_ALIASES:
+            if alias not in table.names:
+                seeing[0].alias.append(alias)
+                table.names[alias] = seeing[0].name
 
     def _add(self, table: ModelTable, cfg: ModelConfig, *, loose: bool = False) -> None:
         for name in cfg.names:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -35,7 +37,7 @@ BACKEND_USECASES: dict[str, list[str]] = {
     "sentencetransformers": ["embeddings", "rerank"],
     "faster-whisper": ["transcript"],
     "piper": ["tts"],
-    "transformers": ["chat", "completion", "vision"],
+    "transformers": ["chat", "completion"],
     "diffusers": ["image"],
     "stablediffusion-ggml": ["image"],
     "fake": ["chat", "completion"],
@@ -144,9 +146,18 @@ class ModelConfig(_Open):
             found = ["embeddings", "rerank"] if self.similarity_rerank else ["embeddings"]
         else:
             found = list(BACKEND_USECASES.get(self.canonical_backend, []))
-        if self.mmproj and "vision" not in found:
+        if "vision" not in found and (self.mmproj or self._vision_folder()):
             found.append("vision")
         return found
+
+    def _vision_folder(self) -> bool:
+        """A transformers folder whose config has a vision tower (an image-text-to-text model)."""
+        if self.canonical_backend != "transformers" or not self.model_path:
+            return False
+        try:
+            return "vision_config" in json.loads((Path(self.model_path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
 
     @property
     def file_paths(self) -> list[str]:

@@ -368,8 +368,7 @@ async def _images(request: ChatCompletionRequest, engine: Engine, capabilities: 
     if not urls:
         return []
     if "vision" not in capabilities:
-        takes = sorted(c.name for c in engine.registry.models() if c.canonical_backend == "transformers"
-                       or c.mmproj)
+        takes = sorted(c.name for c in engine.registry.models() if "vision" in c.usecases)
         where = (f"; installed models that do: {', '.join(takes)}" if takes else
                  "; no installed model takes images (a vision-language model is needed)")
         raise CapabilityNotSupported(f"model '{request.model}' does not accept images{where}", param="messages")
