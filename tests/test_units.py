@@ -114,3 +114,16 @@ def test_progress_bar_reports_stage_percent_and_size() -> None:
     assert lines[0].startswith("pip download x==1") and "0.0%" in lines[0]
     assert "50.0%" in lines[1] and lines[-1].startswith("assemble 2/2") and "100.0%" in lines[-1]
     assert "200.0/200.0 MB" in lines[-1]
+
+
+def test_a_missing_library_fails_the_load_naming_the_extra() -> None:
+    from hearth.backends.base import need
+    from hearth.errors import ModelLoadFailed
+
+    json_module, = need("all", "json")
+    assert json_module.dumps([]) == "[]"
+    with pytest.raises(ModelLoadFailed) as caught:
+        need("speech", "json", "no_such_library_for_hearth", why="a test model")
+    assert caught.value.message == ("a test model needs json and no_such_library_for_hearth, and "
+                                    "no_such_library_for_hearth is not installed; install it with: "
+                                    "pip install 'hearth[speech]'")

@@ -258,6 +258,16 @@ async def iterate_in_thread(make: Callable[[Callable[[], bool]], Iterator[Any]])
         stop.set()
 
 
+def need(extra: str, *modules: str, why: str = "") -> list[Any]:
+    """The libraries a backend's load needs, imported; a missing one fails the load, naming it and the extra that
+    installs it (`why` says what needs them, when that is not plain)."""
+    try:
+        return [importlib.import_module(module) for module in modules]
+    except ImportError as exc:
+        raise ModelLoadFailed(f"{why or 'this backend'} needs {' and '.join(modules)}, and {exc.name or exc} is not "
+                              f"installed; install it with: pip install 'hearth[{extra}]'") from None
+
+
 def create_backend(name: str) -> Backend:
     module_name = BACKEND_MODULES.get(name)
     if module_name is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hearth.backends.base import Backend as BaseBackend
-from hearth.backends.base import LoadSpec, ModelDescription
+from hearth.backends.base import LoadSpec, ModelDescription, need
 from hearth.errors import InvalidRequest, ModelLoadFailed
 
 log = logging.getLogger("hearth.runner.diffusers")
@@ -76,12 +76,7 @@ class Backend(BaseBackend):
 
     def load(self, spec: LoadSpec) -> ModelDescription:
         path = Path(spec.model_path)
-        try:
-            import diffusers
-            import torch
-        except ImportError as exc:
-            raise ModelLoadFailed(f"the diffusers backend needs diffusers and torch ({exc.name}); install them "
-                                  f"with: pip install 'hearth[images]'") from None
+        diffusers, torch = need("images", "diffusers", "torch", why="the diffusers backend")
         torch.set_num_threads(spec.threads)
         try:
             if path.is_dir():

@@ -15,7 +15,7 @@ from typing import Any
 
 from hearth.backends.audio import StreamEncoder
 from hearth.backends.base import Backend as BaseBackend
-from hearth.backends.base import LoadSpec, ModelDescription, SpeechSpec
+from hearth.backends.base import LoadSpec, ModelDescription, SpeechSpec, need
 from hearth.errors import InvalidRequest, ModelLoadFailed
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
@@ -39,13 +39,9 @@ class Backend(BaseBackend):
             raise ModelLoadFailed(f"{path.name} is not a Piper voice (an .onnx file)")
         if not config_path.is_file():
             raise ModelLoadFailed(f"{config_path.name} is missing: a Piper voice needs its .onnx.json beside it")
+        (piper,) = need("speech", "piper", why="a Piper voice")
         try:
-            from piper import PiperVoice
-        except ImportError:
-            raise ModelLoadFailed("piper-tts is not installed; install it with: pip install 'hearth[speech]'") \
-                from None
-        try:
-            self.voice = PiperVoice.load(path, config_path=config_path)
+            self.voice = piper.PiperVoice.load(path, config_path=config_path)
         except Exception as exc:  # onnxruntime and json errors
             raise ModelLoadFailed(f"Piper could not load {path.name}: {exc}") from None
         self.sample_rate = int(self.voice.config.sample_rate)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from hearth.backends.base import Backend as BaseBackend
-from hearth.backends.base import LoadSpec, ModelDescription
+from hearth.backends.base import LoadSpec, ModelDescription, need
 from hearth.errors import InvalidRequest, ModelLoadFailed
 
 log = logging.getLogger("hearth.runner.sentence_transformers")
@@ -132,16 +132,11 @@ class Backend(BaseBackend):
         return candidates[0] if candidates else None
 
     def _load_onnx(self, path: Path, threads: int) -> None:
-        try:
-            import onnxruntime
-            from tokenizers import Tokenizer
-        except ImportError as exc:
-            raise ModelLoadFailed(f"onnxruntime and tokenizers are needed for {path.name} ({exc.name}); install them "
-                                  f"with: pip install 'hearth[embeddings]'") from None
+        onnxruntime, tokenizers = need("embeddings", "onnxruntime", "tokenizers", why=path.name)
         tokenizer_file = self.folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise ModelLoadFailed("the model folder has an ONNX file but no tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         options = onnxruntime.SessionOptions()
@@ -159,18 +154,14 @@ class Backend(BaseBackend):
         self.engine = "onnx"
 
     def _load_torch(self, threads: int) -> None:
-        try:
-            import torch
-            from sentence_transformers import CrossEncoder, SentenceTransformer
-        except ImportError as exc:
-            raise ModelLoadFailed(f"this folder has no ONNX file, so it needs sentence-transformers and torch "
-                                  f"({exc.name}); install them with: pip install 'hearth[torch]'") from None
+        torch, sentence_transformers = need("torch", "torch", "sentence_transformers",
+                                            why="a folder with no ONNX file")
         torch.set_num_threads(threads)
         try:
             if self.cross_encoder:
-                self.model = CrossEncoder(str(self.folder), device="cpu", max_length=self.max_tokens)
+                self.model = sentence_transformers.CrossEncoder(str(self.folder), device="cpu", max_length=self.max_tokens)
             else:
-                self.model = SentenceTransformer(str(self.folder), device="cpu")
+                self.model = sentence_transformers.SentenceTransformer(str(self.folder), device="cpu")
                 self.model.max_seq_length = self.max_tokens
         except Exception as exc:  # a broken folder fails in many ways
             raise ModelLoadFailed(f"sentence-transformers could not load {self.folder.name}: {exc}") from None

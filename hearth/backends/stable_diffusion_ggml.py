@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hearth.backends.base import Backend as BaseBackend
-from hearth.backends.base import LoadSpec, ModelDescription
+from hearth.backends.base import LoadSpec, ModelDescription, need
 from hearth.backends.diffusers_backend import (
     GeneratedImage,
     ImageProgress,
@@ -47,16 +47,12 @@ class Backend(BaseBackend):
         if not path.is_file() and not (path / "model_index.json").is_file():
             raise ModelLoadFailed(f"{path.name} is neither a checkpoint file (.gguf, .safetensors, .ckpt) nor a "
                                   f"diffusers folder")
-        try:
-            from stable_diffusion_cpp import StableDiffusion
-        except ImportError:
-            raise ModelLoadFailed("stable-diffusion-cpp-python is not installed; install it with: "
-                                  "pip install 'hearth[sdcpp]' (it builds stable-diffusion.cpp, a few minutes)") \
-                from None
+        (stable_diffusion_cpp,) = need("sdcpp", "stable_diffusion_cpp",
+                                       why="stable-diffusion.cpp (its install builds it: a few minutes)")
         try:
             # verbose: stable-diffusion.cpp's own log lines (which say why a checkpoint is not recognised) reach
             # the runner's output, and so Hearth's log.
-            self.sd = StableDiffusion(model_path=str(path), n_threads=spec.threads, verbose=True)
+            self.sd = stable_diffusion_cpp.StableDiffusion(model_path=str(path), n_threads=spec.threads, verbose=True)
         except Exception as exc:  # stable-diffusion.cpp reports a failed load as an exception
             raise ModelLoadFailed(f"stable-diffusion.cpp could not load {path.name}: {exc}") from None
         self.steps = int(spec.config.get("step") or 20)

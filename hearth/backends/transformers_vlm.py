@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hearth.backends.base import Backend as BaseBackend
-from hearth.backends.base import GenerationChunk, GenerationSpec, LoadSpec, ModelDescription, StopBuffer
+from hearth.backends.base import GenerationChunk, GenerationSpec, LoadSpec, ModelDescription, StopBuffer, need
 from hearth.errors import ContextLengthExceeded, InvalidRequest, ModelLoadFailed
 
 
@@ -35,12 +35,7 @@ class Backend(BaseBackend):
         folder = Path(spec.model_path)
         if not (folder / "config.json").is_file():
             raise ModelLoadFailed(f"{folder.name} is not a Hugging Face model folder (no config.json in it)")
-        try:
-            import torch
-            import transformers
-        except ImportError as exc:
-            raise ModelLoadFailed(f"the transformers backend needs torch and transformers ({exc.name}); install "
-                                  f"them with: pip install 'hearth[torch]'") from None
+        torch, transformers = need("torch", "torch", "transformers", why="the transformers backend")
         torch.set_num_threads(spec.threads)
         try:
             try:

@@ -19,6 +19,7 @@ from hearth.backends.base import (
     TranscribedWord,
     TranscriptionDone,
     TranscriptionSpec,
+    need,
 )
 from hearth.errors import InvalidRequest, ModelLoadFailed
 
@@ -38,13 +39,9 @@ class Backend(BaseBackend):
         folder = Path(spec.model_path)
         if not (folder / "model.bin").is_file():
             raise ModelLoadFailed(f"{folder.name} is not a faster-whisper model folder (no model.bin in it)")
+        (faster_whisper,) = need("speech", "faster_whisper", why="a faster-whisper model")
         try:
-            from faster_whisper import WhisperModel
-        except ImportError:
-            raise ModelLoadFailed("faster-whisper is not installed; install it with: pip install 'hearth[speech]'") \
-                from None
-        try:
-            self.model = WhisperModel(str(folder), device="cpu", cpu_threads=spec.threads,
+            self.model = faster_whisper.WhisperModel(str(folder), device="cpu", cpu_threads=spec.threads,
                                       compute_type=str(spec.config.get("compute_type") or "int8"))
         except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError for broken folders
             raise ModelLoadFailed(f"faster-whisper could not load {folder.name}: {exc}") from None
