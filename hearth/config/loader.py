@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -87,6 +88,14 @@ def _describe_validation(error: ValidationError) -> tuple[str, str | None]:
 
 
 VISION_ALIASES = ("gpt-4-vision-preview", "gpt-4o")
+
+
+def _has_vision_tower(folder: Path) -> bool:
+    """Whether a Hugging Face folder's config.json describes an image-text-to-text model (it has a vision_config)."""
+    try:
+        return "vision_config" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 @dataclass
@@ -243,6 +252,8 @@ class ModelRegistry:
         elif cfg.canonical_backend != "fake":
             raise ConfigError("'parameters.model' is required: the model file, relative to the models directory",
                               file=str(path), line=lines.get("parameters"))
+        if cfg.canonical_backend == "transformers" and cfg.model_path:
+            cfg.vision_tower = _has_vision_tower(Path(cfg.model_path))
         if cfg.mmproj:
             if cfg.canonical_backend != "llama-cpp":
                 raise ConfigError("'mmproj' is a llama.cpp projector file; it only applies to backend llama-cpp",

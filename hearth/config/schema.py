@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -136,6 +134,7 @@ class ModelConfig(_Open):
     source_file: str | None = Field(None, exclude=True)
     model_path: str | None = Field(None, exclude=True)
     mmproj_path: str | None = Field(None, exclude=True)
+    vision_tower: bool = Field(False, exclude=True)  # a transformers folder whose config.json has a vision_config
 
     @property
     def usecases(self) -> list[str]:
@@ -146,18 +145,9 @@ class ModelConfig(_Open):
             found = ["embeddings", "rerank"] if self.similarity_rerank else ["embeddings"]
         else:
             found = list(BACKEND_USECASES.get(self.canonical_backend, []))
-        if "vision" not in found and (self.mmproj or self._vision_folder()):
+        if "vision" not in found and (self.mmproj or self.vision_tower):
             found.append("vision")
         return found
-
-    def _vision_folder(self) -> bool:
-        """A transformers folder whose config has a vision tower (an image-text-to-text model)."""
-        if self.canonical_backend != "transformers" or not self.model_path:
-            return False
-        try:
-            return "vision_config" in json.loads((Path(self.model_path) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
 
     @property
     def file_paths(self) -> list[str]:
