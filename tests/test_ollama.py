@@ -137,6 +137,8 @@ def test_tools_and_images(tmp_path: Path) -> None:
 
     write_yaml(tmp_path, "caller", {"name": "caller", "backend": "fake",
                                     "fake": {"chat_template": HERMES_TEMPLATE, "reply": CALL_REPLY}})
+    write_yaml(tmp_path, "cut-off", {"name": "cut-off", "backend": "fake", "fake": {
+        "chat_template": HERMES_TEMPLATE, "reply": '<tool_call>\n{"name": "get_time", "arguments": {"zone": "Eur'}})
     build_tiny_llava(tmp_path / "tiny-llava")
     write_yaml(tmp_path, "tiny-llava", {"name": "tiny-llava", "backend": "transformers",
                                         "parameters": {"model": "tiny-llava"}})
@@ -148,6 +150,11 @@ def test_tools_and_images(tmp_path: Path) -> None:
         calls = reply["message"]["tool_calls"]
         assert [c["function"]["name"] for c in calls] == ["get_current_weather", "get_time"]
         assert calls[0]["function"]["arguments"] == {"location": "Boston, MA", "unit": "celsius"}
+        # A call cut off mid-arguments still answers, with the arguments it could not read as an empty object.
+        cut = http.post("/api/chat", json={"model": "cut-off", "stream": False, "tools": [WEATHER, TIME],
+                                           "messages": [{"role": "user", "content": "Time?"}]})
+        assert cut.status_code == 200
+        assert cut.json()["message"]["tool_calls"] == [{"function": {"name": "get_time", "arguments": {}}}]
         image = base64.b64encode(png()).decode()
         with_image = http.post("/api/generate", json={"model": "tiny-llava", "prompt": "describe", "stream": False,
                                                       "images": [image], "options": {"num_predict": 3}}).json()

@@ -134,3 +134,12 @@ def test_strict_schema_closes_objects_but_not_property_names() -> None:
     assert strict["$defs"]["D"]["additionalProperties"] is False
     assert strict["properties"]["properties"] == {"type": "string"}
     assert schema_grammar(strict)
+
+
+def test_arguments_mapping_never_raises() -> None:
+    from hearth.chat.tools import arguments_mapping
+
+    assert arguments_mapping('{"city": "Boston"}') == {"city": "Boston"}
+    assert arguments_mapping("") == {}
+    assert arguments_mapping('{"city": "Bos') == {}  # cut off by max_tokens mid-call
+    assert arguments_mapping('["a"]') == {}

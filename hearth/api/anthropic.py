@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hearth.api.openai.chat import ChatCompletionRequest, chat_completion_events, count_prompt_tokens
 from hearth.api.openai.common import STOP_KEY, USAGE_KEY
 from hearth.api.streaming import SSE_HEADERS, primed
+from hearth.chat.tools import arguments_mapping
 from hearth.engine import Engine
 from hearth.errors import HearthError, InvalidRequest
 
@@ -216,10 +217,7 @@ async def _whole(body: MessagesBody, engine: Engine) -> dict[str, Any]:
             message.update(data["delta"])
             message["usage"] = data["usage"]
     for index, text in inputs.items():
-        try:
-            content[index]["input"] = json.loads(text or "{}")
-        except json.JSONDecodeError:
-            content[index]["input"] = {}
+        content[index]["input"] = arguments_mapping(text)
     message["content"] = content
     return message
 

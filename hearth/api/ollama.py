@@ -25,6 +25,7 @@ from hearth.api.openai.chat import ChatCompletionRequest, chat_completion_events
 from hearth.api.openai.common import USAGE_KEY
 from hearth.api.openai.embeddings import EmbeddingRequest, create_embeddings
 from hearth.api.streaming import primed
+from hearth.chat.tools import arguments_mapping
 from hearth.engine import Engine
 from hearth.errors import HearthError, InvalidRequest, NotFound
 
@@ -166,7 +167,7 @@ async def _run(engine: Engine, request: ChatCompletionRequest, model: str, keep_
                 message: dict[str, Any] = {"role": "assistant", "content": ""}
                 if calls:
                     message["tool_calls"] = [{"function": {"name": c["function"]["name"],
-                                                           "arguments": json.loads(c["function"]["arguments"] or "{}")}}
+                                                           "arguments": arguments_mapping(c["function"]["arguments"])}}
                                              for c in calls]
                 final["message"] = message
             else:

@@ -57,6 +57,16 @@ def template_takes_tools(template: str) -> bool:
     return re.search(r"\btools\b", template) is not None
 
 
+def arguments_mapping(text: str) -> dict[str, Any]:
+    """A call's arguments as the object APIs that take them parsed want (Ollama, Anthropic); arguments that are
+    not a JSON object (a reply cut off by max_tokens mid-call) become an empty object rather than an error."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
