@@ -38,6 +38,10 @@ def test_version_tags_and_show(server: HearthServer) -> None:
     assert all(http.head(path).status_code == 200 for path in ("/", "/api/version", "/api/tags", "/api/ps"))
     names = {m["name"] for m in http.get("/api/tags").json()["models"]}
     assert {"fake", "smollm2", "all-minilm-l6-v2", "text-embedding-ada-002"} <= names
+    # As Ollama's own docs call it: `curl .../api/show -d '{...}'` sends curl's form Content-Type.
+    form = http.post("/api/show", content=b'{"model": "smollm2"}',
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 200 and form.json()["capabilities"] == ["completion"]
     shown = http.post("/api/show", json={"model": "smollm2:latest"})
     assert shown.status_code == 200 and "FROM smollm2.gguf" in shown.json()["modelfile"]
     assert shown.json()["capabilities"] == ["completion"]

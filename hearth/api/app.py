@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from hearth import __version__
 from hearth.api import anthropic, gallery, health, ollama, runners, web
 from hearth.api.errors import install_error_handlers
-from hearth.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from hearth.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, OllamaJsonMiddleware
 from hearth.api.openai import audio, chat, completions, embeddings, images, models, responses
 from hearth.engine import Engine
 from hearth.settings import Settings
@@ -49,6 +49,7 @@ def create_app(settings: Settings) -> FastAPI:
                    responses.router):
         app.include_router(router)
     # Outermost first: refuse unauthenticated requests before reading their bodies.
+    app.add_middleware(OllamaJsonMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     # The admin key (model installs and deletes) opens every other route too.
     keys = [*settings.api_keys, settings.admin_api_key] if settings.api_keys and settings.admin_api_key \

@@ -130,3 +130,20 @@ class BodyLimitMiddleware:
 
 class _BodyTooLarge(HTTPException):
     """An HTTPException, so the framework's body parser passes it on instead of calling it a parse error."""
+
+
+class OllamaJsonMiddleware:
+    """Ollama's server reads every /api/ body as JSON whatever its Content-Type, and its documented examples
+    (`curl http://localhost:11434/api/chat -d '{...}'`) send curl's form type: such bodies are read as JSON here too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+            headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
+            given = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
+            if not given or given.split(b";")[0].strip().lower() in (b"application/x-www-form-urlencoded",
+                                                                        b"text/plain"):
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
