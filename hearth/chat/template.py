@@ -61,8 +61,9 @@ def check_template(source: str) -> str | None:
     return None
 
 
-def _text_of(content: Any) -> str:
-    """Content as plain text: a string, or the text parts of a list joined by newlines."""
+def _text_of(content: Any, image_marker: str = "") -> str:
+    """Content as plain text: a string, or the text parts of a list joined by newlines, with `image_marker` where
+    each image goes when one is given (llama.cpp's multimodal prompts), else without the images."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -71,6 +72,8 @@ def _text_of(content: Any) -> str:
     for part in content:
         if isinstance(part, dict) and part.get("type") == "text":
             parts.append(str(part.get("text", "")))
+        elif image_marker and isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+            parts.append(image_marker)
     return "\n".join(parts)
 
 
@@ -97,19 +100,6 @@ def _parts_of(content: Any) -> Any:
     return parts
 
 
-def _text_with_markers(content: Any, marker: str) -> str:
-    """Content as text with `marker` where each image goes (llama.cpp's multimodal prompts)."""
-    if not isinstance(content, list):
-        return content or ""
-    parts = []
-    for part in content:
-        if isinstance(part, dict) and part.get("type") == "text":
-            parts.append(str(part.get("text", "")))
-        elif isinstance(part, dict) and part.get("type") in ("image_url", "image"):
-            parts.append(marker)
-    return "\n".join(parts)
-
-
 def normalize_messages(messages: list[dict[str, Any]], keep_parts: bool = False,
                        media_marker: str = "") -> list[dict[str, Any]]:
     """OpenAI messages in the shape chat templates expect: content lists kept as parts for multimodal templates
@@ -118,10 +108,7 @@ def normalize_messages(messages: list[dict[str, Any]], keep_parts: bool = False,
     for message in messages:
         item = {key: value for key, value in message.items() if value is not None}
         content = message.get("content")
-        if media_marker:
-            item["content"] = _text_with_markers(content, media_marker)
-        else:
-            item["content"] = _parts_of(content) if keep_parts else _text_of(content)
+        item["content"] = _parts_of(content) if keep_parts and not media_marker else _text_of(content, media_marker)
         if message.get("tool_calls"):
             calls = []
             for call in message["tool_calls"]:
