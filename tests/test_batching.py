@@ -83,6 +83,29 @@ def test_batched_greedy_outputs_match_solo_outputs(server: HearthServer) -> None
     assert together == solo
 
 
+def test_greedy_fast_path_picks_what_llamas_sampler_picks(server: HearthServer) -> None:
+    """Plain greedy reads the argmax of the logits in place; a zero logit bias puts llama.cpp's own sampler chain
+    in its place without changing any logit. Run together (each stream on its own row of logits), the two agree."""
+    client = server.client()
+
+    def ask(prompt: str, through_chain: bool) -> str:
+        extra = {"logit_bias": {"0": 0}} if through_chain else {}
+        return client.chat.completions.create(model="four", messages=[{"role": "user", "content": prompt}],
+                                              temperature=0, max_tokens=32, **extra).choices[0].message.content
+
+    answers: dict[tuple[str, bool], str] = {}
+    threads = [threading.Thread(target=lambda p=p, c=c: answers.__setitem__((p, c), ask(p, c)))
+               for p in PROMPTS[:2] for c in (False, True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(answers) == 4
+    for prompt in PROMPTS[:2]:
+        assert answers[(prompt, False)] == answers[(prompt, True)]
+        assert answers[(prompt, False)]
+
+
 def test_queue_is_bounded_with_429_and_retry_after(server: HearthServer) -> None:
     client = server.client()
     body = {"model": "one", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}

@@ -147,6 +147,7 @@ class Slot:
     pending: list[int] = field(default_factory=list)
     sampler: Any = None
     grammar: Any = None
+    greedy: bool = False  # the chain is llama.cpp's greedy sampler alone: the token is the logits' argmax
     next_token: int = -1
     batch_index: int = -1
     produced: int = 0
@@ -335,6 +336,7 @@ class Scheduler:
         slot.pos_delta = 0
         slot.job = job
         slot.sampler, slot.grammar = sampler, grammar
+        slot.greedy = grammar is None and _greedy_only(sampler)
         slot.next_token = -1
         slot.produced = 0
         slot.cached = reuse
@@ -416,7 +418,13 @@ class Scheduler:
     def _sample(self, slot: Slot) -> None:
         job = slot.job
         assert job is not None and slot.stops is not None
-        if slot.grammar is None:
+        if slot.greedy:
+            # What llama.cpp's greedy sampler selects (the first highest logit), read in place: llama_sampler_sample
+            # would first copy the whole vocabulary into candidates (160 µs a token for a 150k vocabulary, 280 µs
+            # for Gemma's 262k, against 15-25 µs here), while the machine's other cores wait for the next step.
+            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, slot.batch_index), shape=(self.n_vocab,))
+            token = int(logits.argmax())
+        elif slot.grammar is None:
             token = L.llama_sampler_sample(slot.sampler, self.ctx, slot.batch_index)
         else:
             token = self._sample_with_grammar(slot)
@@ -516,6 +524,11 @@ class Scheduler:
         slot.pending = []
         slot.first_token = 0.0
         slot.last_used = time.perf_counter()
+
+
+def _greedy_only(chain: Any) -> bool:
+    """Whether a sampler chain is llama.cpp's greedy sampler and nothing else (no bias, penalties or grammar)."""
+    return L.llama_sampler_chain_n(chain) == 1 and L.llama_sampler_name(L.llama_sampler_chain_get(chain, 0)) == b"greedy"
 
 
 def _free_samplers(slot: Slot) -> None:
