@@ -31,6 +31,8 @@ def server(smollm2_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Hear
     for name, interval in (("every-token", 0), ("bursty", 300)):
         write_yaml(models, name, {"name": name, "parameters": {"model": "smollm2.gguf"}, "parallel": 1,
                                   "context_size": 1024, "stream_interval_ms": interval})
+    write_yaml(models, "spread", {"name": "spread", "parameters": {"model": "smollm2.gguf"}, "parallel": 4,
+                                  "context_size": 4096, "stream_interval_ms": 150})
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log")
     yield started
     started.stop()
@@ -204,3 +206,34 @@ def test_stream_interval_groups_tokens_but_not_the_first(server: HearthServer) -
     # 40 tokens take well under a second or two on SmolLM2: at 300 ms at most a handful of deliveries.
     assert len(grouped) <= 2 + total / 0.3 and len(grouped) < len(every)
     assert first < total / 2, "the first text is not held back"
+
+
+def test_stream_interval_grows_with_the_streams_generating(server: HearthServer) -> None:
+    """With four sequences generating, each stream's text goes out at most every 4 x 150 ms. Counted while all
+    four run (after the last first token, before the first end: no stream starts or ends then, so nothing is
+    sent early). A slow reader can only merge pieces, never add any, so the count is safe to bound."""
+    client = server.client()
+    client.completions.create(model="spread", prompt="warm up", max_tokens=1)
+    arrivals: dict[int, list[float]] = {}
+
+    def stream(index: int) -> None:
+        times = arrivals.setdefault(index, [])
+        for chunk in client.completions.create(model="spread", prompt=f"Chapter {index}. Once upon a time",
+                                               max_tokens=128, temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True}):
+            if chunk.choices and chunk.choices[0].text:
+                times.append(time.monotonic())
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(arrivals) == 4 and all(arrivals.values())
+    start = max(times[0] for times in arrivals.values())
+    end = min(times[-1] for times in arrivals.values())
+    window = end - start
+    assert window > 1.0, "128 tokens on four streams of SmolLM2 take seconds"
+    inside = sum(1 for times in arrivals.values() for t in times if start < t < end)
+    # At 150 ms each stream would get window / 0.15 pieces; spread over four streams, at most window / 0.6 (+1).
+    assert inside <= 4 * (window / 0.6 + 1), (inside, window)

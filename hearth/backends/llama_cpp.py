@@ -33,7 +33,8 @@ from hearth.errors import (
 
 DEFAULT_CONTEXT = 4096  # per sequence, when the YAML sets no context_size
 DEFAULT_PARALLEL = 4
-# Streamed text goes to the API process at most this often (YAML `stream_interval_ms`; 0: every token). Fewer
+# Streamed text goes to the API process at most this often per stream (YAML `stream_interval_ms`; 0: every token;
+# N times that with N streams generating, up to 4x: see llama_scheduler.STREAM_SPREAD). Fewer
 # deliveries leave the cores to the decode loop: on two cores, a delivery per token costs fast models 4-8% speed.
 DEFAULT_STREAM_INTERVAL_MS = 25
 EMBED_CONTEXT = 2048  # tokens per embeddings batch (and the longest input), when the YAML sets no context_size

@@ -37,6 +37,7 @@ log = logging.getLogger("hearth.runner.llama")
 # Copy a busy slot's prefix into a free one only when it saves at least this many tokens of prompt processing.
 MIN_COPIED_PREFIX = 32
 PROMPT_CHUNK_WHILE_GENERATING = 256
+STREAM_SPREAD = 4  # with N sequences generating, streamed text goes out at most every min(N, 4) stream intervals
 
 
 IMAGE_TOKEN = -1  # stands for an image embedding in a token list: it matches no prompt, so no prefix reuse crosses it
@@ -240,7 +241,12 @@ class Scheduler:
         if not self._outbox:
             return
         now = time.perf_counter()
-        if not force and now - self._last_flush < self.stream_interval and not any(
+        # Each delivery costs about the same whatever it carries, so with several sequences generating, each
+        # stream's interval grows with their number (up to STREAM_SPREAD times): the deliveries a second stay
+        # about as many as for one stream, instead of taking ever more of the cores from the decode loop.
+        generating = sum(1 for slot in self.slots if slot.job is not None)
+        interval = self.stream_interval * min(max(generating, 1), STREAM_SPREAD)
+        if not force and now - self._last_flush < interval and not any(
                 not job.delivered or isinstance(item, BaseException) or item.finish_reason
                 for job, item in self._outbox):
             return
