@@ -9,7 +9,9 @@ For each model it measures, one after another so nothing competes for the cores:
 - Hearth's decode loop alone, in-process (no gRPC, no HTTP), single stream;
 - Hearth over HTTP: single-stream generation, the runner's own decode rate, prompt processing, time to first
   token, aggregate generation at 1, 2, 4 and 8 concurrent streams, and a repeated ≥1,000-token prompt.
-Every stream is greedy and generates exactly --tokens tokens (end of sequence ignored).
+Every stream is greedy and generates exactly --tokens tokens (end of sequence ignored). Hearth and llama-server
+are measured back to back within each round; besides the ratio of medians, the tables give the median of each
+round's own ratio, which the machine's drift between rounds does not move.
 """
 
 from __future__ import annotations
@@ -82,10 +84,12 @@ def measure(models_dir: Path, name: str, path: Path, args: argparse.Namespace) -
             add("ttft_short", single.ttft)
             if server_base:
                 add("server_single", stream_completion(server_base, "x", PROMPT, args.tokens).rate)
+                add("pair_single", samples["single_http"][-1] / samples["server_single"][-1])
             for n in (1, 2, 4, 8):
                 add(f"agg{n}", concurrent_streams(hearth_base, name, n, args.tokens)[0])
                 if n == 4 and server_base:
                     add("server_agg4", concurrent_streams(server_base, "x", 4, args.tokens)[0])
+                    add("pair_agg4", samples["agg4"][-1] / samples["server_agg4"][-1])
         for i in range(args.rounds):
             pp = stream_completion(hearth_base, name, f"{i} " + LONG_PROMPT[:2600], 1)
             add("prompt_tps", pp.timings["prompt_per_second"])
@@ -136,20 +140,21 @@ def main() -> None:
     print("\nGeneration, tokens per second (single stream unless noted):\n")
     print("| model | llama-bench tg128 | llama-server 1 stream | llama-cpp-python in-process | Hearth decode loop alone | "
           "Hearth runner while serving | Hearth HTTP 1 stream | loop alone / tg128 | HTTP / llama-server | "
-          "HTTP / llama-cpp-python |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "same, median of rounds' ratios | HTTP / llama-cpp-python |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {value(r, 'bench_tg')} | {value(r, 'server_single')} | {value(r, 'lcp_single')} | "
               f"{value(r, 'decode_loop')} | {value(r, 'single_runner')} | {value(r, 'single_http')} | "
               f"{ratio(r, 'decode_loop', 'bench_tg')} | {ratio(r, 'single_http', 'server_single')} | "
-              f"{ratio(r, 'single_http', 'lcp_single')} |")
+              f"{value(r, 'pair_single', '{:.2f}')} | {ratio(r, 'single_http', 'lcp_single')} |")
     print("\nConcurrent streams, aggregate generation tokens per second:\n")
     print("| model | Hearth 1 | Hearth 2 | Hearth 4 | Hearth 8 | llama-server --parallel 4, 4 streams | "
-          "Hearth 4 / Hearth single stream | Hearth 4 / llama-server 4 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "Hearth 4 / Hearth single stream | Hearth 4 / llama-server 4 | same, median of rounds' ratios |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {value(r, 'agg1')} | {value(r, 'agg2')} | {value(r, 'agg4')} | {value(r, 'agg8')} | "
-              f"{value(r, 'server_agg4')} | {ratio(r, 'agg4', 'single_http')} | {ratio(r, 'agg4', 'server_agg4')} |")
+              f"{value(r, 'server_agg4')} | {ratio(r, 'agg4', 'single_http')} | {ratio(r, 'agg4', 'server_agg4')} | "
+              f"{value(r, 'pair_agg4', '{:.2f}')} |")
     print("\nPrompts:\n")
     print("| model | llama-bench pp512 | Hearth prompt tok/s | Hearth TTFT, short prompt | "
           "long prompt tokens | TTFT first | TTFT repeated | speed-up |")
