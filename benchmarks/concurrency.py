@@ -43,9 +43,9 @@ LONG_PROMPT = " ".join(f"Paragraph {i}: the keeper climbed the stairs, trimmed t
                        for i in range(60))  # about 1,200 tokens
 
 
-def llama_bench(binary: Path, model: Path, threads: int) -> tuple[float, float]:
-    out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", "512", "-n", "128", "-r", "3",
-                          "-o", "json"], capture_output=True, text=True, check=True).stdout
+def llama_bench(binary: Path, model: Path, threads: int, repetitions: int = 3) -> tuple[float, float]:
+    out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", "512", "-n", "128",
+                          "-r", str(repetitions), "-o", "json"], capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
     pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
     tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
@@ -121,10 +121,18 @@ def main() -> None:
         for name in args.models:
             path = install(models_dir, name, parallel=8, context_size=8 * 2048)
             row: dict = {"model": name}
-            if args.llama_cpp_bin:
-                row["bench_pp"], row["bench_tg"] = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads)
-            row["decode_loop"] = statistics.median(
-                rates_in_fresh_process("loop", path, args.threads, args.tokens, args.rounds))
+            # llama-bench and Hearth's decode loop alone, back to back in each round (each in a fresh process).
+            pp, tg, loop = [], [], []
+            for _ in range(args.rounds):
+                if args.llama_cpp_bin:
+                    bench = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads, repetitions=1)
+                    pp.append(bench[0])
+                    tg.append(bench[1])
+                loop.append(statistics.median(rates_in_fresh_process("loop", path, args.threads, args.tokens, 2)))
+            row["decode_loop"] = statistics.median(loop)
+            if tg:
+                row["bench_pp"], row["bench_tg"] = statistics.median(pp), statistics.median(tg)
+                row["pair_loop"] = statistics.median(a / b for a, b in zip(loop, tg, strict=True))
             row["lcp_single"] = statistics.median(
                 rates_in_fresh_process("baseline", path, args.threads, args.tokens, args.rounds))
             row.update(measure(models_dir, name, path, args))
@@ -139,13 +147,14 @@ def main() -> None:
 
     print("\nGeneration, tokens per second (single stream unless noted):\n")
     print("| model | llama-bench tg128 | llama-server 1 stream | llama-cpp-python in-process | Hearth decode loop alone | "
-          "Hearth runner while serving | Hearth HTTP 1 stream | loop alone / tg128 | HTTP / llama-server | "
-          "same, median of rounds' ratios | HTTP / llama-cpp-python |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "Hearth runner while serving | Hearth HTTP 1 stream | loop alone / tg128 | same, median of rounds' ratios | "
+          "HTTP / llama-server | same, median of rounds' ratios | HTTP / llama-cpp-python |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {value(r, 'bench_tg')} | {value(r, 'server_single')} | {value(r, 'lcp_single')} | "
               f"{value(r, 'decode_loop')} | {value(r, 'single_runner')} | {value(r, 'single_http')} | "
-              f"{ratio(r, 'decode_loop', 'bench_tg')} | {ratio(r, 'single_http', 'server_single')} | "
+              f"{ratio(r, 'decode_loop', 'bench_tg')} | {value(r, 'pair_loop', '{:.2f}')} | "
+              f"{ratio(r, 'single_http', 'server_single')} | "
               f"{value(r, 'pair_single', '{:.2f}')} | {ratio(r, 'single_http', 'lcp_single')} |")
     print("\nConcurrent streams, aggregate generation tokens per second:\n")
     print("| model | Hearth 1 | Hearth 2 | Hearth 4 | Hearth 8 | llama-server --parallel 4, 4 streams | "
