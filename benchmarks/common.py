@@ -151,7 +151,10 @@ def baseline_rate(path: Path, threads: int, tokens: int, cache: dict) -> float:
 
 
 def decode_loop_rate(path: Path, threads: int, tokens: int, cache: dict) -> float:
-    """Hearth's llama.cpp decode loop alone, in this process (no gRPC, no HTTP): tokens per second after the first."""
+    """Hearth's llama.cpp decode loop alone, in this process (no gRPC, no HTTP), fed to an event loop as the runner
+    feeds its gRPC replies, and timed by the loop itself (first token to last, as in the runner's `timings`)."""
+    import asyncio
+
     from hearth.backends.base import GenerationSpec, LoadSpec, Sampling
     from hearth.backends.llama_cpp import Backend
 
@@ -163,14 +166,14 @@ def decode_loop_rate(path: Path, threads: int, tokens: int, cache: dict) -> floa
         cache[path] = backend
     spec = GenerationSpec(prompt=PROMPT, prompt_tokens=None, max_tokens=tokens, ignore_eos=True,
                           sampling=Sampling(temperature=0))
-    first = last = 0.0
-    count = 0
-    for chunk in backend.generate(spec, lambda: False):
-        if chunk.token_count:
-            count += chunk.token_count
-            last = time.perf_counter()
-            first = first or last
-    return (count - 1) / (last - first)
+
+    async def run() -> float:
+        async for chunk in backend.agenerate(spec):
+            if chunk.finish_reason:
+                return (chunk.completion_tokens - 1) / (chunk.predicted_ms / 1000)
+        raise RuntimeError("the generation ended without its final chunk")
+
+    return asyncio.run(run())
 
 
 def rates_in_fresh_process(kind: str, path: Path, threads: int, tokens: int, rounds: int) -> list[float]:
