@@ -413,6 +413,11 @@ class Scheduler:
         slot.batch_index = -1  # the helper's last decode holds the prompt's logits, at its last output
         self._sample(slot)
 
+    def _logits(self, index: int) -> np.ndarray:
+        """The logits of batch position `index` (negative: from the last output), read in place: valid until the
+        next decode."""
+        return np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+
     @staticmethod
     def _add(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         batch.token[i] = token
@@ -428,7 +433,7 @@ class Scheduler:
             # What llama.cpp's greedy sampler selects (the first highest logit), read in place: llama_sampler_sample
             # would first copy the whole vocabulary into candidates (160 µs a token for a 150k vocabulary, 280 µs
             # for Gemma's 262k, against 15-25 µs here), while the machine's other cores wait for the next step.
-            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, slot.batch_index), shape=(self.n_vocab,))
+            logits = self._logits(slot.batch_index)
             token = int(logits.argmax())
         elif slot.grammar is None:
             token = L.llama_sampler_sample(slot.sampler, self.ctx, slot.batch_index)
@@ -458,7 +463,7 @@ class Scheduler:
         """Sample as usual, then ask the grammar about that one token; only when it refuses is the grammar run over
         the whole vocabulary and the token sampled again (as llama.cpp's own server does: checking every token
         of a 150k vocabulary against a grammar each step would cost more than the decode)."""
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, slot.batch_index), shape=(self.n_vocab,))
+        logits = self._logits(slot.batch_index)
         token = self._apply(slot.sampler, logits, None)
         one = self._one
         one["id"], one["logit"], one["p"] = token, 1.0, 0.0
@@ -488,7 +493,7 @@ class Scheduler:
 
     def _logprob(self, index: int, token: int, piece: bytes, top: int) -> TokenLogprob:
         """The token's log probability under the model's own distribution (before sampling changes it)."""
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        logits = self._logits(index)
         peak = float(logits.max())
         log_total = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
         alternatives = []
