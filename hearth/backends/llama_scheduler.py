@@ -183,11 +183,17 @@ class Scheduler:
         self.queue_size = queue_size
         self.piece = piece
         self.slots = [Slot(seq=i) for i in range(n_parallel)]
+        # The slots holding a job, in sequence order: what each step walks (the decode thread alone changes it).
+        self.active: list[Slot] = []
         self.waiting: deque[Job] = deque()
         self.batch = L.llama_batch_init(n_batch, 0, 1)
         self._cond = threading.Condition()
         self._closing = False
         self._piece_buffer = ctypes.create_string_buffer(256)
+        # NumPy views of logits rows by address: building one costs more than the argmax over it right after a
+        # decode (the interpreter's caches are cold then), and llama.cpp hands out the same few rows every step.
+        self._logits_at = _LOGITS_ADDRESS(ctypes.cast(L.llama_get_logits_ith, ctypes.c_void_p).value)
+        self._views: dict[int, np.ndarray] = {}
         self._outbox: list[tuple[Job, Any]] = []
         # Readers on an event loop get text at most this often (seconds): each delivery wakes threads in this
         # process and the API's, and on a machine whose cores all decode, that costs the decode loop speed.
@@ -206,7 +212,7 @@ class Scheduler:
 
     def submit(self, job: Job) -> Job:
         with self._cond:
-            if len(self.waiting) >= self.queue_size and not any(not s.busy for s in self.slots):
+            if len(self.waiting) >= self.queue_size and len(self.active) == len(self.slots):
                 raise Overloaded(
                     f"all {len(self.slots)} sequences of this model are busy and {len(self.waiting)} requests are "
                     f"already waiting; try again shortly", headers={"Retry-After": "1"})
@@ -216,7 +222,7 @@ class Scheduler:
 
     def active(self) -> int:
         with self._cond:
-            return len(self.waiting) + sum(1 for s in self.slots if s.busy)
+            return len(self.waiting) + len(self.active)
 
     def close(self) -> None:
         with self._cond:
@@ -244,8 +250,7 @@ class Scheduler:
         # Each delivery costs about the same whatever it carries, so with several sequences generating, each
         # stream's interval grows with their number (up to STREAM_SPREAD times): the deliveries a second stay
         # about as many as for one stream, instead of taking ever more of the cores from the decode loop.
-        generating = sum(1 for slot in self.slots if slot.job is not None)
-        interval = self.stream_interval * min(max(generating, 1), STREAM_SPREAD)
+        interval = self.stream_interval * min(max(len(self.active), 1), STREAM_SPREAD)
         if not force and now - self._last_flush < interval and not any(
                 not job.delivered or isinstance(item, BaseException) or item.finish_reason
                 for job, item in self._outbox):
@@ -262,25 +267,28 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._closing and not self.waiting and not any(s.busy for s in self.slots):
-                    self._cond.wait()
-                if self._closing:
-                    for job in [*self.waiting, *(s.job for s in self.slots if s.job)]:
-                        self._emit(job, BackendError("the model is being unloaded"))
-                    self._flush()
-                    return
-                self._admit()
+            # The lock is taken only when there is something to admit, to close or to wait for: a step that just
+            # goes on generating skips it (a job submitted meanwhile is seen at the next step).
+            if self.waiting or self._closing or not self.active:
+                with self._cond:
+                    while not self._closing and not self.waiting and not self.active:
+                        self._cond.wait()
+                    if self._closing:
+                        for job in [*self.waiting, *(s.job for s in self.active if s.job)]:
+                            self._emit(job, BackendError("the model is being unloaded"))
+                        self._flush()
+                        return
+                    self._admit()
             try:
                 self._step()
             except Exception as exc:  # a failed decode fails the jobs in it, never the loop
                 log.exception("decode step failed")
-                for slot in self.slots:
+                for slot in list(self.active):
                     if slot.job is not None:
                         self._finish(slot, error=exc if isinstance(exc, HearthError) else
                                      BackendError(f"llama.cpp failed: {exc}"))
             # Held text goes out before a step that reads a prompt: that step may take long.
-            self._flush(force=any(slot.pending or slot.media is not None for slot in self.slots))
+            self._flush(force=any(slot.pending or slot.media is not None for slot in self.active))
 
     def _admit(self) -> None:
         """Give waiting jobs free slots, first come first served, reusing cached prefixes.
@@ -350,20 +358,22 @@ class Scheduler:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.stops = StopBuffer(job.stops)
         slot.admitted = time.perf_counter()
+        self.active.append(slot)
+        self.active.sort(key=lambda s: s.seq)
 
     def _step(self) -> None:
         batch = self.batch
         n = 0
-        for slot in self.slots:
+        for slot in list(self.active):
             slot.batch_index = -1
             if slot.job is not None and slot.job.cancelled:
                 self._finish(slot, cancelled=True)
-        for slot in self.slots:
+        for slot in list(self.active):
             if slot.job is not None and slot.media is not None:
                 self._evaluate_media(slot)
         # Generating sequences first: one token each.
-        for slot in self.slots:
-            if slot.job is not None and not slot.pending and slot.next_token >= 0:
+        for slot in self.active:
+            if not slot.pending and slot.next_token >= 0:
                 self._add(batch, n, slot.next_token, len(slot.tokens) + slot.pos_delta, slot.seq, True)
                 slot.tokens.append(slot.next_token)
                 slot.batch_index = n
@@ -371,7 +381,10 @@ class Scheduler:
         # Then prompts, in admission order, as much as fits this step; smaller bites while others are generating,
         # so that their tokens keep coming while a long prompt is read.
         budget = self.n_batch if n == 0 else min(self.n_batch, n + PROMPT_CHUNK_WHILE_GENERATING)
-        for slot in sorted((s for s in self.slots if s.job is not None and s.pending), key=lambda s: s.admitted):
+        reading = [s for s in self.active if s.pending]
+        if len(reading) > 1:
+            reading.sort(key=lambda s: s.admitted)
+        for slot in reading:
             room = budget - n
             if room <= 0:
                 break
@@ -389,8 +402,8 @@ class Scheduler:
         result = L.llama_decode(self.ctx, batch)
         if result != 0:
             raise BackendError(f"llama_decode failed with code {result}")
-        for slot in self.slots:
-            if slot.batch_index >= 0 and slot.job is not None:
+        for slot in list(self.active):
+            if slot.batch_index >= 0:
                 self._sample(slot)
 
     def _evaluate_media(self, slot: Slot) -> None:
@@ -416,7 +429,16 @@ class Scheduler:
     def _logits(self, index: int) -> np.ndarray:
         """The logits of batch position `index` (negative: from the last output), read in place: valid until the
         next decode."""
-        return np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        address = self._logits_at(self.ctx, index)
+        if not address:
+            raise BackendError(f"llama.cpp holds no logits for batch position {index}")
+        view = self._views.get(address)
+        if view is None:
+            if len(self._views) >= 4 * len(self.slots) + 16:  # the output buffer moved: forget the old rows
+                self._views.clear()
+            view = self._views[address] = np.ctypeslib.as_array(
+                ctypes.cast(address, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+        return view
 
     @staticmethod
     def _add(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
@@ -534,7 +556,13 @@ class Scheduler:
         slot.job = None
         slot.pending = []
         slot.first_token = 0.0
+        if slot in self.active:
+            self.active.remove(slot)
         slot.last_used = time.perf_counter()
+
+
+# llama_get_logits_ith, answering the row's address as an int (llama-cpp-python's binding answers a ctypes pointer).
+_LOGITS_ADDRESS = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)
 
 
 def _greedy_only(chain: Any) -> bool:
