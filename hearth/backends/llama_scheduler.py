@@ -190,6 +190,9 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._piece_buffer = ctypes.create_string_buffer(256)
+        # Each token's text and whether it ends generation, asked of llama.cpp once per token id: two calls into C
+        # per token cost more than the argmax that picks it.
+        self._tokens: dict[int, tuple[bytes, bool]] = {}
         # NumPy views of logits rows by address: building one costs more than the argmax over it right after a
         # decode (the interpreter's caches are cold then), and llama.cpp hands out the same few rows every step.
         self._logits_at = _LOGITS_ADDRESS(ctypes.cast(L.llama_get_logits_ith, ctypes.c_void_p).value)
@@ -463,11 +466,11 @@ class Scheduler:
             token = self._sample_with_grammar(slot)
         if slot.produced == 0:
             slot.first_token = time.perf_counter()
-        if not job.ignore_eos and L.llama_vocab_is_eog(self.vocab, token):
+        piece, end = self._tokens.get(token) or self._learn(token)
+        if end and not job.ignore_eos:
             self._finish(slot, reason="stop")
             return
         slot.produced += 1
-        piece = self.piece(token, self._piece_buffer)
         text, hit = slot.stops.push(slot.decoder.decode(piece))
         if job.logprobs:
             self._emit(job, GenerationChunk(text=text, token_count=1,
@@ -480,6 +483,11 @@ class Scheduler:
             self._finish(slot, reason="length")
         else:
             slot.next_token = token
+
+    def _learn(self, token: int) -> tuple[bytes, bool]:
+        known = self._tokens[token] = (self.piece(token, self._piece_buffer),
+                                       bool(L.llama_vocab_is_eog(self.vocab, token)))
+        return known
 
     def _sample_with_grammar(self, slot: Slot) -> int:
         """Sample as usual, then ask the grammar about that one token; only when it refuses is the grammar run over
@@ -522,7 +530,7 @@ class Scheduler:
         if top > 0:
             best = np.argpartition(logits, -top)[-top:]
             for alt in sorted(best.tolist(), key=lambda t: -logits[t]):
-                alt_piece = piece if alt == token else self.piece(alt, self._piece_buffer)
+                alt_piece = (self._tokens.get(alt) or self._learn(alt))[0]
                 alternatives.append(TokenLogprob(token=alt, text=alt_piece.decode("utf-8", errors="replace"),
                                                  logprob=float(logits[alt]) - log_total, bytes=alt_piece))
         return TokenLogprob(token=token, text=piece.decode("utf-8", errors="replace"),
