@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +120,43 @@ def test_grammar_and_logprobs_in_the_loop(backend: Backend) -> None:
         list(backend.generate(GenerationSpec(prompt="x", prompt_tokens=None, max_tokens=2,
                                              sampling=Sampling(grammar="root ::= (")), cancelled=lambda: False))
     assert caught.value.param == "grammar"
+
+
+def test_loop_readers_get_mid_stream_text_from_the_loops_own_timer(backend: Backend) -> None:
+    """For readers on an event loop the decode thread wakes the loop only for a job's first text and its end; the
+    text in between is taken by the loop's own timer every interval, which stops once an interval passes with
+    nothing to take (an idle loop is not woken again). The text is the same as read any other way."""
+    scheduler = backend.scheduler
+    assert scheduler is not None
+    spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=96, ignore_eos=True,
+                          sampling=Sampling(temperature=0))
+    expected = "".join(c.text for c in backend.generate(spec, cancelled=lambda: False))
+
+    async def read() -> tuple[list[GenerationChunk], int, bool, bool]:
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        threadsafe = loop.call_soon_threadsafe
+
+        def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal wakes
+            wakes += 1
+            return threadsafe(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        chunks = [chunk async for chunk in backend.agenerate(spec)]
+        pump = scheduler._pumps[loop]
+        ticking = pump.ticking
+        await asyncio.sleep(3 * scheduler.delivery_interval() + 0.1)
+        return chunks, wakes, ticking, pump.ticking
+
+    interval = scheduler.stream_interval
+    scheduler.stream_interval = 0.15  # well above a decode step, even on a busy machine
+    try:
+        chunks, wakes, ticking_at_end, ticking_later = asyncio.run(read())
+    finally:
+        scheduler.stream_interval = interval
+    assert "".join(c.text for c in chunks) == expected and chunks[-1].finish_reason == "length"
+    texts = [c for c in chunks if c.text]
+    assert len(texts) >= 3, "96 tokens take several intervals: text comes in several deliveries"
+    assert wakes <= 3, f"{wakes} wake-ups for {len(texts)} deliveries: only the first text and the end should wake"
+    assert ticking_at_end and not ticking_later, "the timer runs while text comes, and stops once it does not"

@@ -90,7 +90,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     aqueue: asyncio.Queue | None = None
     media: Media | None = None  # set when the prompt has images: evaluated by llama.cpp's multimodal helper
-    delivered: bool = False  # its first output has gone to the reader (that one is never held back)
+    delivered: bool = False  # its first output is on its way to the reader (that one is never held back)
 
     async def achunks(self) -> AsyncIterator[GenerationChunk]:
         """Chunks for a reader on the event loop; leaving early (cancellation) frees the slot."""
@@ -197,11 +197,11 @@ class Scheduler:
         # decode (the interpreter's caches are cold then), and llama.cpp hands out the same few rows every step.
         self._logits_at = _LOGITS_ADDRESS(ctypes.cast(L.llama_get_logits_ith, ctypes.c_void_p).value)
         self._views: dict[int, np.ndarray] = {}
-        self._outbox: list[tuple[Job, Any]] = []
+        self._pumps: dict[asyncio.AbstractEventLoop, Pump] = {}
+        self._to_wake: set[Pump] = set()
         # Readers on an event loop get text at most this often (seconds): each delivery wakes threads in this
         # process and the API's, and on a machine whose cores all decode, that costs the decode loop speed.
         self.stream_interval = stream_interval
-        self._last_flush = 0.0
         # Candidate arrays for sampling by hand (sequences with a grammar), laid out as llama_token_data.
         token_data = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
         assert token_data.itemsize == ctypes.sizeof(L.llama_token_data)
@@ -238,35 +238,35 @@ class Scheduler:
 
     # -- the loop --------------------------------------------------------------------------------------
 
+    def delivery_interval(self) -> float:
+        """How often a loop's readers get their text (seconds). Each delivery costs about the same whatever it
+        carries, so with several sequences generating each stream's interval grows with their number (up to
+        STREAM_SPREAD times): the deliveries a second stay about as many as for one stream, instead of taking ever
+        more of the cores from the decode loop."""
+        return self.stream_interval * min(max(len(self.active), 1), STREAM_SPREAD)
+
     def _emit(self, job: Job, item: Any) -> None:
         if job.loop is None:
             job.out.put(item)
-        else:
-            self._outbox.append((job, item))
+            return
+        pump = self._pumps.get(job.loop)
+        if pump is None:
+            for loop in [loop for loop in self._pumps if loop.is_closed()]:
+                del self._pumps[loop]
+            pump = self._pumps[job.loop] = Pump(job.loop, self.delivery_interval)
+        pump.items.append((job, item))
+        # The loop's own timer takes text onward; the loop is woken now only for a job's first text, its end and
+        # errors, or when its timer has stopped.
+        if not pump.ticking or not job.delivered or isinstance(item, BaseException) or item.finish_reason:
+            self._to_wake.add(pump)
+        job.delivered = True
 
-    def _flush(self, force: bool = False) -> None:
-        """Hand the output to the event loop(s) in one call each: one wake-up per step at most, not per token, and
-        not more often than `stream_interval`, except that a job's first text, its end and errors go at once."""
-        if not self._outbox:
-            return
-        now = time.perf_counter()
-        # Each delivery costs about the same whatever it carries, so with several sequences generating, each
-        # stream's interval grows with their number (up to STREAM_SPREAD times): the deliveries a second stay
-        # about as many as for one stream, instead of taking ever more of the cores from the decode loop.
-        interval = self.stream_interval * min(max(len(self.active), 1), STREAM_SPREAD)
-        if not force and now - self._last_flush < interval and not any(
-                not job.delivered or isinstance(item, BaseException) or item.finish_reason
-                for job, item in self._outbox):
-            return
-        self._last_flush = now
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
-        for job, item in self._outbox:
-            by_loop.setdefault(job.loop, []).append((job, item))  # type: ignore[arg-type]
-            job.delivered = True
-        self._outbox = []
-        for loop, items in by_loop.items():
+    def _flush(self) -> None:
+        """Wake the loops that have urgent output, once each per step."""
+        for pump in self._to_wake:
             with contextlib.suppress(RuntimeError):  # that loop is closed: its readers are gone
-                loop.call_soon_threadsafe(_deliver, items)
+                pump.loop.call_soon_threadsafe(pump.woken)
+        self._to_wake.clear()
 
     def _run(self) -> None:
         while True:
@@ -290,8 +290,7 @@ class Scheduler:
                     if slot.job is not None:
                         self._finish(slot, error=exc if isinstance(exc, HearthError) else
                                      BackendError(f"llama.cpp failed: {exc}"))
-            # Held text goes out before a step that reads a prompt: that step may take long.
-            self._flush(force=any(slot.pending or slot.media is not None for slot in self.active))
+            self._flush()
 
     def _admit(self) -> None:
         """Give waiting jobs free slots, first come first served, reusing cached prefixes.
@@ -586,8 +585,49 @@ def _free_samplers(slot: Slot) -> None:
             setattr(slot, name, None)
 
 
-def _deliver(items: list[tuple[Job, Any]]) -> None:
-    """On the event loop: put each item in its reader's queue."""
-    for job, item in items:
-        if job.aqueue is not None:
-            job.aqueue.put_nowait(item)
+class Pump:
+    """Output on its way to the readers on one event loop. The decode thread appends to it; the loop takes it every
+    delivery interval on a timer of its own, so that the decode thread, whose cores are busy, makes no system call
+    and wakes no thread for text in mid-stream. The timer stops after an interval with nothing to deliver; the next
+    output then wakes the loop, which starts it again."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: Callable[[], float]) -> None:
+        self.loop = loop
+        self.interval = interval
+        self.items: deque[tuple[Job, Any]] = deque()  # appended by the decode thread, taken by the loop
+        self.ticking = False  # the loop's timer will take the items: the decode thread need not wake it
+        self._timer: asyncio.TimerHandle | None = None
+
+    def woken(self) -> None:
+        """On the loop, called by the decode thread: deliver now, and time the next delivery from this one (with
+        the interval as it is now: the first text of another stream makes it longer)."""
+        self._deliver()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._start()
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._deliver():
+            self._start()
+            return
+        self.ticking = False
+        if self.items:  # appended while the decode thread still saw the timer running: it will not wake the loop
+            self._deliver()
+            self._start()
+
+    def _start(self) -> None:
+        interval = self.interval()
+        if self._timer is None and interval > 0:
+            self.ticking = True
+            self._timer = self.loop.call_later(interval, self._tick)
+
+    def _deliver(self) -> int:
+        count = 0
+        while self.items:
+            job, item = self.items.popleft()
+            if job.aqueue is not None:
+                job.aqueue.put_nowait(item)
+            count += 1
+        return count
