@@ -121,14 +121,18 @@ def main() -> None:
         for name in args.models:
             path = install(models_dir, name, parallel=8, context_size=8 * 2048)
             row: dict = {"model": name}
-            # llama-bench and Hearth's decode loop alone, back to back in each round (each in a fresh process).
+            # llama-bench and Hearth's decode loop alone, back to back (each in a fresh process), twice a round, the
+            # order alternating so that a drift of the machine's speed favours neither.
             pp, tg, loop = [], [], []
-            for _ in range(args.rounds):
-                if args.llama_cpp_bin:
-                    bench = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads, repetitions=1)
-                    pp.append(bench[0])
-                    tg.append(bench[1])
-                loop.append(statistics.median(rates_in_fresh_process("loop", path, args.threads, args.tokens, 2)))
+            for pair in range(2 * args.rounds):
+                for step in ("bench", "loop") if pair % 2 == 0 else ("loop", "bench"):
+                    if step == "bench" and args.llama_cpp_bin:
+                        bench = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads, repetitions=1)
+                        pp.append(bench[0])
+                        tg.append(bench[1])
+                    elif step == "loop":
+                        loop.append(statistics.median(
+                            rates_in_fresh_process("loop", path, args.threads, args.tokens, 2)))
             row["decode_loop"] = statistics.median(loop)
             if tg:
                 row["bench_pp"], row["bench_tg"] = statistics.median(pp), statistics.median(tg)
