@@ -242,3 +242,28 @@ def test_runner_killed_while_loading_is_a_clear_load_failure(start_server, model
     assert error.body["code"] == "model_load_failed"
     assert "killed by signal SIGKILL" in error.message and "out of memory" in error.message
     assert server.client().chat.completions.create(model="slow-load", messages=MESSAGES).choices
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_grpc_uses_its_polling_transport_in_both_processes(start_server, models_dir: Path) -> None:
+    """The server and its runners switch off gRPC's EventEngine client and listener (see hearth/__init__.py); if a
+    gRPC upgrade drops those experiments, gRPC logs "Unknown experiment" and this fails, so the choice gets
+    looked at again instead of silently lapsing."""
+    import hearth
+
+    server = start_server(models_dir)
+    chunks = list(server.client().chat.completions.create(model="model-a", messages=MESSAGES, stream=True))
+    assert chunks
+    assert _environ(server.runner_pid("model-a"))["GRPC_EXPERIMENTS"] == hearth.GRPC_EXPERIMENTS
+    server.stop()
+    assert "experiment" not in server.log_path.read_text(errors="replace").lower()
+
+
+def test_grpc_experiments_from_the_environment_are_kept(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir, env={"GRPC_EXPERIMENTS": "-event_engine_client"})
+    server.client().chat.completions.create(model="model-a", messages=MESSAGES)
+    assert _environ(server.runner_pid("model-a"))["GRPC_EXPERIMENTS"] == "-event_engine_client"
