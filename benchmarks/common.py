@@ -176,8 +176,8 @@ def decode_loop_rate(path: Path, threads: int, tokens: int, cache: dict) -> floa
     return asyncio.run(run())
 
 
-def rates_in_fresh_process(kind: str, path: Path, threads: int, tokens: int, rounds: int) -> list[float]:
-    """Run `baseline` (llama-cpp-python) or `loop` (Hearth's decode loop) in a process of its own.
+def baseline_in_fresh_process(path: Path, threads: int, tokens: int, rounds: int) -> list[float]:
+    """Run the llama-cpp-python baseline in a process of its own.
 
     Two llama.cpp contexts in one process slow each other down even after one is dropped (measured here: the
     decode loop fell from 147 to about 95 tok/s once a llama-cpp-python model had been loaded beside it), so each
@@ -185,11 +185,11 @@ def rates_in_fresh_process(kind: str, path: Path, threads: int, tokens: int, rou
     """
     code = (
         "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import common\n"
-        "kind, path, threads, tokens, rounds = sys.argv[2], Path(sys.argv[3]), *map(int, sys.argv[4:7])\n"
-        "fn = common.baseline_rate if kind == 'baseline' else common.decode_loop_rate\n"
+        "path, threads, tokens, rounds = Path(sys.argv[2]), *map(int, sys.argv[3:6])\n"
+        "fn = common.baseline_rate\n"
         "cache = {}; fn(path, threads, 8, cache)\n"
         "print(json.dumps([fn(path, threads, tokens, cache) for _ in range(rounds)]))\n"
     )
-    argv = [str(Path(__file__).parent), kind, str(path), str(threads), str(tokens), str(rounds)]
+    argv = [str(Path(__file__).parent), str(path), str(threads), str(tokens), str(rounds)]
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -6,7 +6,8 @@ For each model it measures, one after another so nothing competes for the cores:
 - llama.cpp's `llama-bench` (pp512, tg128) and `llama-server --parallel 4`, when --llama-cpp-bin names a folder
   holding them (build them from the llama.cpp sources llama-cpp-python vendors; see benchmarks/README.md);
 - llama-cpp-python's high-level API in-process, single stream;
-- Hearth's decode loop alone, in-process (no gRPC, no HTTP), single stream;
+- Hearth's decode loop alone, in a long-lived process of its own (no gRPC, no HTTP), single stream, paired
+  with `llama-bench` tg as in benchmarks/decode_loop.py;
 - Hearth over HTTP: single-stream generation, the runner's own decode rate, prompt processing, time to first
   token, aggregate generation at 1, 2, 4 and 8 concurrent streams, and a repeated ≥1,000-token prompt.
 Every stream is greedy and generates exactly --tokens tokens (end of sequence ignored). Hearth and llama-server
@@ -28,15 +29,16 @@ from pathlib import Path
 
 from common import (
     PROMPT,
+    baseline_in_fresh_process,
     concurrent_streams,
     free_port,
     install,
-    rates_in_fresh_process,
     start_hearth,
     stop,
     stream_completion,
     wait_http,
 )
+from decode_loop import Worker, paired_rates
 
 MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
 LONG_PROMPT = " ".join(f"Paragraph {i}: the keeper climbed the stairs, trimmed the wick and watched the sea."
@@ -121,24 +123,22 @@ def main() -> None:
         for name in args.models:
             path = install(models_dir, name, parallel=8, context_size=8 * 2048)
             row: dict = {"model": name}
-            # llama-bench and Hearth's decode loop alone, back to back (each in a fresh process), twice a round, the
-            # order alternating so that a drift of the machine's speed favours neither.
-            pp, tg, loop = [], [], []
-            for pair in range(2 * args.rounds):
-                for step in ("bench", "loop") if pair % 2 == 0 else ("loop", "bench"):
-                    if step == "bench" and args.llama_cpp_bin:
-                        bench = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads, repetitions=1)
-                        pp.append(bench[0])
-                        tg.append(bench[1])
-                    elif step == "loop":
-                        loop.append(statistics.median(
-                            rates_in_fresh_process("loop", path, args.threads, args.tokens, 2)))
+            # llama-bench tg and Hearth's decode loop alone (a long-lived process, as the runner is), back to back,
+            # twice a round, the order alternating so that a drift of the machine's speed favours neither.
+            if args.llama_cpp_bin:
+                rates = paired_rates(args.llama_cpp_bin / "llama-bench", path, args.threads, args.tokens,
+                                     2 * args.rounds, label=name)
+                row["bench_tg"] = statistics.median(rates["bench"])
+                row["pair_loop"] = statistics.median(a / b for a, b in zip(rates["loop"], rates["bench"], strict=True))
+                row["bench_pp"] = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads)[0]
+                loop = rates["loop"]
+            else:
+                worker = Worker("loop", path, args.threads, args.tokens)
+                loop = [worker.measure() for _ in range(2 * args.rounds)]
+                worker.close()
             row["decode_loop"] = statistics.median(loop)
-            if tg:
-                row["bench_pp"], row["bench_tg"] = statistics.median(pp), statistics.median(tg)
-                row["pair_loop"] = statistics.median(a / b for a, b in zip(loop, tg, strict=True))
             row["lcp_single"] = statistics.median(
-                rates_in_fresh_process("baseline", path, args.threads, args.tokens, args.rounds))
+                baseline_in_fresh_process(path, args.threads, args.tokens, args.rounds))
             row.update(measure(models_dir, name, path, args))
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -19,7 +19,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common import install, rates_in_fresh_process, start_hearth, stop, stream_completion
+from common import baseline_in_fresh_process, install, start_hearth, stop, stream_completion
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
                 stream_completion(base, name, "warm up", 8)
                 base_rates, http_rates, runner_rates = [], [], []
                 for _ in range(args.rounds):  # alternate: the baseline runs in a fresh process each round
-                    base_rates += rates_in_fresh_process("baseline", paths[name], args.threads, args.tokens, 1)
+                    base_rates += baseline_in_fresh_process(paths[name], args.threads, args.tokens, 1)
                     result = stream_completion(base, name, "Write a long story about a lighthouse keeper.",
                                                args.tokens)
                     http_rates.append(result.rate)

@@ -1,0 +1,189 @@
+"""Hearth's decode loop alone against llama.cpp's `llama-bench` tg128, in many short pairs.
+
+The batching issue's target is the runner's decode loop alone (timed inside the runner, no HTTP) at 0.95 times or more of
+`llama-bench` tg128. On this machine kind one 128-token measurement drifts by 5 to 10% from the next, more than the
+margin being measured, so a few long runs cannot settle it. This script takes many short pairs instead:
+
+- Hearth's decode loop runs in one long-lived process of its own, as in the runner: the backend is loaded once and
+  each measurement is one greedy 128-token stream fed to an event loop, timed by the loop's own `timings`
+  (first token to last).
+- `llama-bench -p 0 -n 128 -r 1` runs in a fresh process for each measurement (its own warm-up included).
+- With --bare, a plain loop of `llama_decode` calls through llama-cpp-python's bindings (one token a step, no
+  sampling, nothing else) runs in a third long-lived process. It shows how much of any gap is Python calling
+  llama.cpp at all, or a difference between llama-cpp-python's build of llama.cpp and the one `llama-bench` uses,
+  rather than Hearth's own work between two decodes.
+
+Each pair runs back to back, the order alternating, and the idle processes wait on a pipe, taking no CPU. For each
+model the script prints the medians, the median of the pairs' own ratios and a distribution-free 95% confidence
+interval for that median (order statistics), and how many pairs reached 0.95.
+
+    .venv/bin/python benchmarks/decode_loop.py --llama-cpp-bin /tmp/lcpbuild/bin --pairs 16 --bare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import decode_loop_rate, install
+
+MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
+SETTLE = 0.3  # seconds between two measurements: lets the last one's OpenMP threads stop spinning
+
+
+def bare_rate(path: Path, threads: int, tokens: int, cache: dict) -> float:
+    """A plain `llama_decode` loop through llama-cpp-python's bindings, as `llama-bench` tg runs it: one token a
+    step from an empty cache, the context set up as Hearth's decode loop sets it up (2,048 tokens, one sequence)."""
+    import llama_cpp.llama_cpp as L
+
+    if path not in cache:
+        L.llama_backend_init()
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = 0
+        model = L.llama_model_load_from_file(str(path).encode(), params)
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = 2048, 512, 512, 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        ctx = L.llama_init_from_model(model, cparams)
+        cache[path] = (model, ctx, L.llama_batch_init(1, 0, 1), L.llama_vocab_n_tokens(L.llama_model_get_vocab(model)))
+    _, ctx, batch, n_vocab = cache[path]
+    L.llama_memory_seq_rm(L.llama_get_memory(ctx), -1, -1, -1)
+    start = time.perf_counter()
+    for i in range(tokens):
+        batch.n_tokens = 1
+        batch.token[0] = (i * 7919) % n_vocab
+        batch.pos[0] = i
+        batch.n_seq_id[0] = 1
+        batch.seq_id[0][0] = 0
+        batch.logits[0] = 1
+        if L.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        L.llama_get_logits_ith(ctx, -1)
+    return tokens / (time.perf_counter() - start)
+
+
+def worker(kind: str, path: Path, threads: int, tokens: int) -> None:
+    """Load once, warm up, then answer each line on stdin with one measurement on stdout."""
+    fn = bare_rate if kind == "bare" else decode_loop_rate
+    cache: dict = {}
+    fn(path, threads, 8, cache)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(fn(path, threads, tokens, cache)), flush=True)
+
+
+class Worker:
+    def __init__(self, kind: str, path: Path, threads: int, tokens: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", kind, str(path), str(threads), str(tokens)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if self.process.stdout.readline().strip() != "ready":
+            raise SystemExit(f"the {kind} worker did not start")
+
+    def measure(self) -> float:
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def llama_bench_tg(binary: Path, model: Path, threads: int, tokens: int) -> float:
+    out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(tokens), "-r", "1",
+                          "-o", "json"], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)[0]["avg_ts"]
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval for the median: the k-th smallest and k-th largest values, with k the
+    largest rank whose binomial tail stays within (1 - confidence) / 2."""
+    ordered, n = sorted(values), len(values)
+    tail, k = 0.0, 0
+    while k < n // 2:
+        tail += math.comb(n, k) / 2**n
+        if tail > (1 - confidence) / 2:
+            break
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
+def paired_rates(bench: Path, path: Path, threads: int, tokens: int, pairs: int, bare: bool = False,
+                 label: str = "") -> dict[str, list[float]]:
+    """`pairs` rounds of `llama-bench` tg and Hearth's decode loop (and the plain loop), back to back, the order
+    alternating; tokens per second of each, in order."""
+    workers = {"loop": Worker("loop", path, threads, tokens)}
+    if bare:
+        workers["bare"] = Worker("bare", path, threads, tokens)
+    rates: dict[str, list[float]] = {"bench": [], **{kind: [] for kind in workers}}
+    try:
+        for pair in range(pairs):
+            order = ["bench", *workers]
+            for kind in order if pair % 2 == 0 else reversed(order):
+                time.sleep(SETTLE)
+                rates[kind].append(llama_bench_tg(bench, path, threads, tokens) if kind == "bench"
+                                   else workers[kind].measure())
+            print(json.dumps({"model": label or path.name, "pair": pair,
+                              **{kind: round(values[-1], 1) for kind, values in rates.items()}}), flush=True)
+    finally:
+        for each in workers.values():
+            each.close()
+    return rates
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        kind, path, threads, tokens = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+        return worker(kind, path, threads, tokens)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-cpp-bin", type=Path, required=True, help="folder with llama-bench")
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--bare", action="store_true", help="also time a plain llama_decode loop in Python")
+    args = parser.parse_args()
+
+    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
+          f"threads={args.threads}, tokens={args.tokens}, pairs={args.pairs}\n", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            path = install(Path(tmp), name)
+            rows.append((name, paired_rates(args.llama_cpp_bin / "llama-bench", path, args.threads, args.tokens,
+                                            args.pairs, args.bare, name)))
+
+    plain_header = " plain llama_decode loop | plain / tg128 [95% CI] |" if args.bare else ""
+    print(f"\n| model | llama-bench tg128 | Hearth loop alone | loop / tg128, median of pairs [95% CI] | "
+          f"pairs ≥ 0.95 |{plain_header}")
+    print(f"|---|---|---|---|---|{'---|---|' if args.bare else ''}")
+    for name, rates in rows:
+        ratios = [a / b for a, b in zip(rates["loop"], rates["bench"], strict=True)]
+        low, high = median_interval(ratios)
+        cells = [name, f"{statistics.median(rates['bench']):.1f}", f"{statistics.median(rates['loop']):.1f}",
+                 f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}]",
+                 f"{sum(r >= 0.95 for r in ratios)} of {len(ratios)}"]
+        if args.bare:
+            plain = [a / b for a, b in zip(rates["bare"], rates["bench"], strict=True)]
+            low, high = median_interval(plain)
+            cells += [f"{statistics.median(rates['bare']):.1f}",
+                      f"{statistics.median(plain):.3f} [{low:.3f}, {high:.3f}]"]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
