@@ -11,8 +11,9 @@ For each model it measures, one after another so nothing competes for the cores:
 - Hearth over HTTP: single-stream generation, the runner's own decode rate, prompt processing, time to first
   token, aggregate generation at 1, 2, 4 and 8 concurrent streams, and a repeated ≥1,000-token prompt.
 Every stream is greedy and generates exactly --tokens tokens (end of sequence ignored). Hearth and llama-server
-are measured back to back within each round; besides the ratio of medians, the tables give the median of each
-round's own ratio, which the machine's drift between rounds does not move.
+are measured back to back within each round, which one goes first alternating by round; besides the ratio of
+medians, the tables give the median of each round's own ratio, which the machine's drift between rounds does not
+move, with a distribution-free 95% confidence interval for it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from common import (
     stream_completion,
     wait_http,
 )
-from decode_loop import Worker, paired_rates
+from decode_loop import Worker, median_interval, paired_rates
 
 MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
 LONG_PROMPT = " ".join(f"Paragraph {i}: the keeper climbed the stairs, trimmed the wick and watched the sea."
@@ -79,23 +80,32 @@ def measure(models_dir: Path, name: str, path: Path, args: argparse.Namespace) -
         stream_completion(hearth_base, name, "warm up", 8)
         if server_base:
             stream_completion(server_base, "x", "warm up", 8)
-        for _ in range(args.rounds):  # alternate the two servers within each round
-            single = stream_completion(hearth_base, name, PROMPT, args.tokens)
-            add("single_http", single.rate)
-            add("single_runner", single.timings["predicted_per_second"])
-            add("ttft_short", single.ttft)
+        for round_ in range(args.rounds):  # the two servers back to back, which goes first alternating by round
+            order = ("hearth", "server") if round_ % 2 == 0 else ("server", "hearth")
+            for which in order:
+                if which == "hearth":
+                    single = stream_completion(hearth_base, name, PROMPT, args.tokens)
+                    add("single_http", single.rate)
+                    add("single_runner", single.timings["predicted_per_second"])
+                    add("ttft_short", single.ttft)
+                elif server_base:
+                    add("server_single", stream_completion(server_base, "x", PROMPT, args.tokens).rate)
             if server_base:
-                add("server_single", stream_completion(server_base, "x", PROMPT, args.tokens).rate)
                 add("pair_single", samples["single_http"][-1] / samples["server_single"][-1])
             for n in (1, 2, 4, 8):
-                add(f"agg{n}", concurrent_streams(hearth_base, name, n, args.tokens)[0])
-                if n == 4 and server_base:
-                    add("server_agg4", concurrent_streams(server_base, "x", 4, args.tokens)[0])
-                    add("pair_agg4", samples["agg4"][-1] / samples["server_agg4"][-1])
+                for which in order if n == 4 else ("hearth",):
+                    if which == "hearth":
+                        add(f"agg{n}", concurrent_streams(hearth_base, name, n, args.tokens)[0])
+                    elif server_base:
+                        add("server_agg4", concurrent_streams(server_base, "x", 4, args.tokens)[0])
+            if server_base:
+                add("pair_agg4", samples["agg4"][-1] / samples["server_agg4"][-1])
         for i in range(args.rounds):
             pp = stream_completion(hearth_base, name, f"{i} " + LONG_PROMPT[:2600], 1)
             add("prompt_tps", pp.timings["prompt_per_second"])
         numbers = {key: statistics.median(values) for key, values in samples.items()}
+        numbers.update({f"{key}_ci": median_interval(values) for key, values in samples.items()
+                        if key.startswith("pair_")})
         first = stream_completion(hearth_base, name, LONG_PROMPT + " Once more:", 4)
         second = stream_completion(hearth_base, name, LONG_PROMPT + " Once more:", 4)
         numbers.update(long_prompt_tokens=first.timings["prompt_n"], long_first=first.ttft, long_second=second.ttft)
@@ -129,7 +139,8 @@ def main() -> None:
                 rates = paired_rates(args.llama_cpp_bin / "llama-bench", path, args.threads, args.tokens,
                                      2 * args.rounds, label=name)
                 row["bench_tg"] = statistics.median(rates["bench"])
-                row["pair_loop"] = statistics.median(a / b for a, b in zip(rates["loop"], rates["bench"], strict=True))
+                ratios = [a / b for a, b in zip(rates["loop"], rates["bench"], strict=True)]
+                row["pair_loop"], row["pair_loop_ci"] = statistics.median(ratios), median_interval(ratios)
                 row["bench_pp"] = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads)[0]
                 loop = rates["loop"]
             else:
@@ -149,25 +160,32 @@ def main() -> None:
     def value(row: dict, key: str, fmt: str = "{:.1f}") -> str:
         return fmt.format(row[key]) if key in row else "n/a"
 
+    def paired(row: dict, key: str) -> str:
+        """The median of the rounds' own ratios, with its 95% confidence interval."""
+        if key not in row:
+            return "n/a"
+        low, high = row[f"{key}_ci"]
+        return f"{row[key]:.2f} [{low:.2f}, {high:.2f}]"
+
     print("\nGeneration, tokens per second (single stream unless noted):\n")
     print("| model | llama-bench tg128 | llama-server 1 stream | llama-cpp-python in-process | Hearth decode loop alone | "
-          "Hearth runner while serving | Hearth HTTP 1 stream | loop alone / tg128 | same, median of rounds' ratios | "
-          "HTTP / llama-server | same, median of rounds' ratios | HTTP / llama-cpp-python |")
+          "Hearth runner while serving | Hearth HTTP 1 stream | loop alone / tg128 | same, median of rounds' ratios [95% CI] | "
+          "HTTP / llama-server | same, median of rounds' ratios [95% CI] | HTTP / llama-cpp-python |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {value(r, 'bench_tg')} | {value(r, 'server_single')} | {value(r, 'lcp_single')} | "
               f"{value(r, 'decode_loop')} | {value(r, 'single_runner')} | {value(r, 'single_http')} | "
-              f"{ratio(r, 'decode_loop', 'bench_tg')} | {value(r, 'pair_loop', '{:.2f}')} | "
+              f"{ratio(r, 'decode_loop', 'bench_tg')} | {paired(r, 'pair_loop')} | "
               f"{ratio(r, 'single_http', 'server_single')} | "
-              f"{value(r, 'pair_single', '{:.2f}')} | {ratio(r, 'single_http', 'lcp_single')} |")
+              f"{paired(r, 'pair_single')} | {ratio(r, 'single_http', 'lcp_single')} |")
     print("\nConcurrent streams, aggregate generation tokens per second:\n")
     print("| model | Hearth 1 | Hearth 2 | Hearth 4 | Hearth 8 | llama-server --parallel 4, 4 streams | "
-          "Hearth 4 / Hearth single stream | Hearth 4 / llama-server 4 | same, median of rounds' ratios |")
+          "Hearth 4 / Hearth single stream | Hearth 4 / llama-server 4 | same, median of rounds' ratios [95% CI] |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {value(r, 'agg1')} | {value(r, 'agg2')} | {value(r, 'agg4')} | {value(r, 'agg8')} | "
               f"{value(r, 'server_agg4')} | {ratio(r, 'agg4', 'single_http')} | {ratio(r, 'agg4', 'server_agg4')} | "
-              f"{value(r, 'pair_agg4', '{:.2f}')} |")
+              f"{paired(r, 'pair_agg4')} |")
     print("\nPrompts:\n")
     print("| model | llama-bench pp512 | Hearth prompt tok/s | Hearth TTFT, short prompt | "
           "long prompt tokens | TTFT first | TTFT repeated | speed-up |")
