@@ -65,6 +65,17 @@ def start_hearth(models_dir: Path, threads: int) -> tuple[subprocess.Popen, str]
     return process, base
 
 
+def start_llama_server(binary: Path, model: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's own server, as the benchmarks run it beside Hearth: four slots, a 16,384-token context."""
+    port = free_port()
+    process = subprocess.Popen([str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads),
+                                "--parallel", "4", "-c", "16384", "--port", str(port), "--log-disable"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base, process, "/health")
+    return process, base
+
+
 def stop(process: subprocess.Popen) -> None:
     process.terminate()
     try:

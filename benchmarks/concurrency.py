@@ -32,12 +32,11 @@ from common import (
     PROMPT,
     baseline_in_fresh_process,
     concurrent_streams,
-    free_port,
     install,
     start_hearth,
+    start_llama_server,
     stop,
     stream_completion,
-    wait_http,
 )
 from decode_loop import Worker, median_interval, paired_rates
 
@@ -53,16 +52,6 @@ def llama_bench(binary: Path, model: Path, threads: int, repetitions: int = 3) -
     pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
     tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
     return pp, tg
-
-
-def start_llama_server(binary: Path, model: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads),
-                                "--parallel", "4", "-c", "16384", "--port", str(port), "--log-disable"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    wait_http(base, process, "/health")
-    return process, base
 
 
 def measure(models_dir: Path, name: str, path: Path, args: argparse.Namespace) -> dict:

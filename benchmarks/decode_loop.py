@@ -12,12 +12,15 @@ margin being measured, so a few long runs cannot settle it. This script takes ma
   sampling, nothing else) runs in a third long-lived process. It shows how much of any gap is Python calling
   llama.cpp at all, or a difference between llama-cpp-python's build of llama.cpp and the one `llama-bench` uses,
   rather than Hearth's own work between two decodes.
+- With --serve, Hearth (`parallel: 8`) and `llama-server --parallel 4` run too, and each pair also takes one
+  streamed 128-token completion from each, timed by the client (first token to last): what the HTTP path costs
+  against the loop alone, and Hearth against llama.cpp's own server.
 
 Each pair runs back to back, the order alternating, and the idle processes wait on a pipe, taking no CPU. For each
 model the script prints the medians, the median of the pairs' own ratios and a distribution-free 95% confidence
 interval for that median (order statistics), and how many pairs reached 0.95.
 
-    .venv/bin/python benchmarks/decode_loop.py --llama-cpp-bin /tmp/lcpbuild/bin --pairs 16 --bare
+    .venv/bin/python benchmarks/decode_loop.py --llama-cpp-bin /tmp/lcpbuild/bin --pairs 16 --bare [--serve]
 """
 
 from __future__ import annotations
@@ -36,7 +39,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import decode_loop_rate, install
+from common import (
+    PROMPT,
+    decode_loop_rate,
+    install,
+    start_hearth,
+    start_llama_server,
+    stop,
+    stream_completion,
+)
 
 MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
 SETTLE = 0.3  # seconds between two measurements: lets the last one's OpenMP threads stop spinning
@@ -123,20 +134,27 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
 
 
 def paired_rates(bench: Path, path: Path, threads: int, tokens: int, pairs: int, bare: bool = False,
-                 label: str = "") -> dict[str, list[float]]:
-    """`pairs` rounds of `llama-bench` tg and Hearth's decode loop (and the plain loop), back to back, the order
-    alternating; tokens per second of each, in order."""
+                 label: str = "", servers: dict[str, tuple[str, str]] | None = None) -> dict[str, list[float]]:
+    """`pairs` rounds of `llama-bench` tg and Hearth's decode loop (and the plain loop, and one stream from each
+    of `servers`: name -> (base URL, model)), back to back, the order alternating; tokens per second of each."""
     workers = {"loop": Worker("loop", path, threads, tokens)}
     if bare:
         workers["bare"] = Worker("bare", path, threads, tokens)
-    rates: dict[str, list[float]] = {"bench": [], **{kind: [] for kind in workers}}
+    servers = servers or {}
+    for base, model in servers.values():
+        stream_completion(base, model, "warm up", 8)
+    rates: dict[str, list[float]] = {"bench": [], **{kind: [] for kind in [*workers, *servers]}}
     try:
         for pair in range(pairs):
-            order = ["bench", *workers]
+            order = ["bench", *workers, *servers]
             for kind in order if pair % 2 == 0 else reversed(order):
                 time.sleep(SETTLE)
-                rates[kind].append(llama_bench_tg(bench, path, threads, tokens) if kind == "bench"
-                                   else workers[kind].measure())
+                if kind == "bench":
+                    rates[kind].append(llama_bench_tg(bench, path, threads, tokens))
+                elif kind in workers:
+                    rates[kind].append(workers[kind].measure())
+                else:
+                    rates[kind].append(stream_completion(*servers[kind], PROMPT, tokens).rate)
             print(json.dumps({"model": label or path.name, "pair": pair,
                               **{kind: round(values[-1], 1) for kind, values in rates.items()}}), flush=True)
     finally:
@@ -156,6 +174,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--bare", action="store_true", help="also time a plain llama_decode loop in Python")
+    parser.add_argument("--serve", action="store_true", help="also time one stream from Hearth and llama-server")
     args = parser.parse_args()
 
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
@@ -163,27 +182,47 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            path = install(Path(tmp), name)
-            rows.append((name, paired_rates(args.llama_cpp_bin / "llama-bench", path, args.threads, args.tokens,
-                                            args.pairs, args.bare, name)))
+            path = install(Path(tmp), name, parallel=8, context_size=8 * 2048)
+            processes, servers = [], {}
+            try:
+                if args.serve:
+                    hearth, base = start_hearth(Path(tmp), args.threads)
+                    processes.append(hearth)
+                    servers["http"] = (base, name)
+                    server, base = start_llama_server(args.llama_cpp_bin / "llama-server", path, args.threads)
+                    processes.append(server)
+                    servers["server"] = (base, name)
+                rows.append((name, paired_rates(args.llama_cpp_bin / "llama-bench", path, args.threads, args.tokens,
+                                                args.pairs, args.bare, name, servers)))
+            finally:
+                for process in processes:
+                    stop(process)
 
-    plain_header = " plain llama_decode loop | plain / tg128 [95% CI] |" if args.bare else ""
-    print(f"\n| model | llama-bench tg128 | Hearth loop alone | loop / tg128, median of pairs [95% CI] | "
-          f"pairs ≥ 0.95 |{plain_header}")
-    print(f"|---|---|---|---|---|{'---|---|' if args.bare else ''}")
+    columns = [("loop", "bench", "Hearth loop / tg128")]
+    if args.bare:
+        columns.append(("bare", "bench", "plain llama_decode loop / tg128"))
+    if args.serve:
+        columns += [("http", "loop", "Hearth HTTP / Hearth loop"), ("http", "server", "Hearth HTTP / llama-server"),
+                    ("server", "bench", "llama-server / tg128")]
+    print("\nTokens per second, medians of the pairs:\n")
+    kinds = list(rows[0][1]) if rows else []
+    labels = {"bench": "llama-bench tg128", "loop": "Hearth loop alone", "bare": "plain llama_decode loop",
+              "http": "Hearth HTTP 1 stream", "server": "llama-server 1 stream"}
+    print("| model | " + " | ".join(labels[kind] for kind in kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
     for name, rates in rows:
-        ratios = [a / b for a, b in zip(rates["loop"], rates["bench"], strict=True)]
-        low, high = median_interval(ratios)
-        cells = [name, f"{statistics.median(rates['bench']):.1f}", f"{statistics.median(rates['loop']):.1f}",
-                 f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}]",
-                 f"{sum(r >= 0.95 for r in ratios)} of {len(ratios)}"]
-        if args.bare:
-            plain = [a / b for a, b in zip(rates["bare"], rates["bench"], strict=True)]
-            low, high = median_interval(plain)
-            cells += [f"{statistics.median(rates['bare']):.1f}",
-                      f"{statistics.median(plain):.3f} [{low:.3f}, {high:.3f}]"]
-        print("| " + " | ".join(cells) + " |")
-
+        print(f"| {name} | " + " | ".join(f"{statistics.median(rates[kind]):.1f}" for kind in kinds) + " |")
+    print("\nMedians of the pairs' own ratios [95% confidence interval] (pairs at or above 0.95):\n")
+    print("| model | " + " | ".join(title for _, _, title in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, rates in rows:
+        cells = []
+        for a, b, _ in columns:
+            ratios = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
+            low, high = median_interval(ratios)
+            cells.append(f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}] "
+                         f"({sum(r >= 0.95 for r in ratios)} of {len(ratios)})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()
