@@ -249,12 +249,14 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
-def test_grpc_uses_its_polling_transport_in_both_processes(start_server, models_dir: Path) -> None:
+def test_grpc_uses_its_polling_transport_in_both_processes(start_server, models_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The server and its runners switch off gRPC's EventEngine client and listener (see hearth/__init__.py); if a
     gRPC upgrade drops those experiments, gRPC logs "Unknown experiment" and this fails, so the choice gets
     looked at again instead of silently lapsing."""
     import hearth
 
+    monkeypatch.delenv("GRPC_EXPERIMENTS")  # set in this process too, by importing hearth: the server must set it
     server = start_server(models_dir)
     chunks = list(server.client().chat.completions.create(model="model-a", messages=MESSAGES, stream=True))
     assert chunks
