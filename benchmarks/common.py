@@ -65,6 +65,18 @@ def start_hearth(models_dir: Path, threads: int) -> tuple[subprocess.Popen, str]
     return process, base
 
 
+def llama_bench(binary: Path, model: Path, threads: int, *, prompt: int = 0, gen: int = 0,
+                repetitions: int = 1) -> dict[str, float]:
+    """llama.cpp's `llama-bench` in a process of its own: tokens per second of a `prompt`-token prompt ("pp")
+    and of generating `gen` tokens ("tg"), each the mean of `repetitions` runs after llama-bench's own warm-up."""
+    out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
+                          "-r", str(repetitions), "-o", "json"], capture_output=True, text=True, check=True).stdout
+    rates = {}
+    for row in json.loads(out):
+        rates["pp" if row["n_prompt"] > 0 else "tg"] = row["avg_ts"]
+    return rates
+
+
 def start_llama_server(binary: Path, model: Path, threads: int) -> tuple[subprocess.Popen, str]:
     """llama.cpp's own server, as the benchmarks run it beside Hearth: four slots, a 16,384-token context."""
     port = free_port()

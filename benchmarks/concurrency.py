@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +32,7 @@ from common import (
     baseline_in_fresh_process,
     concurrent_streams,
     install,
+    llama_bench,
     start_hearth,
     start_llama_server,
     stop,
@@ -43,15 +43,6 @@ from decode_loop import Worker, median_interval, paired_rates
 MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
 LONG_PROMPT = " ".join(f"Paragraph {i}: the keeper climbed the stairs, trimmed the wick and watched the sea."
                        for i in range(60))  # about 1,200 tokens
-
-
-def llama_bench(binary: Path, model: Path, threads: int, repetitions: int = 3) -> tuple[float, float]:
-    out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", "512", "-n", "128",
-                          "-r", str(repetitions), "-o", "json"], capture_output=True, text=True, check=True).stdout
-    rows = json.loads(out)
-    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
-    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
-    return pp, tg
 
 
 def measure(models_dir: Path, name: str, path: Path, args: argparse.Namespace) -> dict:
@@ -130,7 +121,8 @@ def main() -> None:
                 row["bench_tg"] = statistics.median(rates["bench"])
                 ratios = [a / b for a, b in zip(rates["loop"], rates["bench"], strict=True)]
                 row["pair_loop"], row["pair_loop_ci"] = statistics.median(ratios), median_interval(ratios)
-                row["bench_pp"] = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads)[0]
+                row["bench_pp"] = llama_bench(args.llama_cpp_bin / "llama-bench", path, args.threads, prompt=512,
+                                              repetitions=3)["pp"]
                 loop = rates["loop"]
             else:
                 worker = Worker("loop", path, args.threads, args.tokens)

@@ -43,6 +43,7 @@ from common import (
     PROMPT,
     decode_loop_rate,
     install,
+    llama_bench,
     start_hearth,
     start_llama_server,
     stop,
@@ -113,12 +114,6 @@ class Worker:
         self.process.wait(timeout=30)
 
 
-def llama_bench_tg(binary: Path, model: Path, threads: int, tokens: int) -> float:
-    out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(tokens), "-r", "1",
-                          "-o", "json"], capture_output=True, text=True, check=True).stdout
-    return json.loads(out)[0]["avg_ts"]
-
-
 def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
     """Distribution-free confidence interval for the median: the k-th smallest and k-th largest values, with k the
     largest rank whose binomial tail stays within (1 - confidence) / 2."""
@@ -150,7 +145,7 @@ def paired_rates(bench: Path, path: Path, threads: int, tokens: int, pairs: int,
             for kind in order if pair % 2 == 0 else reversed(order):
                 time.sleep(SETTLE)
                 if kind == "bench":
-                    rates[kind].append(llama_bench_tg(bench, path, threads, tokens))
+                    rates[kind].append(llama_bench(bench, path, threads, gen=tokens)["tg"])
                 elif kind in workers:
                     rates[kind].append(workers[kind].measure())
                 else:
