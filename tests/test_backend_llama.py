@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,18 @@ def test_stop_strings_cut_output(backend: Backend) -> None:
 
 
 def test_cancellation_stops_without_a_final_chunk(backend: Backend) -> None:
-    chunks = run(backend, "Once upon a time", cancel_after=3, max_tokens=200, ignore_eos=True)
+    spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=200, ignore_eos=True,
+                          sampling=Sampling(temperature=0))
+    chunks, counted = [], []
+    for chunk in backend.generate(spec, cancelled=lambda: len(chunks) >= 3):
+        chunks.append(chunk)
+        counted.append(backend.active_requests())
     assert len(chunks) == 3 and all(c.finish_reason is None for c in chunks)
+    assert counted == [1, 1, 1], "the request counts as active while it generates"
+    deadline = time.monotonic() + 5
+    while backend.active_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert backend.active_requests() == 0, "and no longer once its reader has left"
 
 
 def test_tokens_round_trip_and_bad_ids(backend: Backend) -> None:

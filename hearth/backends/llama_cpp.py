@@ -409,7 +409,7 @@ class Backend(BaseBackend):
     # -- generation ------------------------------------------------------------------------------------
 
     def active_requests(self) -> int:
-        return self.scheduler.active() if self.scheduler else 0
+        return self.scheduler.in_flight() if self.scheduler else 0
 
     def _prompt_tokens(self, spec: GenerationSpec) -> list[int]:
         if spec.prompt_tokens is not None:

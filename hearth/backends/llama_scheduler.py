@@ -223,7 +223,8 @@ class Scheduler:
             self._cond.notify()
         return job
 
-    def active(self) -> int:
+    def in_flight(self) -> int:
+        """Jobs waiting or generating (the list of generating slots is `active`)."""
         with self._cond:
             return len(self.waiting) + len(self.active)
 
