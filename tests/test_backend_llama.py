@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -133,15 +134,13 @@ def test_grammar_and_logprobs_in_the_loop(backend: Backend) -> None:
     assert caught.value.param == "grammar"
 
 
-def test_loop_readers_get_mid_stream_text_from_the_loops_own_timer(backend: Backend) -> None:
-    """For readers on an event loop the decode thread wakes the loop only for a job's first text and its end; the
-    text in between is taken by the loop's own timer every interval, which stops once an interval passes with
-    nothing to take (an idle loop is not woken again). The text is the same as read any other way."""
+def _read_on_a_loop(backend: Backend, spec: GenerationSpec, interval: float,
+                    keep: int | None = None) -> tuple[list[GenerationChunk], int, bool, bool]:
+    """Reads `spec` on a fresh event loop with the given stream interval (all of it, or its first `keep` chunks):
+    the chunks, how often the decode thread woke the loop, whether the loop's timer ran when reading ended, and
+    whether it still ran a few intervals later."""
     scheduler = backend.scheduler
     assert scheduler is not None
-    spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=96, ignore_eos=True,
-                          sampling=Sampling(temperature=0))
-    expected = "".join(c.text for c in backend.generate(spec, cancelled=lambda: False))
 
     async def read() -> tuple[list[GenerationChunk], int, bool, bool]:
         loop = asyncio.get_running_loop()
@@ -154,20 +153,60 @@ def test_loop_readers_get_mid_stream_text_from_the_loops_own_timer(backend: Back
             return threadsafe(callback, *args, **kwargs)
 
         loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-        chunks = [chunk async for chunk in backend.agenerate(spec)]
+        chunks: list[GenerationChunk] = []
+        async with contextlib.aclosing(backend.agenerate(spec)) as stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+                if keep is not None and len(chunks) >= keep:
+                    break
         pump = scheduler._pumps[loop]
         ticking = pump.ticking
         await asyncio.sleep(3 * scheduler.delivery_interval() + 0.1)
         return chunks, wakes, ticking, pump.ticking
 
-    interval = scheduler.stream_interval
-    scheduler.stream_interval = 0.15  # well above a decode step, even on a busy machine
+    before = scheduler.stream_interval
+    scheduler.stream_interval = interval
     try:
-        chunks, wakes, ticking_at_end, ticking_later = asyncio.run(read())
+        return asyncio.run(read())
     finally:
-        scheduler.stream_interval = interval
+        scheduler.stream_interval = before
+
+
+def test_loop_readers_get_mid_stream_text_from_the_loops_own_timer(backend: Backend) -> None:
+    """For readers on an event loop the decode thread wakes the loop only for a job's first text and its end; the
+    text in between is taken by the loop's own timer every interval, which runs until the job ends (an idle loop is
+    not woken again). The text is the same as read any other way."""
+    spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=96, ignore_eos=True,
+                          sampling=Sampling(temperature=0))
+    expected = "".join(c.text for c in backend.generate(spec, cancelled=lambda: False))
+    # Well above a decode step, even on a busy machine: deliveries carry several tokens.
+    chunks, wakes, ticking_at_end, ticking_later = _read_on_a_loop(backend, spec, 0.15)
     assert "".join(c.text for c in chunks) == expected and chunks[-1].finish_reason == "length"
     texts = [c for c in chunks if c.text]
     assert len(texts) >= 3, "96 tokens take several intervals: text comes in several deliveries"
     assert wakes <= 3, f"{wakes} wake-ups for {len(texts)} deliveries: only the first text and the end should wake"
-    assert ticking_at_end and not ticking_later, "the timer runs while text comes, and stops once it does not"
+    assert ticking_at_end and not ticking_later, "the timer runs while text comes, and stops once the job ended"
+
+
+def test_loop_timer_outlasts_intervals_shorter_than_a_token(backend: Backend) -> None:
+    """With an interval far below a decode step most of the timer's intervals find no text. It keeps running
+    through them while the job goes on, so the decode thread still wakes the loop only for the first text and the
+    end, not for every token after an empty interval."""
+    spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=48, ignore_eos=True,
+                          sampling=Sampling(temperature=0))
+    chunks, wakes, _, ticking_later = _read_on_a_loop(backend, spec, 0.0005)
+    texts = [c for c in chunks if c.text]
+    assert chunks[-1].finish_reason == "length" and len(texts) >= 12, "tokens come one or two a delivery"
+    assert wakes <= 3, f"{wakes} wake-ups for {len(texts)} deliveries: only the first text and the end should wake"
+    assert not ticking_later
+
+
+def test_loop_timer_stops_when_its_reader_leaves(backend: Backend) -> None:
+    """A reader that leaves mid-stream ends its job: the timer it kept running stops, and the slot is freed."""
+    spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=400, ignore_eos=True,
+                          sampling=Sampling(temperature=0))
+    chunks, _, ticking_at_end, ticking_later = _read_on_a_loop(backend, spec, 0.02, keep=2)
+    assert len(chunks) == 2 and not chunks[-1].finish_reason
+    assert ticking_at_end and not ticking_later, "the timer stops once the job's reader has gone"
+    assert backend.active_requests() == 0
+

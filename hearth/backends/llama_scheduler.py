@@ -589,8 +589,9 @@ def _free_samplers(slot: Slot) -> None:
 class Pump:
     """Output on its way to the readers on one event loop. The decode thread appends to it; the loop takes it every
     delivery interval on a timer of its own, so that the decode thread, whose cores are busy, makes no system call
-    and wakes no thread for text in mid-stream. The timer stops after an interval with nothing to deliver; the next
-    output then wakes the loop, which starts it again."""
+    and wakes no thread for text in mid-stream. The timer runs while a job whose text it delivered has not ended,
+    even through intervals with nothing to take (a token can take longer than an interval); once none is left, it
+    stops, and the next output (a new job's first text) wakes the loop, which starts it again."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: Callable[[], float]) -> None:
         self.loop = loop
@@ -598,6 +599,8 @@ class Pump:
         self.items: deque[tuple[Job, Any]] = deque()  # appended by the decode thread, taken by the loop
         self.ticking = False  # the loop's timer will take the items: the decode thread need not wake it
         self._timer: asyncio.TimerHandle | None = None
+        # Jobs (by id) with text delivered and no end yet: their next text needs the timer. The loop alone uses it.
+        self._streaming: dict[int, Job] = {}
 
     def woken(self) -> None:
         """On the loop, called by the decode thread: deliver now, and time the next delivery from this one (with
@@ -610,7 +613,7 @@ class Pump:
 
     def _tick(self) -> None:
         self._timer = None
-        if self._deliver():
+        if self._deliver() or self._still_streaming():
             self._start()
             return
         self.ticking = False
@@ -624,10 +627,20 @@ class Pump:
             self.ticking = True
             self._timer = self.loop.call_later(interval, self._tick)
 
+    def _still_streaming(self) -> bool:
+        """Whether a job may yet send text through the timer (one whose reader left is done with)."""
+        for key in [key for key, job in self._streaming.items() if job.cancelled]:
+            del self._streaming[key]
+        return bool(self._streaming)
+
     def _deliver(self) -> int:
         count = 0
         while self.items:
             job, item = self.items.popleft()
+            if isinstance(item, BaseException) or item.finish_reason:
+                self._streaming.pop(id(job), None)
+            else:
+                self._streaming[id(job)] = job
             if job.aqueue is not None:
                 job.aqueue.put_nowait(item)
             count += 1
