@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from hearth.backends.base import GenerationChunk, GenerationSpec, LoadSpec, Sampling
-from hearth.backends.llama_cpp import Backend
+from hearth.backends.llama_cpp import Backend, maps_weights
 from hearth.errors import ContextLengthExceeded, InvalidRequest
 
 pytestmark = pytest.mark.real_model
@@ -210,3 +210,34 @@ def test_loop_timer_stops_when_its_reader_leaves(backend: Backend) -> None:
     assert ticking_at_end and not ticking_later, "the timer stops once the job's reader has gone"
     assert backend.active_requests() == 0
 
+
+def _mapped(path: Path) -> bool:
+    """Whether this process maps `path` into its memory."""
+    target = str(path.resolve())
+    return any(line.rstrip().endswith(target) for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+@pytest.mark.parametrize(("setting", "expect_mapped"), [(True, True), (False, False), (None, False)])
+def test_mmap_setting_maps_the_weights_or_reads_them_in(backend: Backend, smollm2_file: Path, setting: bool | None,
+                                                        expect_mapped: bool) -> None:
+    """LocalAI's `mmap`: true maps the GGUF into the runner's memory, false reads the weights in. Unset, a model
+    that takes at most half the available memory (as this one does) is read in. Either way it generates the same."""
+    assert not _mapped(smollm2_file)
+    loaded = Backend()
+    try:
+        loaded.load(LoadSpec(model_name="smol", backend="llama-cpp", model_path=str(smollm2_file),
+                             config={"mmap": setting}, threads=2, context_size=256, parallel=1))
+        assert _mapped(smollm2_file) is expect_mapped
+        text = "".join(c.text for c in run(loaded, "The capital of France is", max_tokens=6))
+    finally:
+        loaded.close()
+    assert not _mapped(smollm2_file), "closing the model unmaps its file"
+    assert text == "".join(c.text for c in run(backend, "The capital of France is", max_tokens=6))
+
+
+def test_mmap_default_follows_the_memory_available() -> None:
+    gib = 2**30
+    assert maps_weights(None, 1 * gib, 8 * gib) is False  # small beside the memory available: read in
+    assert maps_weights(None, 5 * gib, 8 * gib) is True  # over half of it: mapped, paged in by the kernel
+    assert maps_weights(None, 1 * gib, None) is True  # memory unknown: mapped, as llama.cpp would
+    assert maps_weights(True, 1 * gib, 8 * gib) is True and maps_weights(False, 5 * gib, 8 * gib) is False

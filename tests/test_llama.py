@@ -40,6 +40,8 @@ def smol_dir(smollm2_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         "name": "own-template", "parameters": {"model": "smollm2.gguf", "temperature": 0}, "context_size": 1024,
         "template": {"chat": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
                              "{% endfor %}{{ '<|im_start|>assistant\n' }}"}})
+    write_yaml(models, "mapped", {"name": "mapped", "parameters": {"model": "smollm2.gguf"}, "context_size": 256,
+                                  "parallel": 1, "mmap": True})
     write_yaml(models, "missing", {"name": "missing-file", "parameters": {"model": "nowhere.gguf"}})
     (models / "not-gguf.bin").write_bytes(b"PK\x03\x04 this is a zip file, not a model")
     write_yaml(models, "notgguf", {"name": "not-a-gguf", "backend": "llama-cpp", "parameters": {"model": "not-gguf.bin"}})
@@ -169,6 +171,22 @@ def test_prompt_longer_than_context(smol: HearthServer) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         smol.client().completions.create(model="tiny-context", prompt="hello", max_tokens=500)
     assert "lower max_tokens" in caught.value.message
+
+
+def test_weights_read_into_memory_unless_mmap_is_set(smol: HearthServer, smol_dir: Path) -> None:
+    """A small model's weights are read into its runner's memory (they decode faster so); `mmap: true` maps the
+    file instead. Both answer alike."""
+    client = smol.client()
+    answers = {name: client.chat.completions.create(model=name, messages=QUESTION, max_tokens=8, temperature=0)
+               .choices[0].message.content for name in ("tiny-context", "mapped")}
+    assert answers["tiny-context"] == answers["mapped"]
+    model_file = str((smol_dir / "smollm2.gguf").resolve())
+
+    def maps_file(name: str) -> bool:
+        maps = Path(f"/proc/{smol.runner_pid(name)}/maps").read_text().splitlines()
+        return any(line.rstrip().endswith(model_file) for line in maps)
+
+    assert not maps_file("tiny-context") and maps_file("mapped")
 
 
 def test_suffix_refused_without_fim_tokens(smol: HearthServer) -> None:

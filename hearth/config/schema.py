@@ -110,6 +110,9 @@ class ModelConfig(_Open):
     parallel: int | None = Field(None, ge=1, le=64)
     queue_size: int | None = Field(None, ge=0, le=100_000)
     flash_attention: bool | None = None
+    # LocalAI's field: llama-cpp maps the weights from the file instead of reading them into memory; unset: read
+    # in when they take at most half the available memory (they decode faster so), mapped when larger.
+    mmap: bool | None = None
     # llama-cpp: streamed text is sent at most this often (the first text and the end at once); 0: every token.
     stream_interval_ms: float | None = Field(None, ge=0, le=1000)
     # Embedding models (LocalAI's `embeddings`): a llama-cpp model serves /v1/embeddings instead of generating.
