@@ -77,11 +77,12 @@ def llama_bench(binary: Path, model: Path, threads: int, *, prompt: int = 0, gen
     return rates
 
 
-def start_llama_server(binary: Path, model: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    """llama.cpp's own server, as the benchmarks run it beside Hearth: four slots, a 16,384-token context."""
+def start_llama_server(binary: Path, model: Path, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's own server, as the benchmarks run it beside Hearth: four slots, a 16,384-token context (and any
+    `extra` arguments)."""
     port = free_port()
     process = subprocess.Popen([str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads),
-                                "--parallel", "4", "-c", "16384", "--port", str(port), "--log-disable"],
+                                "--parallel", "4", "-c", "16384", "--port", str(port), "--log-disable", *extra],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     wait_http(base, process, "/health")

@@ -14,7 +14,9 @@ margin being measured, so a few long runs cannot settle it. This script takes ma
   rather than Hearth's own work between two decodes.
 - With --serve, Hearth (`parallel: 8`) and `llama-server --parallel 4` run too, and each pair also takes one
   streamed 128-token completion from each, timed by the client (first token to last): what the HTTP path costs
-  against the loop alone, and Hearth against llama.cpp's own server.
+  against the loop alone, and Hearth against llama.cpp's own server. Hearth reads a small model's weights into
+  memory, where llama.cpp's tools map the file by default; --server-in-memory adds a `llama-server --load-mode none`
+  (weights read in, as Hearth does) beside the default one.
 
 Each pair runs back to back, the order alternating, and the idle processes wait on a pipe, taking no CPU. For each
 model the script prints the medians, the median of the pairs' own ratios and a distribution-free 95% confidence
@@ -170,6 +172,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--bare", action="store_true", help="also time a plain llama_decode loop in Python")
     parser.add_argument("--serve", action="store_true", help="also time one stream from Hearth and llama-server")
+    parser.add_argument("--server-in-memory", action="store_true",
+                        help="with --serve, also time llama-server with its weights read into memory")
     args = parser.parse_args()
 
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
@@ -187,6 +191,11 @@ def main() -> None:
                     server, base = start_llama_server(args.llama_cpp_bin / "llama-server", path, args.threads)
                     processes.append(server)
                     servers["server"] = (base, name)
+                    if args.server_in_memory:
+                        server, base = start_llama_server(args.llama_cpp_bin / "llama-server", path, args.threads,
+                                                          "--load-mode", "none")
+                        processes.append(server)
+                        servers["server-in-memory"] = (base, name)
                 rows.append((name, paired_rates(args.llama_cpp_bin / "llama-bench", path, args.threads, args.tokens,
                                                 args.pairs, args.bare, name, servers)))
             finally:
@@ -199,10 +208,13 @@ def main() -> None:
     if args.serve:
         columns += [("http", "loop", "Hearth HTTP / Hearth loop"), ("http", "server", "Hearth HTTP / llama-server"),
                     ("server", "bench", "llama-server / tg128")]
+        if args.server_in_memory:
+            columns.append(("http", "server-in-memory", "Hearth HTTP / llama-server weights in memory"))
     print("\nTokens per second, medians of the pairs:\n")
     kinds = list(rows[0][1]) if rows else []
     labels = {"bench": "llama-bench tg128", "loop": "Hearth loop alone", "bare": "plain llama_decode loop",
-              "http": "Hearth HTTP 1 stream", "server": "llama-server 1 stream"}
+              "http": "Hearth HTTP 1 stream", "server": "llama-server 1 stream",
+              "server-in-memory": "llama-server weights in memory 1 stream"}
     print("| model | " + " | ".join(labels[kind] for kind in kinds) + " |")
     print("|---|" + "---|" * len(kinds))
     for name, rates in rows:
