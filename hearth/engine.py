@@ -48,7 +48,7 @@ class Engine:
     @contextlib.asynccontextmanager
     async def runner(self, config: ModelConfig, capability: str) -> AsyncIterator[Runner]:
         """The model's ready runner, after checking the loaded model really has `capability`."""
-        async with self.runners.use(config) as runner:
+        async with self.runners.use(config, computes=capability != "tokenize") as runner:
             assert runner.info is not None
             if capability not in runner.info.capabilities:
                 raise CapabilityNotSupported(_missing_capability(config.name, capability, runner.info),

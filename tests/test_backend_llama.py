@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import llama_cpp.llama_cpp as L
 import pytest
 
 from hearth.backends.base import GenerationChunk, GenerationSpec, LoadSpec, Sampling
 from hearth.backends.llama_cpp import Backend, maps_weights
+from hearth.cores import Board
 from hearth.errors import ContextLengthExceeded, InvalidRequest
 
 pytestmark = pytest.mark.real_model
@@ -241,3 +243,41 @@ def test_mmap_default_follows_the_memory_available() -> None:
     assert maps_weights(None, 5 * gib, 8 * gib) is True  # over half of it: mapped, paged in by the kernel
     assert maps_weights(None, 1 * gib, None) is True  # memory unknown: mapped, as llama.cpp would
     assert maps_weights(True, 1 * gib, 8 * gib) is True and maps_weights(False, 5 * gib, 8 * gib) is False
+
+
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_threads_follow_the_board_of_busy_runners(backend: Backend, smollm2_file: Path, tmp_path: Path,
+                                                  embeddings: bool) -> None:
+    """While the server's board shows another runner working, each step computes with a share of the cores (one
+    thread of two on two cores), and with all of them again once it is alone; the results do not change."""
+    board = Board(tmp_path / "cores", create=True)
+    loaded = Backend()
+    try:
+        loaded.load(LoadSpec(model_name="smol", backend="llama-cpp", model_path=str(smollm2_file),
+                             config={"embeddings": embeddings}, threads=2, context_size=256, parallel=1, board=board))
+        share = loaded.share if embeddings else loaded.scheduler.share
+        share.cores = 2  # as on this machine kind, whatever the machine running the tests
+
+        def work() -> Any:
+            if embeddings:
+                return loaded.embed(["The capital of France is"], False, True)[0][0].tolist()
+            return "".join(c.text for c in run(loaded, "The capital of France is", max_tokens=6))
+
+        def threads() -> int:
+            return loaded.threads if embeddings else loaded.scheduler.threads
+
+        alone = work()
+        assert threads() == 2
+        board.mark(0, True)  # this runner, as the server marks it while its request is in flight
+        board.mark(4, True)  # another runner working at the same time
+        shared = work()
+        assert threads() == 1 and L.llama_n_threads(loaded.ctx) == 1
+        board.mark(4, False)
+        again = work()
+        assert threads() == 2 and L.llama_n_threads(loaded.ctx) == 2
+    finally:
+        loaded.close()
+        board.close()
+    assert shared == alone and again == alone
+    if not embeddings:
+        assert alone == "".join(c.text for c in run(backend, "The capital of France is", max_tokens=6))

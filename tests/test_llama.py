@@ -237,3 +237,38 @@ def test_a_chat_that_goes_on_reuses_its_prefix(smol: HearthServer) -> None:
     second = client.chat.completions.create(model="own-template", messages=messages, max_tokens=8)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
     assert second.timings["prompt_n"] == second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens  # type: ignore[attr-defined]
+
+
+def test_models_working_at_once_share_the_cores(smol_dir: Path, start_server) -> None:
+    """Two models decoding at the same time each compute with a share of the cores instead of all of them (their
+    threads would otherwise keep preempting one another mid-step), and with all of them again once alone."""
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(sorted(mine)[:2]))  # the server and its runners see two cores, as on this machine kind
+    try:
+        server = start_server(smol_dir, "--log-level", "debug")
+    finally:
+        os.sched_setaffinity(0, mine)
+    client = server.client()
+    for name in ("tiny-context", "mapped"):  # both loaded before the test proper
+        client.completions.create(model=name, prompt="Hi", max_tokens=1)
+    assert "threads (busy runners" not in server.log()  # one at a time: every thread, nothing to log
+    left = client.completions.create(model="tiny-context", prompt="Once upon a time", max_tokens=200,
+                                     temperature=0, stream=True, extra_body={"ignore_eos": True})
+    pieces = [next(iter(left)).choices[0].text]
+    right = client.completions.create(model="mapped", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert right.choices[0].finish_reason == "length"
+    pieces += [chunk.choices[0].text for chunk in left if chunk.choices]
+    assert len("".join(pieces)) > 200
+
+    def said(model: str, text: str) -> bool:
+        return any(f"[{model}]" in line and text in line for line in server.log().splitlines())
+
+    # The model asked second starts while the first is working: from its first step it takes half the cores. (The
+    # first takes its half from its next step, unless its current step outlasts the second's short request.)
+    assert said("mapped", "computing with 1 of 2 threads (busy runners: 2)")
+    deadline = time.monotonic() + 30
+    while not said("mapped", "computing with 2 of 2 threads (busy runners: 1)"):
+        assert time.monotonic() < deadline, "the model working alone again did not take back its threads"
+        again = client.completions.create(model="mapped", prompt="The capital of France is", max_tokens=8,
+                                          temperature=0)
+        assert again.choices[0].text == right.choices[0].text

@@ -69,6 +69,43 @@ def test_runner_killed_mid_request_fails_clearly_and_restarts(start_server, mode
     assert server.runner_pid("slow-model") != pid
 
 
+def test_runners_at_work_are_marked_on_the_board_they_share_the_cores_by(start_server, models_dir: Path) -> None:
+    """The server keeps a byte per runner it started, set while a request computes on it, and passes the file to
+    each runner (hearth/cores.py); a runner that dies mid-request is cleared, so no other runner keeps giving way."""
+    server = start_server(models_dir)
+    client = server.client()
+    client.chat.completions.create(model="slow-model", messages=MESSAGES, max_tokens=1)
+    client.chat.completions.create(model="model-a", messages=MESSAGES, max_tokens=1)
+    (socket_dir,) = server.socket_dirs()
+    board = Path(socket_dir) / "cores"
+
+    def busy() -> int:
+        return sum(1 for byte in board.read_bytes() if byte)
+
+    assert busy() == 0
+    for name in ("slow-model", "model-a"):
+        argv = Path(f"/proc/{server.runner_pid(name)}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--cores-board") + 1] == str(board).encode()
+    errors: list[Exception] = []
+
+    def ask() -> None:
+        try:
+            client.chat.completions.create(model="slow-model", messages=MESSAGES, max_tokens=100)
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    assert wait_for(lambda: busy() == 1)
+    client.chat.completions.create(model="model-a", messages=MESSAGES, max_tokens=1)
+    assert busy() == 1  # model-a's request has ended; slow-model's goes on
+    os.kill(server.runner_pid("slow-model"), signal.SIGKILL)
+    thread.join(30)
+    assert len(errors) == 1 and busy() == 0
+    client.chat.completions.create(model="slow-model", messages=MESSAGES, max_tokens=1)  # a new runner, a free byte
+    assert busy() == 0
+
+
 def test_runner_killed_mid_stream_sends_error_then_done(start_server, models_dir: Path) -> None:
     server = start_server(models_dir)
     body = {"model": "slow-model", "messages": MESSAGES, "stream": True, "max_tokens": 100}

@@ -9,6 +9,7 @@ import pytest
 from hearth import errors
 from hearth.backends.base import StopBuffer
 from hearth.chat.template import render_chat
+from hearth.cores import SLOTS, Board, Share
 from hearth.runner.wire import from_status, to_status
 from hearth.settings import load_settings
 
@@ -127,3 +128,28 @@ def test_a_missing_library_fails_the_load_naming_the_extra() -> None:
     assert caught.value.message == ("a test model needs json and no_such_library_for_hearth, and "
                                     "no_such_library_for_hearth is not installed; install it with: "
                                     "pip install 'hearth[speech]'")
+
+
+def test_busy_runners_share_the_cores(tmp_path: Path) -> None:
+    """The board the server keeps (one byte per runner it started) and the share each runner computes with."""
+    board = Board(tmp_path / "cores", create=True)
+    seen = Board(tmp_path / "cores")  # a runner's read-only view of the same file
+    try:
+        two_cores = Share(2, seen, cores=2)
+        assert seen.busy() == 0 and two_cores.threads() == 2  # idle, or working alone: every configured thread
+        board.mark(3, True)
+        assert seen.busy() == 1 and two_cores.threads() == 2
+        board.mark(7, True)
+        assert seen.busy() == 2 and two_cores.threads() == 1  # two at once on two cores: one thread each
+        board.mark(9, True)
+        assert two_cores.threads() == 1  # never below one thread
+        assert Share(4, seen, cores=12).threads() == 4  # cores to spare: the configured threads, no more
+        assert Share(8, seen, cores=12).threads() == 4  # twelve cores among three busy runners
+        board.mark(7, False)
+        board.mark(9, False)
+        board.mark(SLOTS + 5, True)  # beyond the board: ignored, not an error
+        assert seen.busy() == 1 and two_cores.threads() == 2
+        assert Share(2).threads() == 2  # a runner started by hand has no board
+    finally:
+        seen.close()
+        board.close()

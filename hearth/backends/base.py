@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from hearth.cores import Board, Share
 from hearth.errors import CapabilityNotSupported, ModelLoadFailed
 
 # Canonical backend name -> module that defines `Backend` (imported only inside the runner).
@@ -37,6 +38,11 @@ class LoadSpec:
     context_size: int = 0
     parallel: int = 0
     files: dict[str, str] = field(default_factory=dict)
+    board: Board | None = None  # which runners are working now, when the server that started this one keeps it
+
+    def share(self) -> Share:
+        """The threads to compute with at each step: `threads` alone, fewer while other runners work too."""
+        return Share(self.threads, self.board)
 
     @classmethod
     def from_json(cls, model_name: str, backend: str, model_path: str, config_json: str, **rest: Any) -> LoadSpec:

@@ -23,6 +23,7 @@ from hearth.backends.base import (
     Sampling,
 )
 from hearth.backends.llama_scheduler import IMAGE_TOKEN, Job, Media, Scheduler
+from hearth.cores import Share
 from hearth.errors import (
     BackendError,
     CapabilityNotSupported,
@@ -127,6 +128,8 @@ class Backend(BaseBackend):
         self.embedding_size = 0
         self.truncate = False
         self._embed_lock = threading.Lock()
+        self.share: Share | None = None  # embeddings mode: the threads to compute each batch with
+        self.threads = 0
         self.mtmd: Any = None  # llama.cpp's multimodal context (the mmproj projector), for vision models
 
     # -- loading ---------------------------------------------------------------------------------------
@@ -192,7 +195,7 @@ class Backend(BaseBackend):
         self.scheduler = Scheduler(self.ctx, self.vocab, n_parallel=parallel, n_ctx_seq=self.n_ctx_seq,
                                    n_batch=self.n_batch, queue_size=int(spec.config.get("queue_size") or 64),
                                    piece=self._piece, n_vocab=self.n_vocab, mtmd=None,
-                                   stream_interval=_stream_interval(spec.config))
+                                   stream_interval=_stream_interval(spec.config), share=spec.share())
         if mmproj:
             self.mtmd = self._load_projector(Path(mmproj), spec.threads)
             self.scheduler.mtmd = self.mtmd
@@ -274,6 +277,7 @@ class Backend(BaseBackend):
         self.n_ctx = self.n_ctx_seq = L.llama_n_ctx(self.ctx)
         self.embedding_size = int(L.llama_model_n_embd(self.model))
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self.share, self.threads = spec.share(), spec.threads
         self.truncate = bool(spec.config.get("truncate", False))
         pooling = {1: "mean", 2: "cls", 3: "last"}.get(L.llama_pooling_type(self.ctx), "?")
         capabilities = ["embed", "tokenize"] + (["rerank"] if spec.config.get("similarity_rerank", True) else [])
@@ -308,6 +312,10 @@ class Backend(BaseBackend):
             all_tokens.append(tokens)
         vectors = np.zeros((len(all_tokens), self.embedding_size), dtype=np.float32)
         with self._embed_lock:
+            threads = self.share.threads() if self.share else self.threads
+            if threads != self.threads:
+                L.llama_set_n_threads(self.ctx, threads, threads)
+                self.threads = threads
             start = 0
             while start < len(all_tokens):
                 end, used = start, 0

@@ -30,6 +30,7 @@ import llama_cpp.mtmd_cpp as M
 import numpy as np
 
 from hearth.backends.base import GenerationChunk, StopBuffer, TokenLogprob
+from hearth.cores import Share
 from hearth.errors import BackendError, HearthError, Overloaded
 
 log = logging.getLogger("hearth.runner.llama")
@@ -172,8 +173,11 @@ class Scheduler:
 
     def __init__(self, ctx: Any, vocab: Any, *, n_parallel: int, n_ctx_seq: int, n_batch: int, queue_size: int,
                  piece: Callable[[int, Any], bytes], n_vocab: int, mtmd: Any = None,
-                 stream_interval: float = 0.0) -> None:
+                 stream_interval: float = 0.0, share: Share | None = None) -> None:
         self.ctx = ctx
+        # The threads each step computes with: fewer while other runners of the server work too (hearth/cores.py).
+        self.share = share
+        self.threads = L.llama_n_threads(ctx)
         self.mtmd = mtmd
         self.vocab = vocab
         self.n_vocab = n_vocab
@@ -283,6 +287,8 @@ class Scheduler:
                         self._flush()
                         return
                     self._admit()
+            if self.share is not None:
+                self._take_share()
             try:
                 self._step()
             except Exception as exc:  # a failed decode fails the jobs in it, never the loop
@@ -292,6 +298,14 @@ class Scheduler:
                         self._finish(slot, error=exc if isinstance(exc, HearthError) else
                                      BackendError(f"llama.cpp failed: {exc}"))
             self._flush()
+
+    def _take_share(self) -> None:
+        threads = self.share.threads()
+        if threads != self.threads:
+            L.llama_set_n_threads(self.ctx, threads, threads)
+            log.debug("computing with %d of %d threads (busy runners: %d)", threads, self.share.configured,
+                      self.share.board.busy() if self.share.board else 1)
+            self.threads = threads
 
     def _admit(self) -> None:
         """Give waiting jobs free slots, first come first served, reusing cached prefixes.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from hearth.runner.server import serve
 
@@ -15,12 +16,14 @@ def main() -> None:
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process goes away")
     parser.add_argument("--log-level", default=os.environ.get("HEARTH_LOG_LEVEL", "info"))
     parser.add_argument("--name", default="", help="model name, for log lines")
+    parser.add_argument("--cores-board", type=Path, default=None,
+                        help="the server's file of busy runners, to share the cores with them (see hearth/cores.py)")
     args = parser.parse_args()
     # Started by the server, whose log already stamps time and model on each line we print; by hand, stamp here.
     plain = "%(levelname)s %(message)s"
     stamped = f"%(asctime)s %(levelname)s runner[{args.name or os.getpid()}] %(message)s"
     logging.basicConfig(level=args.log_level.upper(), format=plain if args.parent_pid else stamped)
-    serve(args.listen, parent_pid=args.parent_pid)
+    serve(args.listen, parent_pid=args.parent_pid, cores_board=args.cores_board)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -30,6 +31,7 @@ from hearth.backends.base import (
     create_backend,
     iterate_in_thread,
 )
+from hearth.cores import Board
 from hearth.runner import hearth_pb2 as pb
 from hearth.runner import hearth_pb2_grpc as pb_grpc
 from hearth.runner.wire import to_status
@@ -130,7 +132,8 @@ def _generation_spec(request: pb.GenerateRequest) -> GenerationSpec:
 class RunnerService(pb_grpc.RunnerServicer):
     """Serves one backend; Load must come first."""
 
-    def __init__(self) -> None:
+    def __init__(self, board: Board | None = None) -> None:
+        self.board = board
         self.backend: Backend | None = None
         self.spec: LoadSpec | None = None
         self.info: pb.ModelInfo | None = None
@@ -161,7 +164,7 @@ class RunnerService(pb_grpc.RunnerServicer):
                 spec = LoadSpec.from_json(
                     request.model_name, request.backend, request.model_path, request.config_json,
                     threads=request.threads or (os.cpu_count() or 1), context_size=request.context_size,
-                    parallel=request.parallel, files=dict(request.files),
+                    parallel=request.parallel, files=dict(request.files), board=self.board,
                 )
                 log.info("loading model '%s' with backend %s from %s", spec.model_name, spec.backend,
                          spec.model_path)
@@ -327,8 +330,14 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-async def _serve(address: str, parent_pid: int | None) -> None:
-    service = RunnerService()
+async def _serve(address: str, parent_pid: int | None, cores_board: Path | None) -> None:
+    board = None
+    if cores_board is not None:
+        try:
+            board = Board(cores_board)
+        except OSError as exc:
+            log.warning("cannot read the server's board of busy runners (%s): computing with all threads", exc)
+    service = RunnerService(board)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     pb_grpc.add_RunnerServicer_to_server(service, server)
@@ -352,6 +361,6 @@ async def _serve(address: str, parent_pid: int | None) -> None:
             os.unlink(address.removeprefix("unix:"))
 
 
-def serve(address: str, *, parent_pid: int | None = None) -> None:
+def serve(address: str, *, parent_pid: int | None = None, cores_board: Path | None = None) -> None:
     """Serve until SIGTERM/SIGINT; `address` is `unix:/path` or `host:port`."""
-    asyncio.run(_serve(address, parent_pid))
+    asyncio.run(_serve(address, parent_pid, cores_board))

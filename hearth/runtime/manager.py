@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hearth.config.schema import ModelConfig
+from hearth.cores import SLOTS, Board
 from hearth.errors import BackendError, HearthError, ModelLoadFailed, RunnerCrashed
 from hearth.runner import hearth_pb2 as pb
 from hearth.runtime.client import RunnerClient, RunnerGone
@@ -35,6 +36,8 @@ class Runner:
     info: pb.ModelInfo | None = None
     state: str = "loading"  # loading | ready | stopping | dead
     active: int = 0
+    working: int = 0  # requests in flight that compute (not tokenize calls), for the board of busy runners
+    slot: int | None = None  # this runner's byte on the board, for runners this server started
     loaded_at: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
     keep_alive: float | None = None  # seconds idle before unloading (Ollama's keep_alive); None: the server setting
@@ -107,23 +110,37 @@ class RunnerManager:
         self._counter = 0
         self._reaper: asyncio.Task | None = None
         self._closing = False
+        self.board: Board | None = None
+        self._stopping_slots: set[int | None] = set()  # slots of runners still stopping: not yet free again
 
     async def start(self) -> None:
         self._socket_dir = Path(tempfile.mkdtemp(prefix="hearth-"))
         self._socket_dir.chmod(0o700)
+        self.board = Board(self._socket_dir / "cores", create=True)
         self._reaper = asyncio.create_task(self._reap_idle())
 
     # -- using a model ---------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def use(self, config: ModelConfig) -> AsyncIterator[Runner]:
-        """The ready runner for `config`, loading it first if needed; held busy while the block runs."""
+    async def use(self, config: ModelConfig, *, computes: bool = True) -> AsyncIterator[Runner]:
+        """The ready runner for `config`, loading it first if needed; held busy while the block runs.
+
+        A block that `computes` (all but tokenizing) also marks the runner busy on the board, so that runners
+        working at the same time share the cores (hearth/cores.py)."""
         runner = await self.ensure_loaded(config)
         runner.active += 1
+        if computes:
+            runner.working += 1
+            if runner.working == 1:
+                self._mark(runner, True)
         try:
             yield runner
         finally:
             runner.active -= 1
+            if computes:
+                runner.working -= 1
+                if runner.working == 0:
+                    self._mark(runner, False)
             runner.last_used = time.monotonic()
             if runner.state == "dead":
                 await self._forget(runner)
@@ -153,10 +170,13 @@ class RunnerManager:
         process: RunnerProcess | RemoteRunner
         if config.runner:
             process = RemoteRunner(config.name, config.runner)
+            slot = None
         else:
+            slot = self._free_slot()
             process = RunnerProcess(config.name, self._socket_dir / f"r{self._counter}.sock",
-                                    log_level=self.settings.log_level)
-        runner = Runner(name=config.name, config=config, process=process)
+                                    log_level=self.settings.log_level,
+                                    cores_board=self.board.path if self.board and slot is not None else None)
+        runner = Runner(name=config.name, config=config, process=process, slot=slot)
         self.runners[config.name] = runner
         backend = config.canonical_backend
         log.info("Loading model '%s' with backend %s", config.name, backend)
@@ -214,7 +234,18 @@ class RunnerManager:
             log.info("unloading '%s' (least recently used) to make room", victim.name)
             await self._forget(victim)
 
+    def _free_slot(self) -> int | None:
+        taken = {r.slot for r in self.runners.values()} | self._stopping_slots
+        return next((i for i in range(SLOTS) if i not in taken), None)
+
+    def _mark(self, runner: Runner, busy: bool) -> None:
+        if self.board is not None and runner.slot is not None:
+            self.board.mark(runner.slot, busy)
+
     async def _forget(self, runner: Runner) -> None:
+        self._mark(runner, False)  # it may have died mid-request; no runner waits on it any more
+        if runner.slot is not None:
+            self._stopping_slots.add(runner.slot)
         if self.runners.get(runner.name) is runner:
             del self.runners[runner.name]
         if runner.state != "dead":
@@ -224,6 +255,8 @@ class RunnerManager:
                 await runner.client.close()
         await runner.process.stop()
         runner.state = "dead"
+        self._stopping_slots.discard(runner.slot)
+        runner.slot = None  # free for the next runner: a request still ending on this one no longer marks it
 
     # -- management ------------------------------------------------------------------------------------
 
@@ -258,6 +291,9 @@ class RunnerManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         await asyncio.gather(*(self._forget(r) for r in list(self.runners.values())), return_exceptions=True)
+        if self.board is not None:
+            self.board.close()
+            self.board = None
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None

@@ -17,10 +17,12 @@ log = logging.getLogger("hearth.runtime")
 class RunnerProcess:
     """A `python -m hearth.runner` child listening on a Unix socket the server chose."""
 
-    def __init__(self, name: str, socket_path: Path, *, log_level: str = "info") -> None:
+    def __init__(self, name: str, socket_path: Path, *, log_level: str = "info",
+                 cores_board: Path | None = None) -> None:
         self.name = name
         self.socket_path = socket_path
         self.log_level = log_level
+        self.cores_board = cores_board
         self.process: asyncio.subprocess.Process | None = None
         self.recent_lines: deque[str] = deque(maxlen=40)
         self._readers: list[asyncio.Task] = []
@@ -46,6 +48,7 @@ class RunnerProcess:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hearth.runner", "--listen", self.address, "--parent-pid", str(os.getpid()),
             "--log-level", self.log_level, "--name", self.name,
+            *(["--cores-board", str(self.cores_board)] if self.cores_board else []),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=env, start_new_session=True,
         )
