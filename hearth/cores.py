@@ -10,7 +10,9 @@ So the API process, which knows which runners have requests in flight, keeps a s
 byte per runner it started, set while that runner is working. Before each step a runner reads the board and
 computes with its share of the cores: all of its configured threads while it works alone, the cores divided by
 the number of busy runners when others work too (at least one thread). Runners started by hand on another
-machine get no board and always use their configured threads.
+machine get no board and always use their configured threads. torch's backends (diffusers, transformers, the
+torch path of sentence-transformers) follow the board the same way, between steps; faster-whisper and onnxruntime
+fix their threads when they load, so their runners only mark the board, and the others give way to them.
 """
 
 from __future__ import annotations
@@ -72,3 +74,11 @@ class Share:
         if busy <= 1:
             return self.configured
         return max(1, min(self.configured, self.cores // busy))
+
+
+def follow_in_torch(share: Share, torch: object) -> int:
+    """Set torch's intra-op threads to the share now (torch is passed in: this module imports no library)."""
+    threads = share.threads()
+    if torch.get_num_threads() != threads:  # type: ignore[attr-defined]
+        torch.set_num_threads(threads)  # type: ignore[attr-defined]
+    return threads

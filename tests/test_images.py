@@ -180,3 +180,43 @@ def test_stablediffusion_not_installed_says_how(server: HearthServer) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         server.client().images.generate(model="stablediffusion", prompt="a cat")
     assert "backend: diffusers" in caught.value.message
+
+
+def test_steps_follow_the_board_of_busy_runners(tmp_path: Path) -> None:
+    """In-process: while the server's board shows another runner working, each step computes with a share of the
+    cores (torch's threads, set in the thread that runs the pipeline), and with all of them again once alone."""
+    import torch
+
+    from hearth.backends.base import LoadSpec
+    from hearth.backends.diffusers_backend import Backend, GeneratedImage, ImageSpec
+    from hearth.cores import Board
+
+    build_tiny_sd(tmp_path / "tiny-sd")
+    board = Board(tmp_path / "cores", create=True)
+    backend = Backend()
+    before = torch.get_num_threads()
+    try:
+        backend.load(LoadSpec(model_name="tiny-sd", backend="diffusers", model_path=str(tmp_path / "tiny-sd"),
+                              config={"step": 2}, threads=2, board=board))
+        backend.share.cores = 2  # as on this machine kind, whatever the machine running the tests
+
+        def image() -> bytes:
+            spec = ImageSpec(prompt="a red cat", width=64, height=64, steps=2, seed=7)
+            return next(i.png for i in backend.generate_image(spec) if isinstance(i, GeneratedImage))
+
+        alone = image()
+        assert backend.threads == 2
+        board.mark(0, True)
+        board.mark(1, True)
+        shared = image()
+        assert backend.threads == 1
+        board.mark(1, False)
+        again = image()
+        assert backend.threads == 2
+    finally:
+        backend.close()
+        board.close()
+        torch.set_num_threads(before)
+    # The same seed gives the same image with the same threads; on one thread torch splits its sums differently, so
+    # a few pixels may round the other way.
+    assert again == alone and png_size(shared) == (64, 64)

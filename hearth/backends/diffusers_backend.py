@@ -21,6 +21,7 @@ from typing import Any
 
 from hearth.backends.base import Backend as BaseBackend
 from hearth.backends.base import LoadSpec, ModelDescription, need
+from hearth.cores import Share, follow_in_torch
 from hearth.errors import InvalidRequest, ModelLoadFailed
 
 log = logging.getLogger("hearth.runner.diffusers")
@@ -73,11 +74,14 @@ class Backend(BaseBackend):
         self.native = 512
         self._edit_pipes: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self.share = Share(1)
+        self.threads = 0  # torch threads of the last step, as the share set them
 
     def load(self, spec: LoadSpec) -> ModelDescription:
         path = Path(spec.model_path)
         diffusers, torch = need("images", "diffusers", "torch", why="the diffusers backend")
         torch.set_num_threads(spec.threads)
+        self.share = spec.share()
         try:
             if path.is_dir():
                 if not (path / "model_index.json").is_file():
@@ -184,8 +188,10 @@ class Backend(BaseBackend):
         def work(report: Callable[[int, int], None]) -> list[Any]:
             def on_step(_pipe: Any, step: int, _timestep: Any, state: dict) -> dict:
                 report(step + 1, total)
+                self.threads = follow_in_torch(self.share, torch)  # other models may have started or stopped
                 return state
 
+            self.threads = follow_in_torch(self.share, torch)
             with torch.inference_mode():
                 return pipe(**arguments, callback_on_step_end=on_step).images
 

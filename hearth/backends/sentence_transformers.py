@@ -23,6 +23,7 @@ import numpy as np
 
 from hearth.backends.base import Backend as BaseBackend
 from hearth.backends.base import LoadSpec, ModelDescription, need
+from hearth.cores import Share, follow_in_torch
 from hearth.errors import InvalidRequest, ModelLoadFailed
 
 log = logging.getLogger("hearth.runner.sentence_transformers")
@@ -58,6 +59,7 @@ class Backend(BaseBackend):
         self.model: Any = None
         self.vocab_size = 0
         self._lock = threading.Lock()
+        self.share = Share(1)
 
     # -- loading ---------------------------------------------------------------------------------------
 
@@ -85,6 +87,7 @@ class Backend(BaseBackend):
             self._load_onnx(onnx, spec.threads)
         else:
             self._load_torch(spec.threads)
+            self.share = spec.share()
         capabilities = ["rerank", "tokenize"] if self.cross_encoder else ["embed", "tokenize"]
         if not self.cross_encoder and spec.config.get("similarity_rerank", True):
             capabilities.append("rerank")
@@ -259,6 +262,7 @@ class Backend(BaseBackend):
         result = np.zeros((len(all_ids), self.dimensions), dtype=np.float32)
         with self._lock, torch.inference_mode():
             for batch in self._batches(all_ids):
+                follow_in_torch(self.share, torch)
                 ids, mask = _padded([all_ids[i] for i in batch])
                 features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
                             "token_type_ids": torch.zeros(ids.shape, dtype=torch.int64)}
@@ -272,7 +276,10 @@ class Backend(BaseBackend):
         if not self.cross_encoder:
             return super().rerank(query, documents)
         if self.engine == "torch":
+            import torch
+
             with self._lock:
+                follow_in_torch(self.share, torch)
                 scores = self.model.predict([(query, d) for d in documents], batch_size=self.batch_size,
                                             convert_to_numpy=True, show_progress_bar=False)
             return [float(s) for s in np.asarray(scores).reshape(len(documents), -1)[:, -1]]

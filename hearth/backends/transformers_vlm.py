@@ -17,6 +17,7 @@ from typing import Any
 
 from hearth.backends.base import Backend as BaseBackend
 from hearth.backends.base import GenerationChunk, GenerationSpec, LoadSpec, ModelDescription, StopBuffer, need
+from hearth.cores import Share, follow_in_torch
 from hearth.errors import ContextLengthExceeded, InvalidRequest, ModelLoadFailed
 
 
@@ -30,6 +31,7 @@ class Backend(BaseBackend):
         self.vision = False
         self.context = 2048
         self._lock = threading.Lock()
+        self.share = Share(1)
 
     def load(self, spec: LoadSpec) -> ModelDescription:
         folder = Path(spec.model_path)
@@ -37,6 +39,7 @@ class Backend(BaseBackend):
             raise ModelLoadFailed(f"{folder.name} is not a Hugging Face model folder (no config.json in it)")
         torch, transformers = need("torch", "torch", "transformers", why="the transformers backend")
         torch.set_num_threads(spec.threads)
+        self.share = spec.share()
         try:
             try:
                 self.model = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
@@ -118,6 +121,7 @@ class Backend(BaseBackend):
 
             class Stop(StoppingCriteria):
                 def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+                    follow_in_torch(share, torch)  # after each token: other models may have started or stopped
                     return hit.is_set() or cancelled()
 
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -135,8 +139,11 @@ class Backend(BaseBackend):
                 options["min_new_tokens"] = options["max_new_tokens"]
             result: dict[str, Any] = {}
 
+            share = self.share
+
             def run() -> None:
                 try:
+                    follow_in_torch(share, torch)
                     if s.seed is not None:
                         torch.manual_seed(s.seed)
                     with torch.inference_mode():
