@@ -65,6 +65,8 @@ class Settings(BaseSettings):
         default_factory=list, description="directories file:// URIs may read")
     admin_api_key: str | None = Field(None, description="when set, only this key may install or delete models")
     responses_ttl_minutes: float = Field(60.0, gt=0, description="how long /v1/responses results are kept")
+    responses_max_stored: int = Field(1000, ge=1, description="stored /v1/responses results kept at most")
+    responses_max_bytes: int = Field(256 * 2**20, ge=1, description="their conversations' size kept at most")
     generated_images_ttl_minutes: float = Field(60.0, gt=0, description="how long `url` image results are kept")
 
     @field_validator("api_keys", "preload", "image_fetch_allow", "galleries", "download_allow", "gallery_file_dirs",

@@ -363,3 +363,27 @@ def test_client_disconnect_stops_generation(fake_server: HearthServer) -> None:
 def test_out_of_range_prompt_tokens_are_400(fake_server: HearthServer) -> None:
     response = fake_server.http().post("/v1/completions", json={"model": "fake-model", "prompt": [99999999999]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_stored_responses_are_capped_oldest_first(fake_models_dir: Path, start_server) -> None:
+    """Stored responses keep their whole conversation: beyond the count (or bytes) allowed, the oldest go first."""
+    server = start_server(fake_models_dir, env={"HEARTH_RESPONSES_MAX_STORED": "2"})
+    client = server.client()
+    ids = [client.responses.create(model="fake-model", input=f"turn {i}").id for i in range(3)]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(ids[0])
+    assert [client.responses.retrieve(i).id for i in ids[1:]] == ids[1:]
+    follow = client.responses.create(model="fake-model", input="and on", previous_response_id=ids[2])
+    assert follow.status == "completed"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(ids[1])  # the newest two are ids[2] and the one that continued it
+    tight = start_server(fake_models_dir, env={"HEARTH_RESPONSES_MAX_BYTES": "1500"})
+    small = tight.client()
+    first = small.responses.create(model="fake-model", input="short").id
+    second = small.responses.create(model="fake-model", input="y" * 300).id
+    with pytest.raises(openai.NotFoundError):
+        small.responses.retrieve(first)  # the two together are over the budget: the older goes
+    huge = small.responses.create(model="fake-model", input="x" * 1600).id  # over the whole budget: not kept
+    with pytest.raises(openai.NotFoundError):
+        small.responses.retrieve(huge)
+    assert small.responses.retrieve(second).id == second  # and it pushed nothing out

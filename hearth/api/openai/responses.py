@@ -2,12 +2,14 @@
 
 POST /v1/responses (string or item input with input_text / input_image, instructions, function tools, text.format,
 streaming events with sequence numbers, previous_response_id), GET and DELETE /v1/responses/{id}. Responses are
-kept in memory for `responses_ttl_minutes` so a conversation can continue from one.
+kept in memory for `responses_ttl_minutes` so a conversation can continue from one, the oldest forgotten first
+beyond `responses_max_stored` of them or `responses_max_bytes` of conversation.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +25,8 @@ from hearth.api.openai.common import USAGE_KEY, refuse_unknown
 from hearth.api.streaming import SSE_HEADERS, primed
 from hearth.engine import Engine
 from hearth.errors import HearthError, InvalidRequest, NotFound
+
+log = logging.getLogger("hearth.api.responses")
 
 
 class ResponsesBody(BaseModel):
@@ -49,6 +53,7 @@ class Stored:
     response: dict[str, Any]
     messages: list[dict[str, Any]]  # the whole conversation as chat messages, output included
     at: float
+    size: int = 0  # bytes of the conversation as JSON, for the store's limit
 
 
 def _store(request: Request) -> dict[str, Stored]:
@@ -60,6 +65,15 @@ def _store(request: Request) -> dict[str, Stored]:
     for key in [k for k, v in state.responses.items() if now - v.at > ttl]:
         del state.responses[key]
     return state.responses
+
+
+def _trim(store: dict[str, Stored], most: int, most_bytes: int) -> None:
+    """Forget the oldest stored responses beyond `most` of them or `most_bytes` of conversation: each keeps its
+    whole conversation, so a long chain of continued responses holds every earlier turn many times over."""
+    total = sum(item.size for item in store.values())
+    while store and (len(store) > most or total > most_bytes):
+        oldest = next(iter(store))
+        total -= store.pop(oldest).size
 
 
 def _content(parts: Any, where: str) -> Any:
@@ -230,7 +244,14 @@ async def _events(body: ResponsesBody, request: Request) -> AsyncIterator[tuple[
                     said.append({"role": "assistant", "content": None, "tool_calls": [
                         {"id": c["call_id"], "type": "function",
                          "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls.values()]})
-                store[response_id] = Stored(response=response, messages=messages + said, at=time.time())
+                kept = messages + said
+                size = len(json.dumps(kept)) + len(json.dumps(response))
+                if size <= engine.settings.responses_max_bytes:  # larger than the whole budget: not kept at all
+                    store[response_id] = Stored(response=response, messages=kept, at=time.time(), size=size)
+                    _trim(store, engine.settings.responses_max_stored, engine.settings.responses_max_bytes)
+                else:
+                    log.warning("response %s not stored: its conversation (%d bytes) is larger than "
+                                "responses_max_bytes", response_id, size)
             yield ("response.incomplete" if incomplete else "response.completed"), {"response": response}
 
 
