@@ -266,3 +266,19 @@ def test_localai_tts_route(server: HearthServer) -> None:
 def test_speech_model_cannot_chat(server: HearthServer) -> None:
     with pytest.raises(openai.BadRequestError):
         server.client().chat.completions.create(model="tts-1", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_piper_computes_with_the_models_threads(server: HearthServer) -> None:
+    """In-process: Piper's onnxruntime session uses the model's `threads` (PiperVoice.load would take every core),
+    and the voice built so speaks the same as the server's."""
+    from hearth.backends.base import LoadSpec, SpeechSpec
+    from hearth.backends.piper import Backend
+
+    voice = Backend()
+    voice.load(LoadSpec(model_name="joe", backend="piper", model_path=str(server.models_dir / "en_US-joe-medium.onnx"),
+                        config={"noise_scale": 0, "noise_w": 0}, threads=1))
+    assert voice.voice.session.get_session_options().intra_op_num_threads == 1
+    audio = b"".join(voice.speak(SpeechSpec(text=SENTENCE, voice="alloy", speed=1.0, response_format="wav")))
+    served = server.http().post("/v1/audio/speech", json={"model": "steady", "input": SENTENCE,
+                                                          "response_format": "wav"}).content
+    assert abs(duration_of(audio) - duration_of(served)) < 0.05

@@ -8,6 +8,7 @@ a speaker name or number of a multi-speaker voice); the voice's own speaker name
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,9 +40,19 @@ class Backend(BaseBackend):
             raise ModelLoadFailed(f"{path.name} is not a Piper voice (an .onnx file)")
         if not config_path.is_file():
             raise ModelLoadFailed(f"{config_path.name} is missing: a Piper voice needs its .onnx.json beside it")
-        (piper,) = need("speech", "piper", why="a Piper voice")
+        piper, onnxruntime = need("speech", "piper", "onnxruntime", why="a Piper voice")
+        from piper.config import PiperConfig
+
+        # Built here rather than by PiperVoice.load, whose onnxruntime session takes every core: the voice computes
+        # with the model's `threads`, as every other backend does.
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = spec.threads
+        options.inter_op_num_threads = 1
         try:
-            self.voice = piper.PiperVoice.load(path, config_path=config_path)
+            self.voice = piper.PiperVoice(
+                config=PiperConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8"))),
+                session=onnxruntime.InferenceSession(str(path), sess_options=options,
+                                                     providers=["CPUExecutionProvider"]))
         except Exception as exc:  # onnxruntime and json errors
             raise ModelLoadFailed(f"Piper could not load {path.name}: {exc}") from None
         self.sample_rate = int(self.voice.config.sample_rate)
