@@ -39,13 +39,8 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
     return False
 
 
-def test_runner_killed_mid_request_fails_clearly_and_restarts(start_server, models_dir: Path) -> None:
-    server = start_server(models_dir)
-    client = server.client()
-    client.chat.completions.create(model="slow-model", messages=MESSAGES, max_tokens=1)
-    pid = server.runner_pid("slow-model")
-
-    errors: list[Exception] = []
+def ask_in_background(client: openai.OpenAI, errors: list[Exception]) -> threading.Thread:
+    """A long slow-model request in a thread of its own; what it raises goes into `errors`."""
 
     def ask() -> None:
         try:
@@ -55,6 +50,17 @@ def test_runner_killed_mid_request_fails_clearly_and_restarts(start_server, mode
 
     thread = threading.Thread(target=ask)
     thread.start()
+    return thread
+
+
+def test_runner_killed_mid_request_fails_clearly_and_restarts(start_server, models_dir: Path) -> None:
+    server = start_server(models_dir)
+    client = server.client()
+    client.chat.completions.create(model="slow-model", messages=MESSAGES, max_tokens=1)
+    pid = server.runner_pid("slow-model")
+
+    errors: list[Exception] = []
+    thread = ask_in_background(client, errors)
     assert wait_for(lambda: server.runners()[0]["active_requests"] == 1)
     time.sleep(0.3)
     os.kill(pid, signal.SIGKILL)
@@ -87,15 +93,7 @@ def test_runners_at_work_are_marked_on_the_board_they_share_the_cores_by(start_s
         argv = Path(f"/proc/{server.runner_pid(name)}/cmdline").read_bytes().split(b"\0")
         assert argv[argv.index(b"--cores-board") + 1] == str(board).encode()
     errors: list[Exception] = []
-
-    def ask() -> None:
-        try:
-            client.chat.completions.create(model="slow-model", messages=MESSAGES, max_tokens=100)
-        except Exception as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=ask)
-    thread.start()
+    thread = ask_in_background(client, errors)
     assert wait_for(lambda: busy() == 1)
     client.chat.completions.create(model="model-a", messages=MESSAGES, max_tokens=1)
     assert busy() == 1  # model-a's request has ended; slow-model's goes on
