@@ -12,7 +12,7 @@ computes with its share of the cores: all of its configured threads while it wor
 the number of busy runners when others work too (at least one thread). Runners started by hand on another
 machine get no board and always use their configured threads. torch's backends (diffusers, transformers, the
 torch path of sentence-transformers) follow the board the same way, between steps; faster-whisper and onnxruntime
-fix their threads when they load, so their runners only mark the board, and the others give way to them.
+fix their threads when they load: their runners are marked on the board all the same, and the others give way.
 """
 
 from __future__ import annotations
