@@ -11,10 +11,14 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
+from hearth.backends.base import GenerationSpec, LoadSpec, Sampling
+from hearth.backends.llama_cpp import Backend
+from hearth.backends.llama_scheduler import Media, MediaImage
 from tests import tiny_vlm_gguf
 from tests.conftest import CACHE_DIR, HearthServer, free_port, write_yaml
 
@@ -316,6 +320,84 @@ def test_gguf_image_and_text_requests_run_together_without_leaking(server: Heart
     for thread in threads:
         thread.join()
     assert (results["text"], results["image"]) == alone
+
+
+def test_gguf_vision_chat_that_goes_on_reuses_its_image(server: HearthServer) -> None:
+    """The prompt cache knows images by their bytes: the next turn of a vision chat takes the first turn, image
+    included, from the cache (neither encoded nor read again), and answers as if it had computed it all."""
+    client = server.client()
+
+    def chat(picture: bytes, *more: dict) -> Any:
+        return client.chat.completions.create(model="tiny-vlm", max_tokens=4, temperature=0, logprobs=True, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(picture)}},
+                                         {"type": "text", "text": "what is this picture"}]}, *more])
+
+    purple, orange = png("purple", (36, 36)), png("orange", (36, 36))
+    first = chat(purple)
+    going_on = ({"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "and what colour is it"})
+    warm = chat(purple, *going_on)
+    # At most the text before the picture (the template's system prompt) was cached for the first turn.
+    before_the_picture = first.usage.prompt_tokens - GGUF_IMAGE_TOKENS
+    assert first.usage.prompt_tokens_details.cached_tokens < before_the_picture
+    assert warm.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    # Another request takes the slot, then the same conversation runs cold: the same answer, the same numbers.
+    client.chat.completions.create(model="tiny-vlm", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    cold = chat(purple, *going_on)
+    assert cold.usage.prompt_tokens_details.cached_tokens < before_the_picture
+    assert cold.choices[0].message.content == warm.choices[0].message.content
+    assert [t.logprob for t in cold.choices[0].logprobs.content] == pytest.approx(
+        [t.logprob for t in warm.choices[0].logprobs.content], abs=1e-3)
+    # The same words about another picture reuse nothing past the point where the pictures differ.
+    other = chat(orange, *going_on)
+    assert other.usage.prompt_tokens_details.cached_tokens < before_the_picture
+    assert other.usage.prompt_tokens == warm.usage.prompt_tokens
+
+
+@pytest.fixture(scope="module")
+def vlm(server: HearthServer) -> Iterator[Backend]:
+    """The tiny GGUF vision model loaded in this process: the llama.cpp backend called directly."""
+    backend = Backend()
+    backend.load(LoadSpec(model_name="tiny-vlm", backend="llama-cpp", model_path=str(server.models_dir / "tiny-vlm.gguf"),
+                          config={}, threads=2, context_size=1024, parallel=2,
+                          files={"mmproj": str(server.models_dir / "mmproj-tiny-vlm.gguf")}))
+    yield backend
+    backend.close()
+
+
+def vlm_spec(prompt: str, *images: bytes) -> GenerationSpec:
+    return GenerationSpec(prompt=prompt, prompt_tokens=None, images=list(images), max_tokens=3,
+                          sampling=Sampling(temperature=0))
+
+
+def test_gguf_images_are_known_by_their_bytes_and_place(vlm: Backend) -> None:
+    red, blue = png("red", (36, 36)), png("blue", (36, 36))
+    prompt = "User: <__media__> and <__media__> what are these<end_of_utterance>\nAssistant:"
+    first, again, swapped = (vlm._media(vlm_spec(prompt, *pair)) for pair in ((red, blue), (red, blue), (blue, red)))
+    try:
+        assert first.tokens == again.tokens  # the same images in the same places: the same prompt
+        assert len(first.tokens) == len(swapped.tokens)
+        start = first.images[0].start
+        assert first.tokens[:start] == swapped.tokens[:start]
+        assert first.tokens[start] != swapped.tokens[start]  # another image: the prefix ends where it starts
+        # No id an image stands as is a vocabulary token, and no two image chunks share one.
+        ids = [first.tokens[image.start] for image in first.images]
+        assert all(i < 0 for i in ids) and len(set(ids)) == len(ids) >= 2
+        for image in first.images:
+            assert set(first.tokens[image.start:image.end]) == {first.tokens[image.start]}
+    finally:
+        for media in (first, again, swapped):
+            media.close()
+
+
+def test_media_cuts_fall_on_image_boundaries_and_count_positions() -> None:
+    media = Media()
+    media.tokens = [5, 6, -9, -9, -9, -9, 7, -8, -8, 8]
+    media.images = [MediaImage(start=2, chunk=None, n_tokens=4, n_pos=2), MediaImage(start=7, chunk=None, n_tokens=2,
+                                                                                       n_pos=2)]
+    assert [media.cut(i) for i in range(11)] == [0, 1, 2, 2, 2, 2, 6, 7, 7, 9, 10]
+    # An M-RoPE image fits its 4 tokens in 2 positions: the text after it sits 2 positions earlier.
+    assert [media.positions_before(i) for i in (0, 2, 6, 7, 9, 10)] == [0, 2, 4, 5, 7, 8]
 
 
 def test_gguf_without_mmproj_refuses_images_and_names_the_vision_models(server: HearthServer) -> None:

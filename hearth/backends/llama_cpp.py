@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import hashlib
+import os
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,7 +24,7 @@ from hearth.backends.base import (
     ModelDescription,
     Sampling,
 )
-from hearth.backends.llama_scheduler import IMAGE_TOKEN, Job, Media, Scheduler
+from hearth.backends.llama_scheduler import Job, Media, MediaImage, Scheduler
 from hearth.cores import Share
 from hearth.errors import (
     BackendError,
@@ -570,6 +572,8 @@ class Backend(BaseBackend):
                 if not bitmap:
                     raise InvalidRequest(f"image {number + 1} could not be decoded by llama.cpp", param="messages")
                 bitmaps.append(bitmap)
+                # Its chunks carry this id: what the prompt cache knows the image by.
+                M.mtmd_bitmap_set_id(bitmap, hashlib.blake2b(data, digest_size=16).hexdigest().encode())
             media.chunks = M.mtmd_input_chunks_init()
             data = prompt.encode("utf-8")
             text = M.mtmd_input_text(text=data, text_len=len(data), add_special=spec.add_special,
@@ -585,10 +589,14 @@ class Backend(BaseBackend):
                     count = ctypes.c_size_t(0)
                     pointer = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
                     media.tokens.extend(pointer[i] for i in range(count.value))
-                else:
-                    media.tokens.extend([IMAGE_TOKEN] * M.mtmd_input_chunk_get_n_tokens(chunk))
-                    media.images += 1
-            media.positions = M.mtmd_helper_get_n_pos(media.chunks)
+                    continue
+                image = MediaImage(start=len(media.tokens), chunk=chunk, n_tokens=M.mtmd_input_chunk_get_n_tokens(chunk),
+                                   n_pos=M.mtmd_input_chunk_get_n_pos(chunk))
+                media.images.append(image)
+                media.tokens.extend([_image_token(M.mtmd_input_chunk_get_id(chunk), index)] * image.n_tokens)
+            if media.images and media.images[-1].end == len(media.tokens):
+                # The first token is sampled from the logits of the prompt's last text token.
+                raise InvalidRequest("the prompt ends with an image; put some text after it", param="messages")
         except BaseException:
             media.close()
             raise
@@ -596,3 +604,10 @@ class Backend(BaseBackend):
             for bitmap in bitmaps:
                 M.mtmd_bitmap_free(bitmap)
         return media
+
+
+def _image_token(image_id: bytes | None, index: int) -> int:
+    """The negative id an image chunk's positions stand as in a token list: the same for the same image bytes in
+    the same place of the prompt, and never a vocabulary token."""
+    digest = hashlib.blake2b(b"%s/%d" % (image_id or os.urandom(16), index), digest_size=7).digest()
+    return -1 - int.from_bytes(digest, "little")

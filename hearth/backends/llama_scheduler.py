@@ -7,7 +7,8 @@ threads only tokenize, submit a job and read its chunks from a queue.
 
 Prompt cache: a finished sequence keeps its KV entries in its slot. A new prompt reuses the longest prefix any slot
 holds (a chat that goes on, a shared system prompt), copied into the slot it runs in when it sits elsewhere; only
-the rest is computed.
+the rest is computed. Images count as part of the prefix (known by their bytes), so a vision chat that goes on
+neither encodes its images again nor reads its history again.
 """
 
 from __future__ import annotations
@@ -41,23 +42,48 @@ PROMPT_CHUNK_WHILE_GENERATING = 256
 STREAM_SPREAD = 4  # with N sequences generating, streamed text goes out at most every min(N, 4) stream intervals
 
 
-IMAGE_TOKEN = -1  # stands for an image embedding in a token list: it matches no prompt, so no prefix reuse crosses it
+@dataclass
+class MediaImage:
+    """One image chunk of a prompt: where its embedding positions start in the prompt's token list, how many there
+    are, and how many positions they take (M-RoPE models fit an image in fewer positions than tokens)."""
+
+    start: int
+    chunk: Any  # the mtmd_input_chunk, owned by its Media's chunk list
+    n_tokens: int
+    n_pos: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.n_tokens
 
 
 class Media:
-    """A prompt with images, as llama.cpp's multimodal helper cut it: chunks to evaluate, their tokens (image
-    positions as IMAGE_TOKEN) and the number of positions they take (not always one per token)."""
+    """A prompt with images, as llama.cpp's multimodal helper cut it: its chunk list, and its token list in which
+    each image chunk stands as a run of one negative id, derived from the image's bytes and its place (so a prompt
+    that repeats an earlier one's images, a vision chat that goes on, shares that prefix with it and reuses its
+    cache, while another image never matches)."""
 
     def __init__(self) -> None:
         self.chunks: Any = None
         self.tokens: list[int] = []
-        self.images = 0
-        self.positions = 0
+        self.images: list[MediaImage] = []
+
+    def positions_before(self, index: int) -> int:
+        """Positions taken by the first `index` tokens (a cut never falls inside an image)."""
+        return index + sum(image.n_pos - image.n_tokens for image in self.images if image.end <= index)
+
+    def cut(self, index: int) -> int:
+        """`index`, moved back to the start of the image it falls inside, if any: an image is evaluated whole."""
+        for image in self.images:
+            if image.start < index < image.end:
+                return image.start
+        return index
 
     def close(self) -> None:
         if self.chunks:
             M.mtmd_input_chunks_free(self.chunks)
             self.chunks = None
+        self.images = []
 
     def __del__(self) -> None:
         self.close()
@@ -90,7 +116,7 @@ class Job:
     # Set for a reader on an event loop: the scheduler hands it each step's output in one call to the loop.
     loop: asyncio.AbstractEventLoop | None = None
     aqueue: asyncio.Queue | None = None
-    media: Media | None = None  # set when the prompt has images: evaluated by llama.cpp's multimodal helper
+    media: Media | None = None  # set when the prompt has images: each evaluated by llama.cpp's multimodal helper
     delivered: bool = False  # its first output is on its way to the reader (that one is never held back)
 
     async def achunks(self) -> AsyncIterator[GenerationChunk]:
@@ -160,7 +186,8 @@ class Slot:
     last_used: float = 0.0
     admitted: float = 0.0
     first_token: float = 0.0
-    media: Media | None = None  # images still to evaluate before the first token
+    media: Media | None = None  # the job's images, kept until the last of them is evaluated
+    images: list[MediaImage] = field(default_factory=list)  # those still to evaluate, in prompt order
     pos_delta: int = 0  # positions minus tokens held (images can take fewer positions than tokens)
 
     @property
@@ -322,10 +349,6 @@ class Scheduler:
             target = next((s for s in self.slots if not s.busy), None)
             if target is None:
                 return
-            if job.media is not None:  # images are evaluated whole, from the start
-                self.waiting.popleft()
-                self._start(target, job, 0)
-                continue
             reuse = common_prefix(target.tokens, job.tokens)
             if self._prefix_in_progress(job, reuse):
                 return  # its prefix is being computed in another slot right now: wait a step or two, then copy it
@@ -338,7 +361,15 @@ class Scheduler:
                     L.llama_memory_seq_cp(self.memory, source.seq, target.seq, -1, -1)
                     target.tokens = list(source.tokens)
                     reuse = shared
-            self._start(target, job, reuse)
+            try:
+                self._start(target, job, reuse)
+            except Exception as exc:  # fails this request, never the loop (which would leave every reader waiting)
+                log.exception("could not start a request")
+                error = BackendError(f"llama.cpp failed: {exc}")
+                if target.job is job:
+                    self._finish(target, error=error)
+                else:
+                    self._emit(job, error)
 
     def _prefix_in_progress(self, job: Job, have: int) -> bool:
         """Whether a busy slot is still reading a prompt that shares a long prefix with this job's.
@@ -347,7 +378,7 @@ class Scheduler:
         the same prompt in several slots at once, the later ones wait until the first has it, then copy it.
         """
         for slot in self.slots:
-            if slot.job is not None and slot.pending:
+            if slot.job is not None and (slot.pending or slot.images):
                 shared = common_prefix(slot.job.tokens, job.tokens)
                 if shared >= MIN_COPIED_PREFIX and shared > have + MIN_COPIED_PREFIX:
                     return True
@@ -360,11 +391,19 @@ class Scheduler:
             self._emit(job, exc if isinstance(exc, HearthError) else BackendError(f"llama.cpp failed: {exc}"))
             return
         reuse = min(reuse, len(job.tokens) - 1)  # the last prompt token is always decoded, for its logits
-        L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
+        media = job.media
+        if media is not None:
+            reuse = media.cut(reuse)
+            slot.pos_delta = media.positions_before(reuse) - reuse
+            slot.images = [image for image in media.images if image.start >= reuse]
+            slot.media = media if slot.images else None
+            if slot.media is None:
+                media.close()
+        else:
+            slot.pos_delta = 0
+        L.llama_memory_seq_rm(self.memory, slot.seq, reuse + slot.pos_delta, -1)
         slot.tokens = job.tokens[:reuse]
-        slot.pending = job.tokens[reuse:] if job.media is None else []
-        slot.media = job.media
-        slot.pos_delta = 0
+        slot.pending = self._text_from(job, slot.images, reuse)
         slot.job = job
         slot.sampler, slot.grammar = sampler, grammar
         slot.greedy = grammar is None and _greedy_only(sampler)
@@ -386,8 +425,8 @@ class Scheduler:
             if slot.job is not None and slot.job.cancelled:
                 self._finish(slot, cancelled=True)
         for slot in list(self.active):
-            if slot.job is not None and slot.media is not None:
-                self._evaluate_media(slot)
+            while slot.job is not None and not slot.pending and slot.images:
+                self._evaluate_image(slot)
         # Generating sequences first: one token each.
         for slot in self.active:
             if not slot.pending and slot.next_token >= 0:
@@ -407,8 +446,8 @@ class Scheduler:
                 break
             chunk, slot.pending = slot.pending[:room], slot.pending[room:]
             for i, token in enumerate(chunk):
-                last = not slot.pending and i == len(chunk) - 1
-                self._add(batch, n, token, len(slot.tokens), slot.seq, last)
+                last = not slot.pending and not slot.images and i == len(chunk) - 1
+                self._add(batch, n, token, len(slot.tokens) + slot.pos_delta, slot.seq, last)
                 slot.tokens.append(token)
                 if last:
                     slot.batch_index = n
@@ -423,25 +462,29 @@ class Scheduler:
             if slot.batch_index >= 0:
                 self._sample(slot)
 
-    def _evaluate_media(self, slot: Slot) -> None:
-        """A prompt with images, evaluated whole by llama.cpp's multimodal helper (image encoder, then its
-        embeddings and the text in batches), then its first token sampled. The other sequences wait meanwhile."""
-        media, job = slot.media, slot.job
-        assert media is not None and job is not None
-        slot.media = None
-        positions = L.llama_pos(0)
-        try:
-            result = M.mtmd_helper_eval_chunks(self.mtmd, self.ctx, media.chunks, 0, slot.seq, self.n_batch, True,
-                                               ctypes.byref(positions))
-        finally:
-            media.close()
+    @staticmethod
+    def _text_from(job: Job, images: list[MediaImage], index: int) -> list[int]:
+        """The job's prompt tokens from `index` up to the next of its `images` (or its end)."""
+        return job.tokens[index:images[0].start if images else None]
+
+    def _evaluate_image(self, slot: Slot) -> None:
+        """The slot's next image, which its prompt has reached: encoded by the projector, then its embeddings
+        decoded into the slot's sequence by llama.cpp's multimodal helper. The other sequences wait meanwhile; the
+        text around images is read like any prompt, in the shared batch."""
+        image, job = slot.images.pop(0), slot.job
+        assert job is not None and image.start == len(slot.tokens)
+        position = L.llama_pos(0)
+        result = M.mtmd_helper_eval_chunk_single(self.mtmd, self.ctx, image.chunk, len(slot.tokens) + slot.pos_delta,
+                                                 slot.seq, self.n_batch, False, ctypes.byref(position))
         if result != 0:
             self._finish(slot, error=BackendError(f"llama.cpp could not evaluate the prompt's images (code {result})"))
             return
-        slot.tokens = list(job.tokens)
-        slot.pos_delta = positions.value - len(slot.tokens)
-        slot.batch_index = -1  # the helper's last decode holds the prompt's logits, at its last output
-        self._sample(slot)
+        slot.tokens.extend(job.tokens[image.start:image.end])
+        slot.pos_delta = position.value - len(slot.tokens)
+        if not slot.images and slot.media is not None:
+            slot.media.close()
+            slot.media = None
+        slot.pending = self._text_from(job, slot.images, len(slot.tokens))
 
     def _logits(self, index: int) -> np.ndarray:
         """The logits of batch position `index` (negative: from the last output), read in place: valid until the
@@ -575,6 +618,7 @@ class Scheduler:
         if slot.media is not None:
             slot.media.close()
             slot.media = None
+        slot.images = []
         slot.job = None
         slot.pending = []
         slot.first_token = 0.0
