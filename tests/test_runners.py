@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def models_dir(tmp_path: Path) -> Path:
     write_yaml(tmp_path, "slow", {"name": "slow-model", "backend": "fake",
                                   "fake": {"token_delay": 0.1, "reply": " ".join(["word"] * 100)}})
     write_yaml(tmp_path, "loading", {"name": "slow-load", "backend": "fake", "fake": {"load_delay": 1.5}})
+    write_yaml(tmp_path, "loading-too", {"name": "slow-load-too", "backend": "fake", "fake": {"load_delay": 1.5}})
     return tmp_path
 
 
@@ -186,6 +188,29 @@ def test_requests_during_load_wait_for_it(start_server, models_dir: Path) -> Non
         thread.join(30)
     assert results == ["stop"] * 3
     assert server.log().count("Loading model 'slow-load' with backend fake") == 1
+
+
+def test_models_load_one_at_a_time(start_server, models_dir: Path) -> None:
+    """Each load sizes itself by the memory available, so two models asked for at once load one after the other
+    (their runner processes still start together)."""
+    server = start_server(models_dir)
+    client = server.client()
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda name=name: results.append(client.chat.completions.create(
+        model=name, messages=MESSAGES).choices[0].finish_reason)) for name in ("slow-load", "slow-load-too")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == ["stop", "stop"]
+    log = server.log()
+    waited = [name for name in ("slow-load", "slow-load-too")
+              if f"model '{name}' waits for '{'slow-load-too' if name == 'slow-load' else 'slow-load'}' to finish "
+                 f"loading: models load one at a time" in log]
+    assert len(waited) == 1
+    # The one that waited was ready only after both loads (1.5 s each) had run, one after the other.
+    ready = float(re.search(rf"model '{waited[0]}' ready in ([0-9.]+) s", log).group(1))
+    assert ready >= 3.0
 
 
 def test_preload_and_readiness(start_server, models_dir: Path) -> None:

@@ -106,6 +106,11 @@ class RunnerManager:
         self.runners: dict[str, Runner] = {}
         self.failures: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Models are loaded into this machine's memory one at a time: each load sizes itself by the memory available
+        # (a llama.cpp runner reads weights in only when they take at most half of it), which two loads at once
+        # would both count as theirs.
+        self._loading = asyncio.Lock()
+        self._loading_name = ""
         self._socket_dir: Path | None = None
         self._counter = 0
         self._reaper: asyncio.Task | None = None
@@ -198,7 +203,8 @@ class RunnerManager:
                 files={"mmproj": config.mmproj_path} if config.mmproj_path else {},
             )
             try:
-                runner.info = await runner.client.load(request, timeout=self.settings.load_timeout)
+                async with self._turn_to_load(config):
+                    runner.info = await runner.client.load(request, timeout=self.settings.load_timeout)
             except RunnerGone:
                 if not await process.wait_exit(2.0):
                     raise ModelLoadFailed(f"lost the connection to the runner for model '{config.name}' while "
@@ -221,6 +227,22 @@ class RunnerManager:
         self.failures.pop(config.name, None)
         log.info("model '%s' ready in %.2f s (runner pid %s)", config.name, time.monotonic() - started, process.pid)
         return runner
+
+    @contextlib.asynccontextmanager
+    async def _turn_to_load(self, config: ModelConfig) -> AsyncIterator[None]:
+        """Held while a local runner loads its model (a runner on another machine loads into its own memory)."""
+        if config.runner:
+            yield
+            return
+        if self._loading.locked():
+            log.info("model '%s' waits for '%s' to finish loading: models load one at a time", config.name,
+                     self._loading_name)
+        async with self._loading:
+            self._loading_name = config.name
+            try:
+                yield
+            finally:
+                self._loading_name = ""
 
     async def _make_room(self) -> None:
         """Unload least recently used idle runners until a new one fits under max_loaded_models."""
