@@ -89,7 +89,30 @@ def test_tool_use_round_trip(claude: anthropic.Anthropic) -> None:
 def test_count_tokens(claude: anthropic.Anthropic) -> None:
     counted = claude.messages.count_tokens(model="smollm2", messages=[{"role": "user", "content": "Hello there"}])
     reply = claude.messages.create(model="smollm2", max_tokens=1, messages=[{"role": "user", "content": "Hello there"}])
-    assert counted.input_tokens == reply.usage.input_tokens > 0
+    assert counted.input_tokens == reply.usage.input_tokens + reply.usage.cache_read_input_tokens
+    assert reply.usage.input_tokens > 0
+
+
+def test_prompt_cache_reads_are_reported(claude: anthropic.Anthropic) -> None:
+    """Hearth caches every prompt on its own; as llama-server does, the tokens the cache held are reported as
+    `cache_read_input_tokens` and `input_tokens` counts only those computed. `cache_control` marks are accepted."""
+    system = [{"type": "text", "text": "You are a careful assistant who answers in one short sentence. " * 8,
+               "cache_control": {"type": "ephemeral"}}]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Name a colour of the sky.",
+                                              "cache_control": {"type": "ephemeral"}}]}]
+    first = claude.messages.create(model="smollm2", max_tokens=4, system=system, messages=messages,
+                                   extra_body={"temperature": 0})
+    second = claude.messages.create(model="smollm2", max_tokens=4, system=system, messages=messages,
+                                    extra_body={"temperature": 0})
+    prompt = first.usage.input_tokens + first.usage.cache_read_input_tokens
+    assert second.usage.input_tokens + second.usage.cache_read_input_tokens == prompt > 80
+    assert second.usage.cache_read_input_tokens >= prompt - 1 and second.usage.input_tokens >= 1
+    assert second.usage.cache_creation_input_tokens == 0
+    with claude.messages.stream(model="smollm2", max_tokens=4, system=system, messages=messages,
+                                extra_body={"temperature": 0}) as stream:
+        final = stream.get_final_message()
+    assert final.usage.cache_read_input_tokens == second.usage.cache_read_input_tokens
+    assert final.usage.input_tokens == second.usage.input_tokens
 
 
 def test_anthropic_errors(server: HearthServer, claude: anthropic.Anthropic) -> None:

@@ -193,9 +193,16 @@ async def _events(body: MessagesBody, engine: Engine) -> AsyncIterator[tuple[str
             yield "message_delta", {"type": "message_delta",
                                     "delta": {"stop_reason": reason, "stop_sequence": stop if reason == "stop_sequence"
                                               else None},
-                                    "usage": {"input_tokens": usage.prompt_tokens,
-                                              "output_tokens": usage.completion_tokens}}
+                                    "usage": _usage(usage)}
             yield "message_stop", {"type": "message_stop"}
+
+
+def _usage(usage: Any) -> dict[str, int]:
+    """Anthropic's usage: `input_tokens` counts the prompt tokens computed, those the model's cache already held are
+    `cache_read_input_tokens` (the prompt is their sum), as llama-server reports them. Hearth caches every prompt on
+    its own, so nothing is ever a `cache_creation_input_tokens` of a `cache_control` breakpoint."""
+    return {"input_tokens": usage.prompt_tokens - usage.cached_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": usage.cached_tokens, "output_tokens": usage.completion_tokens}
 
 
 async def _whole(body: MessagesBody, engine: Engine) -> dict[str, Any]:
