@@ -87,6 +87,29 @@ def test_real_model_with_json_format(server: HearthServer) -> None:
     assert isinstance(json.loads(reply["response"])["answer"], int)
 
 
+def test_prompt_cache_hits_are_counted(server: HearthServer) -> None:
+    """As Ollama reports them: prompt_eval_count is the whole prompt, prompt_eval_cached_count the part of it the
+    model's cache held."""
+    http = server.http()
+    messages = [{"role": "system", "content": "You answer in one word. " * 10}, {"role": "user", "content": "Sky?"}]
+
+    def chat(**extra: object) -> dict:
+        return http.post("/api/chat", json={"model": "smollm2", "stream": False, "messages": messages,
+                                            "options": {"temperature": 0, "num_predict": 2}, **extra}).json()
+
+    http.post("/api/chat", json={"model": "smollm2", "stream": False, "options": {"num_predict": 1},
+                                 "messages": [{"role": "user", "content": "Something else entirely."}]})
+    first, again = chat(), chat()
+    assert first["prompt_eval_count"] == again["prompt_eval_count"] > 60
+    assert first["prompt_eval_cached_count"] < 10  # only the chat template's opening was held
+    assert again["prompt_eval_cached_count"] == again["prompt_eval_count"] - 1
+    with http.stream("POST", "/api/generate", json={"model": "smollm2", "system": messages[0]["content"],
+                                                    "prompt": "Sky?", "options": {"temperature": 0,
+                                                                                   "num_predict": 2}}) as response:
+        final = lines(response)[-1]
+    assert final["prompt_eval_cached_count"] == final["prompt_eval_count"] - 1
+
+
 def test_embeddings(server: HearthServer) -> None:
     http = server.http()
     reply = http.post("/api/embed", json={"model": "all-minilm-l6-v2", "input": ["a cat", "a dog"]}).json()

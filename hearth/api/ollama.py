@@ -176,6 +176,7 @@ async def _run(engine: Engine, request: ChatCompletionRequest, model: str, keep_
                 "done": True, "done_reason": "length" if choice["finish_reason"] == "length" else "stop",
                 "total_duration": _nanos((time.perf_counter() - started) * 1000),
                 "load_duration": 0, "prompt_eval_count": usage.prompt_tokens,
+                "prompt_eval_cached_count": usage.cached_tokens,
                 "prompt_eval_duration": _nanos(timings.get("prompt_ms", 0.0)),
                 "eval_count": usage.completion_tokens, "eval_duration": _nanos(timings.get("predicted_ms", 0.0)),
             })
@@ -358,6 +359,7 @@ async def _raw(engine: Engine, body: GenerateBody, name: str) -> Any:
                        "done_reason": "length" if choice["finish_reason"] == "length" else "stop",
                        "total_duration": _nanos((time.perf_counter() - started) * 1000), "load_duration": 0,
                        "prompt_eval_count": usage.prompt_tokens,
+                       "prompt_eval_cached_count": usage.cached_tokens,
                        "prompt_eval_duration": _nanos(timings.get("prompt_ms", 0.0)),
                        "eval_count": usage.completion_tokens,
                        "eval_duration": _nanos(timings.get("predicted_ms", 0.0))}
