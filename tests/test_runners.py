@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import free_port, write_yaml
+from tests.conftest import free_port, read_metrics, write_yaml
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -75,6 +75,50 @@ def test_runner_killed_mid_request_fails_clearly_and_restarts(start_server, mode
     reply = client.chat.completions.create(model="slow-model", messages=MESSAGES, max_tokens=2)
     assert reply.choices[0].message.content == "word word "
     assert server.runner_pid("slow-model") != pid
+    samples = read_metrics(server)
+    assert samples[("hearth_runner_crashes_total", (("model", "slow-model"),))] == 1
+    assert samples[("hearth_model_loads_total", (("model", "slow-model"), ("result", "ok")))] == 2
+    assert samples[("hearth_http_requests_total", (("method", "POST"), ("route", "/v1/chat/completions"),
+                                                   ("status", "503")))] == 1
+
+
+def test_metrics_count_requests_tokens_and_loads(start_server, models_dir: Path) -> None:
+    write_yaml(models_dir, "broken", {"name": "broken", "backend": "fake", "fake": {"fail_load": "no weights"}})
+    server = start_server(models_dir, "--api-key", "sk-metrics")
+    key = {"Authorization": "Bearer sk-metrics"}
+    client = server.client(api_key="sk-metrics")
+    replies = [client.chat.completions.create(model="model-a", messages=MESSAGES) for _ in range(2)]
+    chunks = list(client.chat.completions.create(model="model-a", messages=MESSAGES, stream=True,
+                                                 stream_options={"include_usage": True}))
+    usages = [r.usage for r in replies] + [chunks[-1].usage]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    # Guarded like every route but health.
+    assert httpx.get(f"{server.base_url}/metrics", timeout=10).status_code == 401
+    assert httpx.get(f"{server.base_url}/healthz", timeout=10).status_code == 200
+    samples = read_metrics(server, key)
+
+    def requests(method: str, route: str, status: str) -> float:
+        return samples[("hearth_http_requests_total", (("method", method), ("route", route), ("status", status)))]
+
+    assert requests("POST", "/v1/chat/completions", "200") == 3
+    assert requests("POST", "/v1/chat/completions", "404") == 1
+    assert requests("GET", "unrouted", "401") == 1 and requests("GET", "/healthz", "200") >= 1  # and start-up polls
+    assert samples[("hearth_http_request_duration_seconds_count",
+                    (("method", "POST"), ("route", "/v1/chat/completions")))] == 4
+    a = (("model", "model-a"),)
+    assert samples[("hearth_generations_total", (("finish_reason", "stop"), ("model", "model-a")))] == 3
+    assert samples[("hearth_prompt_tokens_total", a)] == sum(u.prompt_tokens for u in usages) > 0
+    assert samples[("hearth_completion_tokens_total", a)] == sum(u.completion_tokens for u in usages) > 0
+    assert samples[("hearth_model_loads_total", (("model", "model-a"), ("result", "ok")))] == 1
+    assert samples[("hearth_model_load_duration_seconds_count", a)] == 1
+    assert samples[("hearth_models_loaded", ())] == 1
+    assert samples[("hearth_model_requests_in_flight", a)] == 0
+    assert any(name == "hearth_info" for name, _ in samples)
+    # A model that fails to load counts as such.
+    with pytest.raises(openai.APIStatusError):
+        client.chat.completions.create(model="broken", messages=MESSAGES)
+    assert read_metrics(server, key)[("hearth_model_loads_total", (("model", "broken"), ("result", "failed")))] == 1
 
 
 def test_runners_at_work_are_marked_on_the_board_they_share_the_cores_by(start_server, models_dir: Path) -> None:

@@ -12,7 +12,12 @@ from fastapi import FastAPI
 from hearth import __version__
 from hearth.api import anthropic, gallery, health, ollama, runners, web
 from hearth.api.errors import install_error_handlers
-from hearth.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, OllamaJsonMiddleware
+from hearth.api.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    OllamaJsonMiddleware,
+)
 from hearth.api.openai import audio, chat, completions, embeddings, images, models, responses
 from hearth.engine import Engine
 from hearth.settings import Settings
@@ -56,4 +61,5 @@ def create_app(settings: Settings) -> FastAPI:
         else settings.api_keys
     app.add_middleware(ApiKeyMiddleware, keys=keys, open_prefixes=("/web/",) if settings.web else (),
                        open_paths=("/", "/ui") if settings.web else ())
+    app.add_middleware(MetricsMiddleware, metrics=engine.runners.metrics)  # outermost: refusals count too
     return app

@@ -1,15 +1,17 @@
-"""ASGI middleware: API keys on every route but health, and a request body size limit."""
+"""ASGI middleware: API keys on every route but health, a request body size limit, and request metrics."""
 
 from __future__ import annotations
 
 import hmac
 import json
+import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hearth.api.errors import error_body
+from hearth.metrics import Metrics
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -147,3 +149,36 @@ class OllamaJsonMiddleware:
                                                                         b"text/plain"):
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by method, route and status, and times it to the end of its response body. The
+    route is the path template the request matched (`/v1/models/{model_id}`), so the labels stay few whatever
+    paths clients send. A request that reached no route (refused for its API key or its size, or a path that
+    does not exist) counts as `unrouted`."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets when the app fails before it starts a response
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unrouted"
+            method = scope.get("method", "")
+            self.metrics.inc("hearth_http_requests_total", method=method, route=route, status=str(status))
+            self.metrics.observe("hearth_http_request_duration_seconds", time.perf_counter() - started,
+                                 method=method, route=route)

@@ -17,6 +17,7 @@ from typing import Any
 from hearth.config.schema import ModelConfig
 from hearth.cores import SLOTS, Board
 from hearth.errors import BackendError, HearthError, ModelLoadFailed, RunnerCrashed
+from hearth.metrics import Metrics
 from hearth.runner import hearth_pb2 as pb
 from hearth.runtime.client import RunnerClient, RunnerGone
 from hearth.runtime.process import RemoteRunner, RunnerProcess
@@ -38,6 +39,7 @@ class Runner:
     active: int = 0
     working: int = 0  # requests in flight that compute (not tokenize calls), for the board of busy runners
     slot: int | None = None  # this runner's byte on the board, for runners this server started
+    metrics: Metrics | None = None  # the server's, counting what this runner generates and whether it crashes
     loaded_at: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
     keep_alive: float | None = None  # seconds idle before unloading (Ollama's keep_alive); None: the server setting
@@ -51,6 +53,8 @@ class Runner:
         """Why the connection broke: a dead process becomes RunnerCrashed, anything else a backend error."""
         exited = await self.process.wait_exit(2.0)
         if exited:
+            if self.state != "dead" and self.metrics is not None:
+                self.metrics.inc("hearth_runner_crashes_total", model=self.name)
             self.state = "dead"
             return RunnerCrashed(
                 f"the runner for model '{self.name}' stopped ({self.process.exit_description()}) while {what}; "
@@ -61,9 +65,21 @@ class Runner:
         assert self.client is not None
         try:
             async for reply in self.client.generate(request):
+                if reply.finish_reason and self.metrics is not None:
+                    self._count(reply)
                 yield reply
         except RunnerGone:
             raise await self.crash_error() from None
+
+    def _count(self, reply: pb.GenerateReply) -> None:
+        metrics, model = self.metrics, self.name
+        assert metrics is not None
+        metrics.inc("hearth_generations_total", model=model, finish_reason=reply.finish_reason)
+        metrics.inc("hearth_prompt_tokens_total", reply.usage.prompt_tokens, model=model)
+        metrics.inc("hearth_prompt_cached_tokens_total", reply.usage.cached_tokens, model=model)
+        metrics.inc("hearth_completion_tokens_total", reply.usage.completion_tokens, model=model)
+        metrics.inc("hearth_prompt_seconds_total", reply.timings.prompt_ms / 1000, model=model)
+        metrics.inc("hearth_generation_seconds_total", reply.timings.predicted_ms / 1000, model=model)
 
     async def stream(self, method: str, request: Any) -> AsyncIterator[Any]:
         """A streaming RPC other than generate (transcribe, speak) with crash handling."""
@@ -116,6 +132,7 @@ class RunnerManager:
         self._reaper: asyncio.Task | None = None
         self._closing = False
         self.board: Board | None = None
+        self.metrics = Metrics()
         self._stopping_slots: set[int | None] = set()  # slots of runners still stopping: not yet free again
 
     async def start(self) -> None:
@@ -181,7 +198,7 @@ class RunnerManager:
             process = RunnerProcess(config.name, self._socket_dir / f"r{self._counter}.sock",
                                     log_level=self.settings.log_level,
                                     cores_board=self.board.path if self.board and slot is not None else None)
-        runner = Runner(name=config.name, config=config, process=process, slot=slot)
+        runner = Runner(name=config.name, config=config, process=process, slot=slot, metrics=self.metrics)
         self.runners[config.name] = runner
         backend = config.canonical_backend
         log.info("Loading model '%s' with backend %s", config.name, backend)
@@ -216,6 +233,7 @@ class RunnerManager:
                 raise ModelLoadFailed(f"model '{config.name}' failed to load: {exc.message}") from None
         except HearthError as exc:
             self.failures[config.name] = exc.message
+            self.metrics.inc("hearth_model_loads_total", model=config.name, result="failed")
             log.error("%s", exc.message)
             await self._forget(runner)
             raise ModelLoadFailed(exc.message) from None
@@ -224,6 +242,8 @@ class RunnerManager:
             raise
         runner.state = "ready"
         runner.loaded_at = time.monotonic()
+        self.metrics.inc("hearth_model_loads_total", model=config.name, result="ok")
+        self.metrics.observe("hearth_model_load_duration_seconds", runner.loaded_at - started, model=config.name)
         self.failures.pop(config.name, None)
         log.info("model '%s' ready in %.2f s (runner pid %s)", config.name, time.monotonic() - started, process.pid)
         return runner
