@@ -279,7 +279,7 @@ def test_api_keys_guard_every_route_but_health(start_server, models_dir: Path) -
     server = start_server(models_dir, "--api-key", "k1", env={"HEARTH_API_KEYS": "k2,k3"})
     base = server.base_url
     # flags beat the environment: only k1 is accepted
-    for path in ("/v1/models", "/models", "/version", "/runners"):
+    for path in ("/v1/models", "/models", "/version", "/runners", "/metrics"):
         response = httpx.get(base + path)
         assert response.status_code == 401, path
         assert response.headers["www-authenticate"] == "Bearer"
