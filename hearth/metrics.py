@@ -25,7 +25,8 @@ FAMILIES: dict[str, tuple[str, str]] = {  # name: (type, help)
     "hearth_generation_seconds_total": ("counter", "Time spent generating tokens after the first, by model."),
     "hearth_model_loads_total": ("counter", "Model loads, by model and result (ok or failed)."),
     "hearth_model_load_duration_seconds": ("histogram", "Time to start a model's runner and load the model."),
-    "hearth_runner_crashes_total": ("counter", "Runner processes that died while serving, by model."),
+    "hearth_runner_crashes_total": ("counter", "Runner processes that died unasked (serving, or between requests), "
+                                               "by model."),
 }
 
 

@@ -115,6 +115,14 @@ def test_metrics_count_requests_tokens_and_loads(start_server, models_dir: Path)
     assert samples[("hearth_models_loaded", ())] == 1
     assert samples[("hearth_model_requests_in_flight", a)] == 0
     assert any(name == "hearth_info" for name, _ in samples)
+    # A runner that died between requests counts as a crash when the next request finds it dead.
+    pid = next(r["pid"] for r in server.runners(key) if r["name"] == "model-a")
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not Path(f"/proc/{pid}").exists())  # reaped by the server
+    assert client.chat.completions.create(model="model-a", messages=MESSAGES).choices[0].message.content
+    after = read_metrics(server, key)
+    assert after[("hearth_runner_crashes_total", a)] == 1
+    assert after[("hearth_model_loads_total", (("model", "model-a"), ("result", "ok")))] == 2
     # A model that fails to load counts as such.
     with pytest.raises(openai.APIStatusError):
         client.chat.completions.create(model="broken", messages=MESSAGES)

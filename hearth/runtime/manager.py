@@ -180,6 +180,8 @@ class RunnerManager:
                 return runner
             if runner:
                 reason = "its config changed" if runner.alive else f"it {runner.process.exit_description()}"
+                if not runner.alive and runner.state == "ready":  # it died between requests: not counted yet
+                    self.metrics.inc("hearth_runner_crashes_total", model=config.name)
                 log.info("restarting the runner for '%s': %s", config.name, reason)
                 await self._forget(runner)
             await self._make_room()
