@@ -72,6 +72,8 @@ def test_chat_and_generate_without_streaming(server: HearthServer) -> None:
     assert generated["response"] == "one two three four" and generated["done"] is True
     raw = http.post("/api/generate", json={"model": "fake", "prompt": "hi", "raw": True, "stream": False}).json()
     assert raw["response"] == "one two three four"
+    with_image = http.post("/api/generate", json={"model": "fake", "prompt": "hi", "raw": True, "images": ["AAAA"]})
+    assert with_image.status_code == 400 and "images cannot be sent with raw" in with_image.json()["error"]
 
 
 def test_real_model_with_json_format(server: HearthServer) -> None:
@@ -85,6 +87,14 @@ def test_real_model_with_json_format(server: HearthServer) -> None:
         "model": "smollm2", "stream": False, "format": schema, "prompt": "What is 2 + 2?",
         "options": {"temperature": 0}}).json()
     assert isinstance(json.loads(reply["response"])["answer"], int)
+    # raw: no template, and the format is still kept (the prompt is a completion's).
+    reply = server.http().post("/api/generate", json={
+        "model": "smollm2", "stream": False, "format": schema, "raw": True, "options": {"temperature": 0},
+        "prompt": "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"}).json()
+    assert isinstance(json.loads(reply["response"])["answer"], int)
+    refused = server.http().post("/api/generate", json={"model": "smollm2", "raw": True, "prompt": "x",
+                                                        "format": {"type": "object", "patternProperties": {}}})
+    assert refused.status_code == 400 and "patternProperties" in refused.json()["error"]
 
 
 def test_prompt_cache_hits_are_counted(server: HearthServer) -> None:

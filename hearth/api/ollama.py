@@ -25,6 +25,7 @@ from hearth.api.openai.chat import ChatCompletionRequest, chat_completion_events
 from hearth.api.openai.common import USAGE_KEY
 from hearth.api.openai.embeddings import EmbeddingRequest, create_embeddings
 from hearth.api.streaming import primed
+from hearth.chat.grammar import SchemaNotSupported, json_object_grammar, schema_grammar
 from hearth.chat.tools import arguments_mapping
 from hearth.engine import Engine
 from hearth.errors import HearthError, InvalidRequest, NotFound
@@ -339,13 +340,29 @@ async def generate(body: GenerateBody, request: Request) -> Any:
     return await _respond(_run(engine, openai, body.model, body.keep_alive, "generate"), body.stream)
 
 
+def _raw_grammar(fmt: Any) -> str | None:
+    """`format` for a raw prompt, which takes no response_format: the grammar it stands for."""
+    if _response_format(fmt) is None:
+        return None
+    if fmt == "json":
+        return json_object_grammar()
+    try:
+        return schema_grammar(fmt)
+    except SchemaNotSupported as exc:
+        raise InvalidRequest(str(exc), param="format") from None
+
+
 async def _raw(engine: Engine, body: GenerateBody, name: str) -> Any:
     """raw: the prompt goes to the model as it is, with no template (a completion)."""
     from hearth.api.openai.completions import CompletionRequest, completion_events
 
+    if body.images:
+        raise InvalidRequest("images cannot be sent with raw: true: with no template there is no place for them in "
+                             "the prompt", param="images")
     sampling = _sampling(body.options)
     sampling.setdefault("max_tokens", 128)
-    completion = CompletionRequest(model=name, prompt=body.prompt, suffix=body.suffix, **sampling)
+    completion = CompletionRequest(model=name, prompt=body.prompt, suffix=body.suffix, grammar=_raw_grammar(body.format),
+                                   **sampling)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         started = time.perf_counter()
