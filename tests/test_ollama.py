@@ -74,6 +74,12 @@ def test_chat_and_generate_without_streaming(server: HearthServer) -> None:
     assert raw["response"] == "one two three four"
     with_image = http.post("/api/generate", json={"model": "fake", "prompt": "hi", "raw": True, "images": ["AAAA"]})
     assert with_image.status_code == 400 and "images cannot be sent with raw" in with_image.json()["error"]
+    # Fields Ollama has and Hearth cannot honour are refused, not dropped.
+    for field, value in (("template", "{{ .Prompt }}"), ("context", [1, 2, 3])):
+        refused = http.post("/api/generate", json={"model": "fake", "prompt": "hi", field: value})
+        assert refused.status_code == 400 and refused.json()["error"].startswith(f"{field} is not supported")
+    assert http.post("/api/generate", json={"model": "fake", "prompt": "hi", "stream": False,
+                                            "context": []}).status_code == 200  # empty: nothing to drop
 
 
 def test_real_model_with_json_format(server: HearthServer) -> None:

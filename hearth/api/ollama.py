@@ -325,6 +325,13 @@ async def chat(body: ChatBody, request: Request) -> Any:
 async def generate(body: GenerateBody, request: Request) -> Any:
     engine: Engine = request.app.state.engine
     name = model_name(body.model)
+    extra = body.model_extra or {}
+    if extra.get("template"):
+        raise InvalidRequest("template is not supported: the model's YAML decides its chat template (or send raw: "
+                             "true with the prompt already formatted)", param="template")
+    if extra.get("context"):
+        raise InvalidRequest("context is not supported: send the conversation to /api/chat as messages",
+                             param="context")
     if not body.prompt and not body.images:
         seconds = keep_alive_seconds(body.keep_alive)
         if seconds == 0:
