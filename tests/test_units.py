@@ -153,3 +153,26 @@ def test_busy_runners_share_the_cores(tmp_path: Path) -> None:
     finally:
         seen.close()
         board.close()
+
+
+def test_metrics_middleware_keeps_made_up_methods_to_one_label() -> None:
+    """uvicorn's h11 parser lets any method token through: each must not become a series of its own."""
+    import asyncio
+
+    from hearth.api.middleware import MetricsMiddleware
+    from hearth.metrics import Metrics
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 405, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def ignore(message) -> None:
+        return None
+
+    metrics = Metrics()
+    middleware = MetricsMiddleware(app, metrics)
+    for method in ("BREW", "WHEN", "GET"):
+        asyncio.run(middleware({"type": "http", "method": method, "path": "/x"}, None, ignore))
+    assert metrics.value("hearth_http_requests_total", method="other", route="unrouted", status="405") == 2
+    assert metrics.value("hearth_http_requests_total", method="GET", route="unrouted", status="405") == 1
+    assert "BREW" not in metrics.render()

@@ -14,6 +14,7 @@ from hearth.api.errors import error_body
 from hearth.metrics import Metrics
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _for_path(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +180,10 @@ class MetricsMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", None) or "unrouted"
             method = scope.get("method", "")
+            # Labels stay few whatever methods clients make up (httptools refuses unknown methods before the app
+            # sees them; h11, uvicorn's other parser, lets any token through).
+            if method not in METHODS:
+                method = "other"
             self.metrics.inc("hearth_http_requests_total", method=method, route=route, status=str(status))
             self.metrics.observe("hearth_http_request_duration_seconds", time.perf_counter() - started,
                                  method=method, route=route)
