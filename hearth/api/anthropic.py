@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from hearth.api.openai.chat import ChatCompletionRequest, chat_completion_events, count_prompt_tokens
-from hearth.api.openai.common import STOP_KEY, USAGE_KEY
+from hearth.api.openai.common import PROMPT_KEY, STOP_KEY, USAGE_KEY
 from hearth.api.streaming import SSE_HEADERS, primed
 from hearth.chat.tools import arguments_mapping
 from hearth.engine import Engine
@@ -155,9 +155,11 @@ async def _events(body: MessagesBody, engine: Engine) -> AsyncIterator[tuple[str
     async for chunk in chat_completion_events(_request(body), engine):
         if not started:
             started = True
+            prompt = chunk.get(PROMPT_KEY)  # the prompt as counted when its first token came, when the model says
             yield "message_start", {"type": "message_start", "message": {
                 "id": message_id, "type": "message", "role": "assistant", "model": body.model, "content": [],
-                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}}
+                "stop_reason": None, "stop_sequence": None,
+                "usage": _usage(prompt) if prompt is not None else {"input_tokens": 0, "output_tokens": 0}}}
             yield "ping", {"type": "ping"}
         choice = chunk["choices"][0]
         delta = choice["delta"]

@@ -133,7 +133,8 @@ class Job:
                         break
                     item = GenerationChunk(text=item.text + following.text,
                                            token_count=item.token_count + following.token_count,
-                                           logprobs=item.logprobs + following.logprobs)
+                                           logprobs=item.logprobs + following.logprobs,
+                                           prompt_tokens=item.prompt_tokens, cached_tokens=item.cached_tokens)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -531,15 +532,24 @@ class Scheduler:
         text, hit = slot.stops.push(slot.decoder.decode(piece))
         if job.logprobs:
             self._emit(job, GenerationChunk(text=text, token_count=1,
-                                            logprobs=[self._logprob(slot.batch_index, token, piece, job.top_logprobs)]))
-        elif text:
-            self._emit(job, GenerationChunk(text=text, token_count=1))
+                                            logprobs=[self._logprob(slot.batch_index, token, piece, job.top_logprobs)],
+                                            **self._prompt_counts(slot)))
+        elif text or slot.produced == 1:
+            self._emit(job, GenerationChunk(text=text, token_count=1, **self._prompt_counts(slot)))
         if hit:
             self._finish(slot, reason="stop", flush=False)
         elif slot.produced >= slot.limit or len(slot.tokens) + 1 > self.n_ctx_seq:
             self._finish(slot, reason="length")
         else:
             slot.next_token = token
+
+    @staticmethod
+    def _prompt_counts(slot: Slot) -> dict[str, int]:
+        """On the first token's chunk only: the prompt's length and the part of it the cache held (the API can say
+        so before the end, as Anthropic's message_start does)."""
+        if slot.produced != 1 or slot.job is None:
+            return {}
+        return {"prompt_tokens": len(slot.job.tokens), "cached_tokens": slot.cached}
 
     def _learn(self, token: int) -> tuple[bytes, bool]:
         known = self._tokens[token] = (self.piece(token, self._piece_buffer),

@@ -189,6 +189,8 @@ class RunnerService(pb_grpc.RunnerServicer):
                 reply = pb.GenerateReply(text=chunk.text, token_count=chunk.token_count)
                 if chunk.logprobs:
                     reply.logprobs.extend(_logprob_message(item) for item in chunk.logprobs)
+                if chunk.prompt_tokens and not chunk.finish_reason:  # the first token's: the prompt, counted
+                    reply.usage.CopyFrom(pb.Usage(prompt_tokens=chunk.prompt_tokens, cached_tokens=chunk.cached_tokens))
                 if chunk.finish_reason:
                     finished = True
                     reply.finish_reason = chunk.finish_reason

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hearth.api.images import ImagePolicy, load_image
 from hearth.api.openai.common import (
     INT32_MAX,
+    PROMPT_KEY,
     STOP_KEY,
     USAGE_KEY,
     SamplingRequest,
@@ -474,7 +475,10 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
             first = True
             async for reply in runner.generate(generate):
                 if first:
-                    yield chunk({"role": "assistant", "content": ""})
+                    opening = chunk({"role": "assistant", "content": ""})
+                    if reply.HasField("usage") and not reply.finish_reason:
+                        opening[PROMPT_KEY] = reply.usage
+                    yield opening
                     first = False
                 out = []
                 if reply.text:

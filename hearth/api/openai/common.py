@@ -224,6 +224,7 @@ def timings_dict(timings: pb.Timings) -> dict[str, Any]:
 
 
 USAGE_KEY = "_usage"  # the pb.Usage a choice's last chunk carries inside the serving layer
+PROMPT_KEY = "_prompt"  # the pb.Usage of the prompt alone, on a choice's first chunk when the backend counts it early
 STOP_KEY = "_stop_sequence"  # and the stop string that ended it, if one did (for Anthropic's stop_reason)
 
 
@@ -243,7 +244,8 @@ async def public_stream(events: AsyncIterator[dict[str, Any]], include_usage: bo
         async for chunk in events:
             if USAGE_KEY in chunk:
                 finals.append(chunk)
-                chunk = {key: value for key, value in chunk.items() if key not in (USAGE_KEY, STOP_KEY)}
+            if USAGE_KEY in chunk or PROMPT_KEY in chunk:
+                chunk = {key: value for key, value in chunk.items() if key not in (USAGE_KEY, STOP_KEY, PROMPT_KEY)}
             if include_usage:
                 chunk["usage"] = None
             last = chunk
