@@ -369,7 +369,9 @@ class Scheduler:
                 error = BackendError(f"llama.cpp failed: {exc}")
                 if target.job is job:
                     self._finish(target, error=error)
-                else:
+                else:  # it may have stopped between trimming the slot's cache and noting what the cache holds
+                    L.llama_memory_seq_rm(self.memory, target.seq, 0, -1)
+                    target.tokens = []
                     self._emit(job, error)
 
     def _prefix_in_progress(self, job: Job, have: int) -> bool:
