@@ -121,6 +121,69 @@ def test_same_prompt_submitted_together_is_computed_once(backend: Backend) -> No
     assert sorted(f.cached_tokens for f in finals) == [0, n_prompt - 1]
 
 
+def test_prompts_back_together_in_another_order_find_their_own_caches(backend: Backend) -> None:
+    """Two conversations come back at once, the other way round: each takes the slot holding its own prompt, not
+    the lowest free one (which holds the other's), and reads only its last token again."""
+    prompts = [f"<|im_start|>user\nA question about {topic}, asked at length.<|im_end|>\n" for topic in ("ships", "trains")]
+    finals: dict[str, GenerationChunk] = {}
+
+    def one(prompt: str) -> None:  # long enough for both to be generating at once
+        finals[prompt] = run(backend, prompt, max_tokens=20, ignore_eos=True)[-1]
+
+    for order in (prompts, prompts[::-1]):
+        threads = [threading.Thread(target=one, args=(prompt,)) for prompt in order]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join(60)
+    for prompt in prompts:
+        assert finals[prompt].cached_tokens == finals[prompt].prompt_tokens - 1
+
+
+def test_batches_list_sequences_in_order(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp decodes consecutive sequences in one pass only when the batch meets them in increasing order: a
+    prompt read in sequence 0 beside a stream generating in sequence 1 goes into the batch first."""
+    scheduler = backend.scheduler
+    assert scheduler is not None
+    seen: list[list[int]] = []
+    decode = L.llama_decode
+
+    def recording(ctx: Any, batch: Any) -> int:
+        seen.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return decode(ctx, batch)
+
+    # Two streams fill both slots; the one in sequence 0 stops, and a new prompt is read there beside the other.
+    prompts = [f"<|im_start|>user\nCount slowly from one to {n}.<|im_end|>\n" for n in ("forty", "fifty")]
+    stops = {prompt: threading.Event() for prompt in prompts}
+
+    def stream(prompt: str) -> None:
+        spec = GenerationSpec(prompt=prompt, prompt_tokens=None, parse_special=True, max_tokens=150, ignore_eos=True,
+                              sampling=Sampling(temperature=0))
+        for _ in backend.generate(spec, cancelled=stops[prompt].is_set):
+            pass
+
+    streams = [threading.Thread(target=stream, args=(prompt,)) for prompt in prompts]
+    for thread in streams:
+        thread.start()
+        time.sleep(0.2)
+    first = scheduler.slots[0].job
+    assert first is not None and scheduler.slots[1].job is not None
+    stops[next(p for p in prompts if backend.tokenize(p, True, True) == first.tokens)].set()
+    time.sleep(0.2)
+    monkeypatch.setattr(L, "llama_decode", recording)
+    newcomer = run(backend, "<|im_start|>user\nSomething else entirely, and at some length too.<|im_end|>\n",
+                   max_tokens=2)
+    for event in stops.values():
+        event.set()
+    for thread in streams:
+        thread.join(60)
+    assert newcomer[-1].finish_reason == "length"
+    mixed = [seqs for seqs in seen if len(set(seqs)) > 1]
+    assert mixed, "the new prompt was never read beside the generating stream"
+    assert all(seqs == sorted(seqs) for seqs in mixed), mixed
+
+
 def test_grammar_and_logprobs_in_the_loop(backend: Backend) -> None:
     spec = GenerationSpec(prompt="Is water wet? Answer:", prompt_tokens=None, max_tokens=8, logprobs=True,
                           top_logprobs=3, sampling=Sampling(temperature=0, grammar='root ::= " " ("yes" | "no") "."'))

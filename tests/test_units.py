@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 
 from hearth import errors
 from hearth.backends.base import StopBuffer
+from hearth.backends.llama_scheduler import choose_slots, common_prefix, runs
 from hearth.chat.template import render_chat
 from hearth.cores import SLOTS, Board, Share
 from hearth.runner.wire import from_status, to_status
@@ -176,3 +178,36 @@ def test_metrics_middleware_keeps_made_up_methods_to_one_label() -> None:
     assert metrics.value("hearth_http_requests_total", method="other", route="unrouted", status="405") == 2
     assert metrics.value("hearth_http_requests_total", method="GET", route="unrouted", status="405") == 1
     assert "BREW" not in metrics.render()
+
+
+def test_common_prefix_agrees_with_comparing_token_by_token() -> None:
+    rng = random.Random(7)
+    for _ in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randrange(40))]
+        b = a[:rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(5))]
+        a, b = (a, b) if rng.random() < 0.5 else (b, a)
+        naive = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == naive
+    assert common_prefix([], [1]) == 0 and common_prefix([1, 2], [1, 2]) == 2
+
+
+def test_runs_of_consecutive_sequences() -> None:
+    assert runs([]) == 0 and runs([3]) == 1 and runs([2, 0, 1]) == 1 and runs([0, 2, 4, 5]) == 3
+
+
+def test_slots_chosen_keep_busy_slots_together_and_find_each_prompts_cache() -> None:
+    p = {i: [1, 5, 9, 100 + i] for i in range(5)}  # four prompts that differ in their last token
+    cached = [(0, p[2]), (1, p[1]), (2, p[4]), (3, p[3]), (4, []), (5, [])]
+    # Requests that come back together each find their own cache, whatever order they arrive in.
+    assert choose_slots([], cached, [p[1], p[2], p[3], p[4]]) == [1, 0, 3, 2]
+    # One alone takes its cache; the rest, arriving a step later, take theirs, all in one run of slots.
+    assert choose_slots([], cached, [p[3]]) == [3]
+    assert choose_slots([3], [s for s in cached if s[0] != 3], [p[4], p[1], p[2]]) == [2, 1, 0]
+    # With nothing cached, the lowest free slots in order.
+    assert choose_slots([], [(i, []) for i in range(4)], [p[1], p[2]]) == [0, 1]
+    # Busy slots stay in one run: next to a busy slot, even one at the top, and a gap is filled first, even when
+    # a slot elsewhere holds the prompt (admission copies a long cached prefix in instead).
+    assert choose_slots([7], [(i, []) for i in range(7)], [p[1]]) == [6]
+    assert choose_slots([2, 4], [(0, p[1]), (1, []), (3, []), (5, [])], [p[1]]) == [3]
+    # More jobs than free slots: as many as there are slots.
+    assert choose_slots([0], [(1, []), (2, [])], [p[1], p[2], p[3]]) == [1, 2]

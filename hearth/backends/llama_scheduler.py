@@ -17,12 +17,13 @@ import asyncio
 import codecs
 import contextlib
 import ctypes
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,12 +91,50 @@ class Media:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many tokens two lists share from the start. Slices are compared in C, halving the span: a few
+    microseconds for prompts of thousands of tokens, which admission compares against every slot."""
+    low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while high - low > 1:  # a[:low] == b[:low] and a[:high] != b[:high]
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def runs(seqs: Iterable[int]) -> int:
+    """How many runs of consecutive sequence ids a set of them makes."""
+    ordered = sorted(set(seqs))
+    return sum(1 for i, seq in enumerate(ordered) if i == 0 or seq != ordered[i - 1] + 1)
+
+
+def choose_slots(busy: Iterable[int], free: list[tuple[int, list[int]]], prompts: list[list[int]]) -> list[int]:
+    """The free slots (sequence ids) for jobs admitted together, in their order, given each free slot's cached
+    tokens (`free`, lowest sequence first) and each job's prompt.
+
+    With a KV stream per sequence, llama.cpp decodes a batch in one pass per run of consecutive sequence ids
+    (llama_batch_allocr::split_equal, sequential), so the busy slots are kept in as few runs as possible: each job
+    in turn takes the free slot that leaves the fewest runs, among those the one holding most of its prompt, then
+    the lowest. Then the jobs swap the slots so chosen among themselves, each taking the one holding most of its
+    prompt: requests that come back together find their own caches.
+    """
+    taken = set(busy)
+    left = list(free)
+    chosen: list[tuple[int, list[int]]] = []
+    for prompt in prompts[:len(free)]:
+        best = min(left, key=lambda slot: (runs(taken | {slot[0]}), -common_prefix(slot[1], prompt), slot[0]))
+        left.remove(best)
+        taken.add(best[0])
+        chosen.append(best)
+    result = []
+    for prompt in prompts[:len(chosen)]:
+        best = min(chosen, key=lambda slot: (-common_prefix(slot[1], prompt), slot[0]))
+        chosen.remove(best)
+        result.append(best[0])
+    return result
 
 
 @dataclass
@@ -338,18 +377,24 @@ class Scheduler:
     def _admit(self) -> None:
         """Give waiting jobs free slots, first come first served, reusing cached prefixes.
 
-        A job always takes the lowest free slot: llama.cpp computes attention over the span of KV streams from the
-        lowest to the highest sequence in a batch, so busy slots are kept together. Idle slots keep their entries
-        as a cache; when another slot holds a longer prefix of the new prompt, that slot's stream is copied in.
+        Busy slots are kept together (`choose_slots`): llama.cpp decodes each run of consecutive sequences in a
+        pass of its own, and computes attention over the span of KV streams from the lowest to the highest sequence
+        in a pass. Idle slots keep their entries as a cache, and a job takes the slot holding most of its prompt
+        among those that keep the busy slots together; when another slot holds a longer prefix of the new prompt,
+        that slot's stream is copied in.
         """
         while self.waiting:
             job = self.waiting[0]
             if job.cancelled:
                 self.waiting.popleft()
                 continue
-            target = next((s for s in self.slots if not s.busy), None)
-            if target is None:
+            free = [s for s in self.slots if not s.busy]
+            if not free:
                 return
+            # Planned with the jobs that can be admitted with this one, so that they find their own caches too.
+            together = [j.tokens for j in itertools.islice((j for j in self.waiting if not j.cancelled), len(free))]
+            seq = choose_slots((s.seq for s in self.slots if s.busy), [(s.seq, s.tokens) for s in free], together)[0]
+            target = self.slots[seq]
             reuse = common_prefix(target.tokens, job.tokens)
             if self._prefix_in_progress(job, reuse):
                 return  # its prefix is being computed in another slot right now: wait a step or two, then copy it
@@ -430,31 +475,38 @@ class Scheduler:
         for slot in list(self.active):
             while slot.job is not None and not slot.pending and slot.images:
                 self._evaluate_image(slot)
-        # Generating sequences first: one token each.
-        for slot in self.active:
-            if not slot.pending and slot.next_token >= 0:
-                self._add(batch, n, slot.next_token, len(slot.tokens) + slot.pos_delta, slot.seq, True)
-                slot.tokens.append(slot.next_token)
-                slot.batch_index = n
-                n += 1
-        # Then prompts, in admission order, as much as fits this step; smaller bites while others are generating,
-        # so that their tokens keep coming while a long prompt is read.
-        budget = self.n_batch if n == 0 else min(self.n_batch, n + PROMPT_CHUNK_WHILE_GENERATING)
+        # Generating sequences read one token each; prompts, in admission order, as much as fits this step, in
+        # smaller bites while others are generating, so that their tokens keep coming while a long prompt is read.
+        generating = sum(1 for slot in self.active if not slot.pending and slot.next_token >= 0)
+        budget = self.n_batch if generating == 0 else min(self.n_batch, generating + PROMPT_CHUNK_WHILE_GENERATING)
+        room = budget - generating
+        chunks: dict[int, list[int]] = {}
         reading = [s for s in self.active if s.pending]
         if len(reading) > 1:
             reading.sort(key=lambda s: s.admitted)
         for slot in reading:
-            room = budget - n
             if room <= 0:
                 break
-            chunk, slot.pending = slot.pending[:room], slot.pending[room:]
-            for i, token in enumerate(chunk):
-                last = not slot.pending and not slot.images and i == len(chunk) - 1
-                self._add(batch, n, token, len(slot.tokens) + slot.pos_delta, slot.seq, last)
+            chunks[slot.seq], slot.pending = slot.pending[:room], slot.pending[room:]
+            room -= len(chunks[slot.seq])
+        # Into the batch in sequence order (`active` is kept so): llama.cpp decodes in one pass only consecutive
+        # sequences met in increasing order in the batch, so another order would cost passes over the weights.
+        for slot in self.active:
+            chunk = chunks.get(slot.seq)
+            if chunk is None:
+                if slot.pending or slot.next_token < 0:
+                    continue
+                chunk = [slot.next_token]
+                last = True
+            else:
+                last = not slot.pending and not slot.images
+            for token in chunk:
+                self._add(batch, n, token, len(slot.tokens) + slot.pos_delta, slot.seq, False)
                 slot.tokens.append(token)
-                if last:
-                    slot.batch_index = n
                 n += 1
+            if last:
+                batch.logits[n - 1] = True
+                slot.batch_index = n - 1
         if n == 0:
             return
         batch.n_tokens = n
