@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,15 +200,15 @@ def test_grammar_and_logprobs_in_the_loop(backend: Backend) -> None:
     assert caught.value.param == "grammar"
 
 
-def _read_on_a_loop(backend: Backend, spec: GenerationSpec, interval: float,
-                    keep: int | None = None) -> tuple[list[GenerationChunk], int, bool, bool]:
-    """Reads `spec` on a fresh event loop with the given stream interval (all of it, or its first `keep` chunks):
-    the chunks, how often the decode thread woke the loop, whether the loop's timer ran when reading ended, and
-    whether it still ran a few intervals later."""
+def _read_on_a_loop(backend: Backend, spec: GenerationSpec, interval: float, keep: int | None = None,
+                    on_chunk: Callable[[GenerationChunk], None] | None = None) -> tuple[list[GenerationChunk], int, int]:
+    """Reads `spec` on a fresh event loop with the given stream interval (all of it, or its first `keep` chunks),
+    calling `on_chunk` with each chunk on the loop: the chunks, how often the loop was woken from another thread
+    while reading, and how often in the few intervals after."""
     scheduler = backend.scheduler
     assert scheduler is not None
 
-    async def read() -> tuple[list[GenerationChunk], int, bool, bool]:
+    async def read() -> tuple[list[GenerationChunk], int, int]:
         loop = asyncio.get_running_loop()
         wakes = 0
         threadsafe = loop.call_soon_threadsafe
@@ -222,12 +223,13 @@ def _read_on_a_loop(backend: Backend, spec: GenerationSpec, interval: float,
         async with contextlib.aclosing(backend.agenerate(spec)) as stream:
             async for chunk in stream:
                 chunks.append(chunk)
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 if keep is not None and len(chunks) >= keep:
                     break
-        pump = scheduler._pumps[loop]
-        ticking = pump.ticking
-        await asyncio.sleep(3 * scheduler.delivery_interval() + 0.1)
-        return chunks, wakes, ticking, pump.ticking
+        reading = wakes
+        await asyncio.sleep(min(3 * scheduler.delivery_interval(), 1.0) + 0.1)
+        return chunks, reading, wakes - reading
 
     before = scheduler.stream_interval
     scheduler.stream_interval = interval
@@ -237,43 +239,85 @@ def _read_on_a_loop(backend: Backend, spec: GenerationSpec, interval: float,
         scheduler.stream_interval = before
 
 
-def test_loop_readers_get_mid_stream_text_from_the_loops_own_timer(backend: Backend) -> None:
-    """For readers on an event loop the decode thread wakes the loop only for a job's first text and its end; the
-    text in between is taken by the loop's own timer every interval, which runs until the job ends (an idle loop is
-    not woken again). The text is the same as read any other way."""
+def test_loop_readers_get_text_once_an_interval(backend: Backend) -> None:
+    """For readers on an event loop the decode thread hands text over between two steps: the first text at once,
+    the rest once an interval (several tokens a delivery), the end at once, one wake of the loop a delivery, and
+    none once the job has ended. The text is the same as read any other way."""
     spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=96, ignore_eos=True,
                           sampling=Sampling(temperature=0))
     expected = "".join(c.text for c in backend.generate(spec, cancelled=lambda: False))
     # Well above a decode step, even on a busy machine: deliveries carry several tokens.
-    chunks, wakes, ticking_at_end, ticking_later = _read_on_a_loop(backend, spec, 0.15)
+    chunks, wakes, wakes_after = _read_on_a_loop(backend, spec, 0.15)
     assert "".join(c.text for c in chunks) == expected and chunks[-1].finish_reason == "length"
     texts = [c for c in chunks if c.text]
-    assert len(texts) >= 3, "96 tokens take several intervals: text comes in several deliveries"
-    assert wakes <= 3, f"{wakes} wake-ups for {len(texts)} deliveries: only the first text and the end should wake"
-    assert ticking_at_end and not ticking_later, "the timer runs while text comes, and stops once the job ended"
+    assert 3 <= len(texts) < 48, "96 tokens take several intervals, and a delivery carries several tokens"
+    assert wakes <= len(chunks) + 1, f"{wakes} wake-ups for {len(chunks)} deliveries (one more to tokenize)"
+    assert wakes_after == 0
 
 
-def test_loop_timer_outlasts_intervals_shorter_than_a_token(backend: Backend) -> None:
-    """With an interval far below a decode step most of the timer's intervals find no text. It keeps running
-    through them while the job goes on, so the decode thread still wakes the loop only for the first text and the
-    end, not for every token after an empty interval."""
-    spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=48, ignore_eos=True,
+def test_loop_takes_text_while_the_decode_thread_waits(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode thread decodes on only once the loop has handed the text to its readers and they have run: the
+    loop's work never competes with llama.cpp's threads for the cores."""
+    scheduler = backend.scheduler
+    assert scheduler is not None
+    decodes: list[float] = []
+    readers: list[tuple[float, float]] = []
+    decode = L.llama_decode
+
+    def recording(ctx: Any, batch: Any) -> int:
+        decodes.append(time.perf_counter())
+        return decode(ctx, batch)
+
+    def slow_reader(chunk: GenerationChunk) -> None:
+        start = time.perf_counter()
+        time.sleep(0.02)  # the reader holds the loop (and, asleep, leaves the GIL and the cores to the decoder)
+        readers.append((start, time.perf_counter()))
+
+    monkeypatch.setattr(L, "llama_decode", recording)
+    monkeypatch.setattr(scheduler, "handover_wait", 10.0)
+    spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=40, ignore_eos=True,
                           sampling=Sampling(temperature=0))
-    chunks, wakes, _, ticking_later = _read_on_a_loop(backend, spec, 0.0005)
-    texts = [c for c in chunks if c.text]
-    assert chunks[-1].finish_reason == "length" and len(texts) >= 12, "tokens come one or two a delivery"
-    assert wakes <= 3, f"{wakes} wake-ups for {len(texts)} deliveries: only the first text and the end should wake"
-    assert not ticking_later
+    chunks, _, _ = _read_on_a_loop(backend, spec, 0.03, on_chunk=slow_reader)
+    assert chunks[-1].finish_reason == "length" and len(readers) >= 3 and len(decodes) >= 40
+    overlapping = [start for start in decodes if any(a < start < b for a, b in readers)]
+    assert not overlapping, f"{len(overlapping)} decodes started while a reader ran"
 
 
-def test_loop_timer_stops_when_its_reader_leaves(backend: Backend) -> None:
-    """A reader that leaves mid-stream ends its job: the timer it kept running stops, and the slot is freed."""
+def test_text_waiting_goes_out_before_a_long_step(backend: Backend) -> None:
+    """Text held for its interval goes out before a step that admits a request (which may read a long prompt):
+    with an interval far longer than the stream, a reader still gets text from the middle of it once another
+    request comes."""
+    spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=200, ignore_eos=True,
+                          sampling=Sampling(temperature=0))
+    other = threading.Thread(target=run, args=(backend, "A question in the middle of a story."), kwargs={"max_tokens": 2})
+    arrivals: list[tuple[float, GenerationChunk]] = []
+    asked: list[float] = []
+
+    def ask() -> None:
+        asked.append(time.perf_counter())
+        other.start()
+
+    def on_chunk(chunk: GenerationChunk) -> None:
+        arrivals.append((time.perf_counter(), chunk))
+        if len(arrivals) == 1:
+            timer.start()
+
+    timer = threading.Timer(0.3, ask)  # well into the stream, after its first text
+    chunks, _, _ = _read_on_a_loop(backend, spec, 60.0, on_chunk=on_chunk)
+    timer.join(60)
+    other.join(60)
+    assert chunks[-1].finish_reason == "length" and asked
+    end = arrivals[-1][0]  # the last text and the end come together
+    middle = [chunk for when, chunk in arrivals if asked[0] < when < end - 0.1 and chunk.text]
+    assert middle, "nothing came between the other request and the end"
+
+
+def test_loop_reader_leaving_frees_its_slot(backend: Backend) -> None:
     spec = GenerationSpec(prompt="Once upon a time", prompt_tokens=None, max_tokens=400, ignore_eos=True,
                           sampling=Sampling(temperature=0))
-    chunks, _, ticking_at_end, ticking_later = _read_on_a_loop(backend, spec, 0.02, keep=2)
+    chunks, _, wakes_after = _read_on_a_loop(backend, spec, 0.02, keep=2)
     assert len(chunks) == 2 and not chunks[-1].finish_reason
-    assert ticking_at_end and not ticking_later, "the timer stops once the job's reader has gone"
-    assert backend.active_requests() == 0
+    assert backend.active_requests() == 0 and wakes_after <= 1
 
 
 def _mapped(path: Path) -> bool:

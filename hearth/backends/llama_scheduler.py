@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import ctypes
 import itertools
 import logging
@@ -41,6 +40,7 @@ log = logging.getLogger("hearth.runner.llama")
 MIN_COPIED_PREFIX = 32
 PROMPT_CHUNK_WHILE_GENERATING = 256
 STREAM_SPREAD = 4  # with N sequences generating, streamed text goes out at most every min(N, 4) stream intervals
+HANDOVER_WAIT = 0.005  # seconds the decode thread waits at most for an event loop to take text, between two steps
 
 
 @dataclass
@@ -270,6 +270,7 @@ class Scheduler:
         self._views: dict[int, np.ndarray] = {}
         self._pumps: dict[asyncio.AbstractEventLoop, Pump] = {}
         self._to_wake: set[Pump] = set()
+        self.handover_wait = HANDOVER_WAIT
         # Readers on an event loop get text at most this often (seconds): each delivery wakes threads in this
         # process and the API's, and on a machine whose cores all decode, that costs the decode loop speed.
         self.stream_interval = stream_interval
@@ -325,20 +326,48 @@ class Scheduler:
         if pump is None:
             for loop in [loop for loop in self._pumps if loop.is_closed()]:
                 del self._pumps[loop]
-            pump = self._pumps[job.loop] = Pump(job.loop, self.delivery_interval)
+            pump = self._pumps[job.loop] = Pump(job.loop)
         pump.items.append((job, item))
-        # The loop's own timer takes text onward; the loop is woken now only for a job's first text, its end and
-        # errors, or when its timer has stopped.
-        if not pump.ticking or not job.delivered or isinstance(item, BaseException) or item.finish_reason:
+        # A job's first text, its end and errors go out after this step; other text when its loop's interval is up.
+        if not job.delivered or isinstance(item, BaseException) or item.finish_reason:
             self._to_wake.add(pump)
         job.delivered = True
 
     def _flush(self) -> None:
-        """Wake the loops that have urgent output, once each per step."""
+        """Between two steps, hand text over to the event loops it is for: those with urgent text, those whose
+        delivery interval is up, and all with text waiting when the next step may be long (it admits a request, or
+        reads a prompt or an image). Each loop is woken once, and the decode thread waits (briefly) until the loops
+        have handed the text to their readers before it decodes on. Their work then runs while llama.cpp's
+        threads are idle: woken mid-step, a loop's thread would take a core from one of them, and the others would
+        wait for it at the next barrier, which costs more decoding than the loop's own work (benchmarks/README.md).
+        """
+        if self._pumps:
+            now = time.perf_counter()
+            long_step = None
+            for pump in self._pumps.values():
+                if not pump.items or pump in self._to_wake:
+                    continue
+                if now < pump.due:
+                    if long_step is None:
+                        long_step = bool(self.waiting) or any(s.pending or s.images for s in self.active)
+                    if not long_step:
+                        continue
+                self._to_wake.add(pump)
+        if not self._to_wake:
+            return
+        due = time.perf_counter() + self.delivery_interval()
+        woken = []
         for pump in self._to_wake:
-            with contextlib.suppress(RuntimeError):  # that loop is closed: its readers are gone
-                pump.loop.call_soon_threadsafe(pump.woken)
+            pump.due = due
+            pump.taken.clear()
+            try:
+                pump.loop.call_soon_threadsafe(pump.take)
+            except RuntimeError:  # that loop is closed: its readers are gone
+                continue
+            woken.append(pump)
         self._to_wake.clear()
+        for pump in woken:
+            pump.taken.wait(self.handover_wait)
 
     def _run(self) -> None:
         while True:
@@ -709,61 +738,19 @@ def _free_samplers(slot: Slot) -> None:
 
 
 class Pump:
-    """Output on its way to the readers on one event loop. The decode thread appends to it; the loop takes it every
-    delivery interval on a timer of its own, so that the decode thread, whose cores are busy, makes no system call
-    and wakes no thread for text in mid-stream. The timer runs while a job whose text it delivered has not ended,
-    even through intervals with nothing to take (a token can take longer than an interval); once none is left, it
-    stops, and the next output (a new job's first text) wakes the loop, which starts it again."""
+    """Output on its way to the readers on one event loop. The decode thread appends to it, and between two steps
+    wakes the loop to take it (`Scheduler._flush`) and waits until the loop has handed it to its readers."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: Callable[[], float]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.interval = interval
         self.items: deque[tuple[Job, Any]] = deque()  # appended by the decode thread, taken by the loop
-        self.ticking = False  # the loop's timer will take the items: the decode thread need not wake it
-        self._timer: asyncio.TimerHandle | None = None
-        # Jobs (by id) with text delivered and no end yet: their next text needs the timer. The loop alone uses it.
-        self._streaming: dict[int, Job] = {}
+        self.due = 0.0  # when the next delivery of mid-stream text is due (time.perf_counter)
+        self.taken = threading.Event()  # set by the loop once the readers have run with what it took
 
-    def woken(self) -> None:
-        """On the loop, called by the decode thread: deliver now, and time the next delivery from this one (with
-        the interval as it is now: the first text of another stream makes it longer)."""
-        self._deliver()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._start()
-
-    def _tick(self) -> None:
-        self._timer = None
-        if self._deliver() or self._still_streaming():
-            self._start()
-            return
-        self.ticking = False
-        if self.items:  # appended while the decode thread still saw the timer running: it will not wake the loop
-            self._deliver()
-            self._start()
-
-    def _start(self) -> None:
-        interval = self.interval()
-        if self._timer is None and interval > 0:
-            self.ticking = True
-            self._timer = self.loop.call_later(interval, self._tick)
-
-    def _still_streaming(self) -> bool:
-        """Whether a job may yet send text through the timer (one whose reader left is done with)."""
-        for key in [key for key, job in self._streaming.items() if job.cancelled]:
-            del self._streaming[key]
-        return bool(self._streaming)
-
-    def _deliver(self) -> int:
-        count = 0
+    def take(self) -> None:
+        """On the loop: give each reader its items. The readers woken run next on the loop, then `taken` is set."""
         while self.items:
             job, item = self.items.popleft()
-            if isinstance(item, BaseException) or item.finish_reason:
-                self._streaming.pop(id(job), None)
-            else:
-                self._streaming[id(job)] = job
             if job.aqueue is not None:
                 job.aqueue.put_nowait(item)
-            count += 1
-        return count
+        self.loop.call_soon(self.taken.set)
