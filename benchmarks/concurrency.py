@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 from common import (
     PROMPT,
     baseline_in_fresh_process,
     concurrent_streams,
+    generation_arguments,
     install,
     llama_bench,
+    machine_line,
     start_hearth,
     start_llama_server,
     stop,
@@ -40,7 +39,6 @@ from common import (
 )
 from decode_loop import Worker, median_interval, paired_rates
 
-MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
 LONG_PROMPT = " ".join(f"Paragraph {i}: the keeper climbed the stairs, trimmed the wick and watched the sea."
                        for i in range(60))  # about 1,200 tokens
 
@@ -98,15 +96,11 @@ def measure(models_dir: Path, name: str, path: Path, args: argparse.Namespace) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=128)
+    generation_arguments(parser, "folder with llama-bench and llama-server", required=False)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--llama-cpp-bin", type=Path, help="folder with llama-bench and llama-server")
     args = parser.parse_args()
 
-    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
-          f"threads={args.threads}, tokens={args.tokens}, rounds={args.rounds}\n")
+    print(machine_line(threads=args.threads, tokens=args.tokens, rounds=args.rounds) + "\n")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models_dir = Path(tmp)

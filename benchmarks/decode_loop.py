@@ -30,29 +30,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     PROMPT,
     decode_loop_rate,
+    generation_arguments,
     install,
     llama_bench,
+    machine_line,
     start_hearth,
     start_llama_server,
     stop,
     stream_completion,
 )
 
-MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
 SETTLE = 0.3  # seconds between two measurements: lets the last one's OpenMP threads stop spinning
 
 
@@ -165,10 +163,7 @@ def main() -> None:
         kind, path, threads, tokens = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
         return worker(kind, path, threads, tokens)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llama-cpp-bin", type=Path, required=True, help="folder with llama-bench")
-    parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=128)
+    generation_arguments(parser, "folder with llama-bench", required=True)
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--bare", action="store_true", help="also time a plain llama_decode loop in Python")
     parser.add_argument("--serve", action="store_true", help="also time one stream from Hearth and llama-server")
@@ -176,8 +171,7 @@ def main() -> None:
                         help="with --serve, also time llama-server with its weights read into memory")
     args = parser.parse_args()
 
-    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
-          f"threads={args.threads}, tokens={args.tokens}, pairs={args.pairs}\n", flush=True)
+    print(machine_line(threads=args.threads, tokens=args.tokens, pairs=args.pairs) + "\n", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-from common import CACHE, ROOT, start_hearth, stop
+from common import CACHE, ROOT, machine_line, start_hearth, stop
 
 from hearth.gallery.builtin import install
 
@@ -116,8 +114,7 @@ def main() -> None:
         finally:
             stop(process)
 
-    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
-          f"threads={args.threads}, sentences={args.sentences}, rounds={args.rounds}")
+    print(machine_line(threads=args.threads, sentences=args.sentences, rounds=args.rounds))
     print("| batch | sentence-transformers in-process (torch fp32) | Hearth HTTP, default (ONNX int8) | ratio | "
           "Hearth HTTP, same torch fp32 path | ratio |")
     print("|---|---|---|---|---|---|")

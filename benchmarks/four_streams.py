@@ -14,41 +14,36 @@ rounds' ratios with a distribution-free 95% confidence interval, and how many ro
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from common import concurrent_streams, install, start_hearth, start_llama_server, stop, stream_completion
+import common
 from decode_loop import median_interval
-
-MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
 
 
 def compare(models_dir: Path, name: str, path: Path, args: argparse.Namespace) -> dict:
-    hearth, hearth_base = start_hearth(models_dir, args.threads)
-    server, server_base = start_llama_server(args.llama_cpp_bin / "llama-server", path, args.threads)
+    hearth, hearth_base = common.start_hearth(models_dir, args.threads)
+    server, server_base = common.start_llama_server(args.llama_cpp_bin / "llama-server", path, args.threads)
     bases = {"hearth": (hearth_base, name), "server": (server_base, "x")}
     rates: dict[str, list[float]] = {"hearth": [], "server": []}
     ttfts: dict[str, list[float]] = {"hearth": [], "server": []}
     try:
         for base, model in bases.values():
-            stream_completion(base, model, "warm up", 8)
+            common.stream_completion(base, model, "warm up", 8)
         for round_ in range(args.rounds):
             for which in ("hearth", "server") if round_ % 2 == 0 else ("server", "hearth"):
                 time.sleep(0.3)  # let the other server's last writes settle
-                rate, results = concurrent_streams(*bases[which], args.streams, args.tokens)
+                rate, results = common.concurrent_streams(*bases[which], args.streams, args.tokens)
                 rates[which].append(rate)
                 ttfts[which].append(max(r.ttft for r in results))
             if args.verbose:
                 print(f"  {name} round {round_}: Hearth {rates['hearth'][-1]:.1f}, llama-server "
                       f"{rates['server'][-1]:.1f} tok/s", flush=True)
     finally:
-        stop(hearth)
-        stop(server)
+        common.stop(hearth)
+        common.stop(server)
     ratios = [h / s for h, s in zip(rates["hearth"], rates["server"], strict=True)]
     return {"model": name, "hearth": statistics.median(rates["hearth"]),
             "server": statistics.median(rates["server"]), "ratio": statistics.median(ratios),
@@ -58,21 +53,17 @@ def compare(models_dir: Path, name: str, path: Path, args: argparse.Namespace) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llama-cpp-bin", type=Path, required=True, help="folder with llama-server")
-    parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=128)
+    common.generation_arguments(parser, "folder with llama-server", required=True)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--verbose", action="store_true", help="print every round")
     args = parser.parse_args()
 
-    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
-          f"threads={args.threads}, streams={args.streams}, tokens={args.tokens}, rounds={args.rounds}\n", flush=True)
+    print(common.machine_line(threads=args.threads, streams=args.streams, tokens=args.tokens, rounds=args.rounds) + "\n", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            path = install(Path(tmp), name, parallel=8, context_size=8 * 2048)
+            path = common.install(Path(tmp), name, parallel=8, context_size=8 * 2048)
             rows.append(compare(Path(tmp), name, path, args))
     print(f"| model | Hearth {args.streams} streams tok/s | llama-server tok/s | median of rounds' ratios [95% CI] | "
           "rounds Hearth won | slowest first token, Hearth / llama-server |")

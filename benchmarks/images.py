@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-from common import ROOT, start_hearth, stop
+from common import ROOT, machine_line, start_hearth, stop
 
 BUILD = """
 import json, sys, torch
@@ -110,8 +107,7 @@ def main() -> None:
             client.close()
             stop(process)
 
-    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
-          f"threads={args.threads}, steps={args.steps}, rounds={args.rounds}, SD 1.5 shape, random weights, float32")
+    print(machine_line(threads=args.threads, steps=args.steps, rounds=args.rounds) + ", SD 1.5 shape, random weights, float32")
     print("| size | diffusers in-process s/step | Hearth over HTTP s/step | ratio (in-process / HTTP) |")
     print("|---|---|---|---|")
     for size, theirs, ours in rows:

@@ -12,14 +12,11 @@ and the runner process all included); the runner's own measurement is shown besi
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
-from common import baseline_in_fresh_process, install, start_hearth, stop, stream_completion
+from common import baseline_in_fresh_process, install, machine_line, start_hearth, stop, stream_completion
 
 
 def main() -> None:
@@ -35,8 +32,7 @@ def main() -> None:
         paths = {name: install(models_dir, name, context_size=2048, parallel=1) for name in args.models}
         process, base = start_hearth(models_dir, args.threads)
         try:
-            print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
-                  f"threads={args.threads}, tokens={args.tokens}, rounds={args.rounds}")
+            print(machine_line(threads=args.threads, tokens=args.tokens, rounds=args.rounds))
             print("| model | llama-cpp-python in-process tok/s | Hearth over HTTP tok/s | Hearth runner tok/s | "
                   "ratio HTTP / in-process |")
             print("|---|---|---|---|---|")

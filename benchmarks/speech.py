@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-from common import CACHE, ROOT, start_hearth, stop
+from common import CACHE, ROOT, machine_line, start_hearth, stop
 
 from hearth.gallery.builtin import install
 
@@ -119,8 +116,7 @@ def main() -> None:
             client.close()
             stop(process)
 
-    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
-          f"threads={args.threads}, rounds={args.rounds}, audio {seconds:.1f} s ({len(TEXT)} characters)")
+    print(machine_line(threads=args.threads, rounds=args.rounds) + f", audio {seconds:.1f} s ({len(TEXT)} characters)")
     print("| model | in-process real-time factor | Hearth over HTTP real-time factor | speed ratio (in-process / HTTP) |")
     print("|---|---|---|---|")
     for name, label in (("whisper-tiny.en", "faster-whisper tiny.en (transcribe)"),

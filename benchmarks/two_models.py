@@ -12,16 +12,13 @@ one after the other against at once. While both work, each runner computes with 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from common import PROMPT, StreamResult, install, start_hearth, stop, stream_completion
+from common import PROMPT, StreamResult, install, machine_line, start_hearth, stop, stream_completion
 
 MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]
 
@@ -37,8 +34,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
-          f"threads={args.threads}, tokens={args.tokens}, rounds={args.rounds}\n")
+    print(machine_line(threads=args.threads, tokens=args.tokens, rounds=args.rounds) + "\n")
     samples: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
