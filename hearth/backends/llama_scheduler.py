@@ -362,7 +362,8 @@ class Scheduler:
             pump.taken.clear()
             try:
                 pump.loop.call_soon_threadsafe(pump.take)
-            except RuntimeError:  # that loop is closed: its readers are gone
+            except RuntimeError:  # that loop is closed: its readers are gone, and so is the text for them
+                pump.items.clear()
                 continue
             woken.append(pump)
         self._to_wake.clear()
@@ -377,12 +378,15 @@ class Scheduler:
                 with self._cond:
                     while not self._closing and not self.waiting and not self.active:
                         self._cond.wait()
-                    if self._closing:
+                    closing = self._closing
+                    if closing:
                         for job in [*self.waiting, *(s.job for s in self.active if s.job)]:
                             self._emit(job, BackendError("the model is being unloaded"))
-                        self._flush()
-                        return
-                    self._admit()
+                    else:
+                        self._admit()
+                if closing:
+                    self._flush()  # without the lock: a loop submitting meanwhile is not held up by the handover
+                    return
             if self.share is not None:
                 self._take_share()
             try:
