@@ -341,8 +341,17 @@ def test_gguf_vision_chat_that_goes_on_reuses_its_image(server: HearthServer) ->
     before_the_picture = first.usage.prompt_tokens - GGUF_IMAGE_TOKENS
     assert first.usage.prompt_tokens_details.cached_tokens < before_the_picture
     assert warm.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
-    # Another request takes the slot, then the same conversation runs cold: the same answer, the same numbers.
-    client.chat.completions.create(model="tiny-vlm", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    # Other requests take both slots (a request lands on the slot holding most of its prompt, so two at once are
+    # needed to evict the chat), then the same conversation runs cold: the same answer, the same numbers.
+    def interloper(text: str) -> None:
+        client.chat.completions.create(model="tiny-vlm", max_tokens=400, extra_body={"ignore_eos": True},
+                                       messages=[{"role": "user", "content": text}])
+
+    others = [threading.Thread(target=interloper, args=(text,)) for text in ("hi", "hello there")]
+    for thread in others:
+        thread.start()
+    for thread in others:
+        thread.join(60)
     cold = chat(purple, *going_on)
     assert cold.usage.prompt_tokens_details.cached_tokens < before_the_picture
     assert cold.choices[0].message.content == warm.choices[0].message.content
