@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,8 @@ from common import (
     stop,
     stream_completion,
 )
+
+from hearth.runtime.process import runner_environment
 
 SETTLE = 0.3  # seconds between two measurements: lets the last one's OpenMP threads stop spinning
 
@@ -100,7 +103,8 @@ class Worker:
     def __init__(self, kind: str, path: Path, threads: int, tokens: int) -> None:
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--worker", kind, str(path), str(threads), str(tokens)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env=runner_environment(os.environ) if kind == "loop" else None)  # the loop as the server starts a runner
         if self.process.stdout.readline().strip() != "ready":
             raise SystemExit(f"the {kind} worker did not start")
 

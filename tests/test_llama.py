@@ -189,6 +189,18 @@ def test_weights_read_into_memory_unless_mmap_is_set(smol: HearthServer, smol_di
     assert not maps_file("tiny-context") and maps_file("mapped")
 
 
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+                    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+                    reason="the kernel gives no transparent huge pages here")
+def test_weights_read_in_sit_in_huge_pages(smol: HearthServer, smol_dir: Path) -> None:
+    """The runner starts with glibc's malloc asking for transparent huge pages, so weights read into its memory sit
+    in 2 MiB pages (they decode faster so: benchmarks/README.md)."""
+    smol.client().completions.create(model="tiny-context", prompt="hi", max_tokens=1)
+    rollup = Path(f"/proc/{smol.runner_pid('tiny-context')}/smaps_rollup").read_text()
+    huge_kib = int(next(line.split()[1] for line in rollup.splitlines() if line.startswith("AnonHugePages:")))
+    assert huge_kib * 1024 >= (smol_dir / "smollm2.gguf").stat().st_size // 2, rollup
+
+
 def test_suffix_refused_without_fim_tokens(smol: HearthServer) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         smol.client().completions.create(model="smollm2", prompt="def add(a, b):", suffix="\n\nprint(add(1, 2))")

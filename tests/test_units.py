@@ -13,6 +13,7 @@ from hearth.backends.llama_scheduler import choose_slots, common_prefix, runs
 from hearth.chat.template import render_chat
 from hearth.cores import SLOTS, Board, Share
 from hearth.runner.wire import from_status, to_status
+from hearth.runtime.process import runner_environment
 from hearth.settings import load_settings
 
 
@@ -211,3 +212,15 @@ def test_slots_chosen_keep_busy_slots_together_and_find_each_prompts_cache() -> 
     assert choose_slots([2, 4], [(0, p[1]), (1, []), (3, []), (5, [])], [p[1]]) == [3]
     # More jobs than free slots: as many as there are slots.
     assert choose_slots([0], [(1, []), (2, [])], [p[1], p[2], p[3]]) == [1, 2]
+
+
+def test_runners_ask_glibc_for_huge_pages_unless_told_otherwise() -> None:
+    """Runners start with glibc's malloc asking for transparent huge pages; other tunables are kept, and a
+    hugetlb setting of the user's own wins."""
+    assert runner_environment({"PATH": "/bin"}) == {"PATH": "/bin", "PYTHONUNBUFFERED": "1",
+                                                    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    kept = runner_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"]
+    assert kept == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    for own in ("glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2"):
+        assert runner_environment({"GLIBC_TUNABLES": own})["GLIBC_TUNABLES"] == own
+    assert runner_environment({"PYTHONUNBUFFERED": "0"})["PYTHONUNBUFFERED"] == "0"

@@ -9,9 +9,27 @@ import os
 import signal
 import sys
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger("hearth.runtime")
+
+HUGE_PAGES = "glibc.malloc.hugetlb"  # the glibc tunable (2.35 and later) for malloc's transparent huge pages
+
+
+def runner_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment a runner starts in: the server's, unbuffered, and with glibc's malloc asking the kernel for
+    transparent huge pages on the memory it maps (`glibc.malloc.hugetlb=1`), unless GLIBC_TUNABLES already sets that
+    tunable. Model weights read into a runner's memory then sit in 2 MiB pages instead of 4 KiB ones, and llama.cpp
+    decodes from them 4 to 11% faster on CPU (benchmarks/README.md), for 15 to 17 MiB more memory per llama.cpp
+    runner as measured. Where the kernel's transparent huge pages are off, or the C library is not glibc, the setting
+    does nothing."""
+    env = dict(base)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if not any(item.split("=", 1)[0] == HUGE_PAGES for item in tunables.split(":")):
+        env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}=1" if tunables else f"{HUGE_PAGES}=1"
+    return env
 
 
 class RunnerProcess:
@@ -43,8 +61,7 @@ class RunnerProcess:
         """Spawn the runner and wait until its socket accepts connections."""
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        env = runner_environment(os.environ)
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hearth.runner", "--listen", self.address, "--parent-pid", str(os.getpid()),
             "--log-level", self.log_level, "--name", self.name,
