@@ -86,8 +86,10 @@ def _mem_available() -> int | None:
 
 def maps_weights(setting: bool | None, size: int, available: int | None) -> bool:
     """Whether to map the weights from the file (LocalAI's `mmap`) instead of reading them into the runner's memory.
-    Read in, they decode a few percent faster on CPU (benchmarks/README.md), so that is the default for weights
-    that take at most half the memory available; larger ones are mapped, and the kernel pages them as it must."""
+    Read in, they sit in transparent huge pages (the runner's environment asks glibc for them, see
+    hearth/runtime/process.py) and decode 4 to 11% faster on CPU than mapped (benchmarks/README.md), so that is the
+    default for weights that take at most half the memory available; larger ones are mapped, and the kernel pages
+    them as it must."""
     if setting is not None:
         return setting
     return available is None or size > available // 2
