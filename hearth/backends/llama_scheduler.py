@@ -122,10 +122,16 @@ def choose_slots(busy: Iterable[int], free: list[tuple[int, list[int]]], prompts
     prompt: requests that come back together find their own caches.
     """
     taken = set(busy)
+    count = runs(taken)
+
+    def runs_with(seq: int) -> int:  # the runs once `seq` is taken too: it joins, bridges or starts one
+        return count + 1 - (seq - 1 in taken) - (seq + 1 in taken)
+
     left = list(free)
     chosen: list[tuple[int, list[int]]] = []
     for prompt in prompts[:len(free)]:
-        best = min(left, key=lambda slot: (runs(taken | {slot[0]}), -common_prefix(slot[1], prompt), slot[0]))
+        best = min(left, key=lambda slot: (runs_with(slot[0]), -common_prefix(slot[1], prompt), slot[0]))
+        count = runs_with(best[0])
         left.remove(best)
         taken.add(best[0])
         chosen.append(best)
