@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -30,6 +32,58 @@ def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+class GallerySource(BaseModel):
+    """A gallery index: a file, an http(s) URL or `github:owner/repo/path@ref`, with the name entries' ids use."""
+
+    name: str
+    url: str
+
+
+def _gallery_name(location: str) -> str:
+    """A short name for a gallery given without one: the repository of a github: location, else the file's stem."""
+    if location.startswith("github:"):
+        parts = location[len("github:"):].split("/")
+        if len(parts) > 1 and parts[1]:
+            return parts[1].lower()
+    stem = Path(location.split("?", 1)[0].rstrip("/")).stem
+    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-") or "gallery"
+
+
+def gallery_sources(value: Any) -> list[GallerySource]:
+    """Galleries as users give them: locations (comma-separated in the environment), or LocalAI's GALLERIES JSON
+    (`[{"name": "localai", "url": "github:mudler/LocalAI/gallery/index.yaml@master"}]`)."""
+    if value is None:
+        return []
+    items: list[Any] = []
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str) and item.strip().startswith(("[", "{")):
+            try:
+                parsed = json.loads(item)
+            except ValueError as exc:
+                raise ValueError(f"galleries: not valid JSON ({exc})") from None
+            items += parsed if isinstance(parsed, list) else [parsed]
+        elif isinstance(item, str):
+            items += [part.strip() for part in item.split(",") if part.strip()]
+        else:
+            items.append(item)
+    sources: list[GallerySource] = []
+    for item in items:
+        if isinstance(item, GallerySource):
+            source = item
+        elif isinstance(item, str):
+            source = GallerySource(name=_gallery_name(item), url=item)
+        elif isinstance(item, dict) and isinstance(item.get("url"), str) and item["url"].strip():
+            source = GallerySource(name=str(item.get("name") or _gallery_name(item["url"])), url=item["url"].strip())
+        else:
+            raise ValueError(f"galleries: {item!r} is neither a location nor {{\"name\": ..., \"url\": ...}}")
+        taken = {s.name for s in sources}
+        if source.name in taken:
+            source = source.model_copy(update={"name": next(f"{source.name}-{n}" for n in range(2, 1000)
+                                                            if f"{source.name}-{n}" not in taken)})
+        sources.append(source)
+    return sources
 
 
 class Settings(BaseSettings):
@@ -58,7 +112,10 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     image_fetch_timeout: float = Field(10.0, gt=0)
     # The model gallery: more gallery indexes (files or URLs), where downloads may come from, who may install.
-    galleries: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    galleries: Annotated[list[GallerySource], NoDecode] = Field(default_factory=list)
+    gallery_cache_minutes: float = Field(60.0, ge=0, description="how long gallery indexes and base configs are kept")
+    # Where `github:owner/repo/path@ref` locations are read from (a mirror of raw.githubusercontent.com may stand in).
+    github_raw_url: str = "https://raw.githubusercontent.com"
     download_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="hosts, IPs or CIDR ranges downloads may come from although private")
     gallery_file_dirs: Annotated[list[Path], NoDecode] = Field(
@@ -69,11 +126,16 @@ class Settings(BaseSettings):
     responses_max_bytes: int = Field(256 * 2**20, ge=1, description="their conversations' size kept at most")
     generated_images_ttl_minutes: float = Field(60.0, gt=0, description="how long `url` image results are kept")
 
-    @field_validator("api_keys", "preload", "image_fetch_allow", "galleries", "download_allow", "gallery_file_dirs",
+    @field_validator("api_keys", "preload", "image_fetch_allow", "download_allow", "gallery_file_dirs",
                      mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("galleries", mode="before")
+    @classmethod
+    def _galleries(cls, value: Any) -> list[GallerySource]:
+        return gallery_sources(value)
 
     @field_validator("models_dir", "cache_dir", mode="after")
     @classmethod

@@ -48,12 +48,19 @@ known_usecases: [chat]
 
 def test_unknown_fields_are_kept_and_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    write(tmp_path, "m.yaml", "name: m\nbackend: llama\nparameters: {model: m.gguf, mirostat: 2}\nf16: true\n")
-    with caplog.at_level(logging.WARNING):
-        config = ModelRegistry(tmp_path).get("m")
-    assert config.model_extra == {"f16": True}
+    write(tmp_path, "m.yaml", "name: m\nbackend: llama\nparameters: {model: m.gguf, mirostat: 2}\nmystery_knob: 3\n"
+                              "f16: true\nlow_vram: true\nfunction: {response_regex: ['<f=(?P<name>\\\\w+)>']}\n")
+    with caplog.at_level(logging.INFO):
+        registry = ModelRegistry(tmp_path)
+        config = registry.get("m")
+        registry.refresh(force=True)
+    assert config.model_extra == {"mystery_knob": 3, "low_vram": True} and config.f16 is True
     assert config.parameters.model_extra == {"mirostat": 2}
-    assert "unknown field 'f16'" in caplog.text and "unknown field 'parameters.mirostat'" in caplog.text
+    assert "unknown field 'mystery_knob'" in caplog.text and "unknown field 'parameters.mirostat'" in caplog.text
+    # LocalAI's own fields are named with the reason they do nothing here, once however often the folder is read.
+    assert "unknown field 'low_vram'" not in caplog.text and "unknown field 'function" not in caplog.text
+    assert caplog.text.count("low_vram (no GPU is used)") == 1
+    assert "function.response_regex (tool calls are read in the formats Hearth knows" in caplog.text
     assert config.canonical_backend == "llama-cpp"  # LocalAI's older name
 
 

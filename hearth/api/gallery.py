@@ -21,18 +21,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from hearth.engine import Engine
-from hearth.errors import HearthError, InvalidRequest, NotFound, Unauthorized
-from hearth.gallery.download import DownloadError, Sources, Transfer
-from hearth.gallery.index import (
-    GalleryEntry,
-    GalleryFile,
-    delete_model,
-    fetch_text,
-    install_entry,
-    is_installed,
-    load_galleries,
-    parse_index,
-)
+from hearth.errors import InvalidRequest, NotFound, Unauthorized
+from hearth.gallery.catalog import Catalog, Listing, fetch_text, parse_entry, read_index, remote_url
+from hearth.gallery.download import DownloadError, Transfer
+from hearth.gallery.entry import GalleryEntry, GalleryFile
+from hearth.gallery.install import delete_model, install_entry, is_installed
 
 log = logging.getLogger("hearth.gallery")
 
@@ -43,6 +36,7 @@ class Job:
     name: str
     state: str = "queued"  # queued, downloading, done, failed, cancelled
     error: str | None = None
+    notes: list[str] = field(default_factory=list)
     transfer: Transfer = field(default_factory=Transfer)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
@@ -53,23 +47,26 @@ class Job:
         t = self.transfer
         return {"uuid": self.id, "name": self.name, "state": self.state, "processed": processed,
                 "progress": 100.0 if self.state == "done" else t.percent, "error": self.error,
-                "message": self.error or self.state, "downloaded_bytes": t.done, "total_bytes": t.total,
-                "speed_bytes_per_second": round(t.speed), "file": t.stage}
+                "message": self.error or "; ".join([self.state, *self.notes]), "notes": self.notes,
+                "downloaded_bytes": t.done, "total_bytes": t.total, "speed_bytes_per_second": round(t.speed),
+                "file": t.stage}
 
 
 class Jobs:
     def __init__(self) -> None:
         self.jobs: dict[str, Job] = {}
 
-    def start(self, engine: Engine, entry: GalleryEntry, name: str | None, overrides: dict[str, Any]) -> Job:
+    def start(self, engine: Engine, catalog: Catalog, entry: GalleryEntry, name: str | None,
+              overrides: dict[str, Any]) -> Job:
         job = Job(id=str(uuid.uuid4()), name=name or entry.name)
         self.jobs[job.id] = job
 
         async def run() -> None:
             job.state = "downloading"
             try:
-                await install_entry(entry, engine.settings.models_dir, engine.settings.cache_dir, sources(engine),
-                                    overrides, name, cancelled=job.cancel.is_set, transfer=job.transfer)
+                await install_entry(entry, engine.settings.models_dir, engine.settings.cache_dir, catalog.sources,
+                                    overrides, name, cancelled=job.cancel.is_set, transfer=job.transfer,
+                                    catalog=catalog, notes=job.notes)
                 job.state = "done"
                 log.info("installed model %s", job.name)
             except (DownloadError, OSError) as exc:
@@ -81,22 +78,32 @@ class Jobs:
         return job
 
 
-def sources(engine: Engine) -> Sources:
-    return Sources.from_settings(engine.settings)
+def catalog_of(request: Request) -> Catalog:
+    """The server's galleries, read once and kept (see hearth/gallery/catalog.py)."""
+    state = request.app.state
+    if not hasattr(state, "gallery_catalog"):
+        state.gallery_catalog = Catalog(state.engine.settings)
+    return state.gallery_catalog
 
 
-async def entry_from_url(url: str, name: str | None, source: Sources) -> GalleryEntry:
-    """A gallery entry published as YAML at `url` (LocalAI's `apply` with a config URL); a list takes `name`."""
+async def entry_from_url(url: str, name: str | None, catalog: Catalog) -> GalleryEntry:
+    """What LocalAI's `apply` with a `url` means: the YAML there is a whole index (`name` picks the entry), one entry
+    published on its own, or a base config (which reads as an entry too)."""
     try:
-        found = parse_index(await fetch_text(url, source), url)
+        location = remote_url(url, catalog.settings.github_raw_url)
+        items = read_index(await fetch_text(location, catalog.sources), url)
     except DownloadError as exc:
+        raise InvalidRequest(f"the gallery at {url} cannot be used: {exc}", param="url") from None
+    if len(items) != 1:
+        if not name:
+            raise InvalidRequest(f"{url} lists {len(items)} entries; send 'name' to pick one", param="name")
+        items = [item for item in items if isinstance(item, dict) and str(item.get("name", "")).strip() == name]
+        if not items:
+            raise NotFound(f"{url} has no entry '{name}'")
+    try:
+        return parse_entry(items[-1], url)
+    except ValueError as exc:
         raise InvalidRequest(f"the entry at {url} cannot be used: {exc}", param="url") from None
-    if len(found) == 1:
-        return found[0]
-    chosen = next((e for e in found if e.name == name), None)
-    if chosen is None:
-        raise InvalidRequest(f"{url} lists {len(found)} entries; send 'name' to pick one", param="name")
-    return chosen
 
 
 def require_admin(request: Request) -> None:
@@ -116,20 +123,37 @@ def jobs_of(request: Request) -> Jobs:
     return state.gallery_jobs
 
 
-async def entries(engine: Engine) -> dict[str, GalleryEntry]:
-    try:
-        return await load_galleries(list(engine.settings.galleries), sources(engine))
-    except DownloadError as exc:
-        raise HearthError(f"a gallery could not be read: {exc}") from None
+async def find_entry(request: Request, wanted: str) -> GalleryEntry:
+    """A gallery entry that can be installed, by name or `gallery@name`; 404 or 400 saying why not."""
+    listing = await catalog_of(request).listing()
+    found = listing.find(wanted)
+    if found is None:
+        errors = listing.errors()
+        raise NotFound(f"no gallery entry '{wanted}'; see GET /models/available"
+                       + (f" (galleries that could not be read: {'; '.join(errors)})" if errors else ""),
+                       param="id")
+    if found.entry is None or not found.available:
+        raise InvalidRequest(f"'{wanted}' cannot be installed here: {found.assessment.reason}", param="id")
+    return found.entry
 
 
 class ApplyRequest(BaseModel):
+    """LocalAI's body: a gallery `id`, or a `url` (an index, an entry or a base config; or a model file), with the
+    name, overrides and extra files to install it with. LocalAI's descriptive fields are accepted and unused."""
+
     model_config = ConfigDict(extra="forbid")
     id: str | None = None
     url: str | None = None
-    name: str | None = None
+    name: str | None = Field(None, min_length=1, max_length=256)
     overrides: dict[str, Any] = Field(default_factory=dict)
+    files: list[GalleryFile] = Field(default_factory=list)
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    variant: str | None = None
+    description: str | None = None
+    license: str | None = None
+    urls: list[str] | None = None
+    icon: str | None = None
+    tags: list[str] | None = None
 
 
 router = APIRouter()
@@ -137,25 +161,30 @@ router = APIRouter()
 
 @router.get("/models/available")
 async def available(request: Request) -> list[dict[str, Any]]:
+    """Every gallery entry, each with `available` and, when it cannot be installed here, the `reason`."""
     engine: Engine = request.app.state.engine
+    listing: Listing = await catalog_of(request).listing()
     models_dir = engine.settings.models_dir
-    return [{"name": e.name, "id": f"{e.gallery}@{e.name}", "description": e.description, "license": e.license,
-             "tags": e.tags, "urls": e.urls, "gallery": e.gallery, "installed": is_installed(e, models_dir)}
-            for e in (await entries(engine)).values()]
+    return [item.view(item.entry is not None and is_installed(item.entry, models_dir)) for item in listing.items]
+
+
+@router.get("/models/galleries")
+async def galleries(request: Request) -> list[dict[str, Any]]:
+    """The galleries (LocalAI's route): each with its entry counts, or the error that keeps it out."""
+    listing: Listing = await catalog_of(request).listing()
+    return [state.view() for state in listing.galleries]
 
 
 @router.post("/models/apply")
 async def apply(body: ApplyRequest, request: Request) -> dict[str, Any]:
     require_admin(request)
     engine: Engine = request.app.state.engine
+    catalog = catalog_of(request)
     if body.id:
-        name = body.id.split("@", 1)[1] if "@" in body.id else body.id
-        found = (await entries(engine)).get(name)
-        if found is None:
-            raise NotFound(f"no gallery entry '{name}'; see GET /models/available")
-        entry = found
-    elif body.url and PurePosixPath(urlsplit(body.url).path).suffix in (".yaml", ".yml"):
-        entry = await entry_from_url(body.url, body.name, sources(engine))
+        entry = await find_entry(request, body.id)
+    elif body.url and (body.url.startswith("github:")
+                       or PurePosixPath(urlsplit(body.url).path).suffix in (".yaml", ".yml")):
+        entry = await entry_from_url(body.url, body.name, catalog)
     elif body.url:
         filename = PurePosixPath(urlsplit(body.url).path).name
         if not filename:
@@ -168,8 +197,10 @@ async def apply(body: ApplyRequest, request: Request) -> dict[str, Any]:
         except ValueError as exc:
             raise InvalidRequest(f"cannot install from this url: {exc}", param="url") from None
     else:
-        raise InvalidRequest("send 'id' (a gallery entry) or 'url' (a model file)", param="id")
-    job = jobs_of(request).start(engine, entry, body.name, body.overrides)
+        raise InvalidRequest("send 'id' (a gallery entry) or 'url' (a gallery, an entry or a model file)", param="id")
+    if body.files:
+        entry = entry.model_copy(update={"files": [*entry.files, *body.files]})
+    job = jobs_of(request).start(engine, catalog, entry, body.name, body.overrides)
     return {"uuid": job.id, "status": f"{request.base_url}models/jobs/{job.id}"}
 
 

@@ -427,15 +427,17 @@ async def embeddings(body: EmbedBody, request: Request) -> dict[str, Any]:
 @router.post("/api/pull")
 async def pull(body: NameBody, request: Request) -> Any:
     """Through the gallery: progress lines while it downloads, then {"status": "success"}."""
-    from hearth.api.gallery import entries, jobs_of, require_admin
+    from hearth.api.gallery import catalog_of, jobs_of, require_admin
 
     require_admin(request)
     engine: Engine = request.app.state.engine
     name = body.target()
-    entry = (await entries(engine)).get(name)
-    if entry is None:
+    found = (await catalog_of(request).listing()).find(name)
+    if found is None:
         raise NotFound(f"pull model manifest: file does not exist ('{name}' is in no gallery)")
-    job = jobs_of(request).start(engine, entry, None, {})
+    if found.entry is None or not found.available:
+        raise InvalidRequest(f"'{name}' cannot be installed here: {found.assessment.reason}", param="model")
+    job = jobs_of(request).start(engine, catalog_of(request), found.entry, None, {})
 
     async def progress() -> AsyncIterator[dict[str, Any]]:
         yield {"status": "pulling manifest"}
@@ -469,7 +471,7 @@ async def pull(body: NameBody, request: Request) -> Any:
 async def delete(body: NameBody, request: Request) -> Response:
     from hearth.api.gallery import require_admin
     from hearth.gallery.download import DownloadError
-    from hearth.gallery.index import delete_model
+    from hearth.gallery.install import delete_model
 
     require_admin(request)
     engine: Engine = request.app.state.engine

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,15 @@ import yaml
 from pydantic import ValidationError
 
 from hearth.chat.template import check_template
-from hearth.config.schema import BACKEND_ALIASES, ModelConfig, canonical_backend
+from hearth.config.localai import notes as localai_notes
+from hearth.config.schema import (
+    BACKEND_ALIASES,
+    ModelConfig,
+    canonical_backend,
+    resolve_backend,
+    sd_option_paths,
+)
+from hearth.config.yamlread import compose, load_yaml
 from hearth.errors import ConfigError, ModelDisabled, ModelNotFound
 
 log = logging.getLogger("hearth.config")
@@ -32,22 +39,6 @@ NOT_INSTALLABLE_HERE = {
                             "Qwen2-VL, LLaVA) in the models directory with a YAML (backend: transformers, alias: "
                             "[gpt-4-vision-preview]).",
 }
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """YAML as LocalAI (Go, YAML 1.2) reads it: only true/false are booleans, so `name: off` stays a string."""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 def resolve_inside(models_dir: Path, relative: str, *, what: str = "file") -> Path:
@@ -69,7 +60,7 @@ def resolve_inside(models_dir: Path, relative: str, *, what: str = "file") -> Pa
 def _key_lines(text: str) -> dict[str, int]:
     """Line (1-based) of each top-level key, for pointing at the field a validation error names."""
     try:
-        node = yaml.compose(text, Loader=_Yaml12Loader)
+        node = compose(text)
     except yaml.YAMLError:
         return {}
     lines: dict[str, int] = {}
@@ -116,6 +107,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._table = ModelTable()
         self._stamp: tuple[Any, ...] | None = None
+        self._said: set[tuple[Any, ...]] = set()
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -235,8 +227,6 @@ class ModelRegistry:
         cfg.source_file = str(path)
         cfg.model_path = None
         cfg.mmproj_path = None
-        for unknown in cfg.unknown_fields():
-            log.warning("%s: unknown field '%s' is kept but ignored", path, unknown)
 
         if cfg.backend is None and cfg.parameters.model and cfg.parameters.model.lower().endswith(".gguf"):
             cfg.backend = "llama-cpp"
@@ -249,6 +239,8 @@ class ModelRegistry:
                               file=str(path), line=lines.get("backend"))
         if cfg.parameters.model:
             cfg.model_path = str(resolve_inside(self.models_dir, cfg.parameters.model, what="model"))
+            cfg.resolved_backend = resolve_backend(cfg.backend, cfg.parameters.model,
+                                                   is_dir=Path(cfg.model_path).is_dir())
         elif cfg.canonical_backend != "fake":
             raise ConfigError("'parameters.model' is required: the model file, relative to the models directory",
                               file=str(path), line=lines.get("parameters"))
@@ -259,11 +251,44 @@ class ModelRegistry:
                 raise ConfigError("'mmproj' is a llama.cpp projector file; it only applies to backend llama-cpp",
                                   file=str(path), line=lines.get("mmproj"))
             cfg.mmproj_path = str(resolve_inside(self.models_dir, cfg.mmproj, what="mmproj"))
+        self._part_paths(cfg, path, lines)
         if cfg.template.chat:
             problem = check_template(cfg.template.chat)
             if problem:
                 raise ConfigError(f"template.chat: {problem}", file=str(path), line=lines.get("template"))
+        self._say_once(cfg, path)
         return cfg
+
+    def _part_paths(self, cfg: ModelConfig, path: Path, lines: dict[str, int]) -> None:
+        """The other files a config names: stable-diffusion.cpp's parts in `options`, and a draft model given as a
+        file; each must stay inside the models directory like the model itself."""
+        parts: dict[str, str] = {}
+        if cfg.canonical_backend == "stablediffusion-ggml":
+            for key, value in sd_option_paths({"options": cfg.options}).items():
+                try:
+                    parts[key] = str(resolve_inside(self.models_dir, value, what=f"options {key}"))
+                except ConfigError as exc:
+                    raise ConfigError(exc.reason, file=str(path), line=lines.get("options")) from None
+        if cfg.draft_model and (cfg.draft_model.lower().endswith(".gguf") or "/" in cfg.draft_model):
+            try:
+                parts["draft_model"] = str(resolve_inside(self.models_dir, cfg.draft_model, what="draft_model"))
+            except ConfigError as exc:
+                raise ConfigError(exc.reason, file=str(path), line=lines.get("draft_model")) from None
+        cfg.part_paths = parts
+
+    def _say_once(self, cfg: ModelConfig, path: Path) -> None:
+        """LocalAI fields this config sets that Hearth does not act on, and unknown fields: logged once per
+        config file and content, not at every re-read of the directory."""
+        said, unknown = localai_notes(cfg)
+        key = (str(path), cfg.name, tuple(said), tuple(unknown))
+        if key in self._said:
+            return
+        self._said.add(key)
+        if said:
+            log.info("%s: model '%s' sets LocalAI fields Hearth does not use: %s", path.name, cfg.name,
+                     "; ".join(said))
+        for unknown_field in unknown:
+            log.warning("%s: unknown field '%s' is kept but ignored", path, unknown_field)
 
     # -- lookups ---------------------------------------------------------------------------------------
 

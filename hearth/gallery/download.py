@@ -35,7 +35,7 @@ from hearth.net import AddressPolicy, FetchRefused, open_checked
 
 CHUNK = 1024 * 1024
 RESUMES = 3
-SAFE_NAME = re.compile(r"[A-Za-z0-9._+@-][A-Za-z0-9._+@ -]*")
+SAFE_NAME = re.compile(r"[\w.+@-][\w.+@ -]*")  # letters of any script: LocalAI has "tugão"
 
 
 class DownloadError(Exception):
@@ -62,24 +62,30 @@ class Transfer:
 
 
 class Sink:
-    """The partial file and the running sha256 of what it holds."""
+    """The partial file and the running sha256 of what it holds (and its git blob id, when one is to be checked:
+    the Hugging Face hub lists small files by that instead of a sha256)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, git_size: int | None = None) -> None:
         self.path = path
         self.file = path.open("wb")
         self.digest = hashlib.sha256()
+        self.git = hashlib.sha1(f"blob {git_size}\0".encode(), usedforsecurity=False) \
+            if git_size is not None else None
 
     def write(self, data: bytes) -> None:
         self.file.write(data)
         self.digest.update(data)
+        if self.git is not None:
+            self.git.update(data)
 
-    def mark(self) -> tuple[int, Any]:
-        return self.file.tell(), self.digest.copy()
+    def mark(self) -> tuple[int, Any, Any]:
+        return self.file.tell(), self.digest.copy(), self.git.copy() if self.git is not None else None
 
-    def rollback(self, mark: tuple[int, Any]) -> None:
+    def rollback(self, mark: tuple[int, Any, Any]) -> None:
         self.file.seek(mark[0])
         self.file.truncate()
         self.digest = mark[1].copy()
+        self.git = mark[2].copy() if mark[2] is not None else None
 
     def check_space(self, needed: int) -> None:
         free = shutil.disk_usage(self.path.parent).free
@@ -167,13 +173,15 @@ def resolve_uri(uri: str, sources: Sources) -> tuple[str, str, dict[str, str]]:
 
 async def download(uris: list[str], target: Path, sha256: str | None, sources: Sources,
                    on_progress: Callable[[Transfer], None] | None = None,
-                   cancelled: Callable[[], bool] = lambda: False, transfer: Transfer | None = None) -> str:
-    """Download (joining `uris` in order) into `target`; returns the sha256 of what was written."""
-    transfer = transfer or Transfer()
+                   cancelled: Callable[[], bool] = lambda: False, transfer: Transfer | None = None,
+                   git_blob: tuple[str, int] | None = None) -> str:
+    """Download (joining `uris` in order) into `target`; returns the sha256 of what was written. `git_blob`
+    (the git object id and size the Hugging Face hub lists for a small file) is checked as the sha256 is."""
+    transfer = transfer if transfer is not None else Transfer()
     transfer.stage = target.name
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    sink = Sink(partial)
+    sink = Sink(partial, git_blob[1] if git_blob else None)
     try:
         for uri in uris:
             kind, location, headers = resolve_uri(uri, sources)
@@ -186,6 +194,9 @@ async def download(uris: list[str], target: Path, sha256: str | None, sources: S
         got = sink.finish()
         if sha256 and got != sha256.lower():
             raise DownloadError(f"checksum mismatch for {target.name}: expected sha256 {sha256.lower()}, got {got}")
+        if git_blob and sink.git is not None and sink.git.hexdigest() != git_blob[0].lower():
+            raise DownloadError(f"checksum mismatch for {target.name}: expected git blob {git_blob[0].lower()}, got "
+                                f"{sink.git.hexdigest()}")
         os.replace(partial, target)
         return got
     finally:

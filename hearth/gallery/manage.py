@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 import yaml
 
+from hearth.gallery.catalog import Catalog, Listing
 from hearth.gallery.download import DownloadError, Sources
-from hearth.gallery.index import (
-    GalleryEntry,
-    GalleryFile,
-    delete_model,
-    install_entry,
-    is_installed,
-    load_galleries,
-)
+from hearth.gallery.entry import GalleryEntry, GalleryFile
+from hearth.gallery.install import delete_model, install_entry, is_installed
 from hearth.gallery.pypi import ProgressBar
 from hearth.settings import Settings
 
@@ -27,48 +23,69 @@ class CommandFailed(Exception):
     pass
 
 
-def _sources(settings: Settings) -> Sources:
-    return Sources.from_settings(settings)
-
-
-def _entries(settings: Settings) -> dict[str, GalleryEntry]:
-    try:
-        return asyncio.run(load_galleries(list(settings.galleries), _sources(settings)))
-    except DownloadError as exc:
-        raise CommandFailed(str(exc)) from None
+def _listing(settings: Settings) -> Listing:
+    listing = asyncio.run(Catalog(settings).listing())
+    for problem in listing.errors():
+        print(f"hearth: {problem}", file=sys.stderr)
+    return listing
 
 
 def installed(settings: Settings, name: str) -> bool:
-    entry = _entries(settings).get(name)
-    return entry is not None and is_installed(entry, settings.models_dir)
+    found = _listing(settings).find(name)
+    return found is not None and found.entry is not None and is_installed(found.entry, settings.models_dir)
 
 
 def list_available(settings: Settings) -> None:
-    for entry in _entries(settings).values():
-        mark = "installed" if is_installed(entry, settings.models_dir) else ""
-        print(f"{entry.name:<32} {mark:<10} {entry.description}")
+    listing = _listing(settings)
+    unavailable = 0
+    for item in listing.items:
+        if item.entry is not None and item.available:
+            mark = "installed" if is_installed(item.entry, settings.models_dir) else ""
+            summary = (item.entry.description.strip().splitlines() or [""])[0][:100]
+            print(f"{item.name:<40} {mark:<10} {summary}")
+        else:
+            unavailable += 1
+            print(f"{item.name:<40} {'cannot':<10} {item.assessment.reason}")
+    if unavailable:
+        print(f"{unavailable} of {len(listing.items)} entries cannot be installed here (reasons above)",
+              file=sys.stderr)
+
+
+def file_entry(uri: str, name: str | None, sha256: str | None) -> GalleryEntry:
+    """A one-file entry for a model file given by its URI."""
+    filename = PurePosixPath(urlsplit(uri).path if "://" in uri else uri.split("#", 1)[-1]).name
+    return GalleryEntry(name=name or filename.rsplit(".", 1)[0],
+                        files=[GalleryFile(filename=filename, uri=uri, sha256=sha256)],
+                        config={"parameters": {"model": filename}})
 
 
 def install(settings: Settings, model: str, name: str | None, sha256: str | None) -> None:
+    catalog = Catalog(settings)
     if model.startswith(URI_PREFIXES):
-        filename = PurePosixPath(urlsplit(model).path if "://" in model else model.split("#", 1)[-1]).name
         try:
-            entry = GalleryEntry(name=name or filename.rsplit(".", 1)[0],
-                                 files=[GalleryFile(filename=filename, uri=model, sha256=sha256)],
-                                 config={"parameters": {"model": filename}})
+            entry = file_entry(model, name, sha256)
         except ValueError as exc:
             raise CommandFailed(f"cannot install {model}: {exc}") from None
     else:
-        found = _entries(settings).get(model)
+        listing = asyncio.run(catalog.listing())
+        found = listing.find(model)
         if found is None:
-            raise CommandFailed(f"no gallery entry '{model}'; see `hearth models list --available`")
-        entry = found
+            errors = "; ".join(listing.errors())
+            raise CommandFailed(f"no gallery entry '{model}'; see `hearth models list --available`"
+                                + (f" (and: {errors})" if errors else ""))
+        if found.entry is None or not found.available:
+            raise CommandFailed(f"'{model}' cannot be installed here: {found.assessment.reason}")
+        entry = found.entry
     bar = ProgressBar()
+    notes: list[str] = []
     try:
-        path = asyncio.run(install_entry(entry, settings.models_dir, settings.cache_dir, _sources(settings),
-                                         name=name, on_progress=lambda t: bar(t.stage, t.done, t.total)))
+        path = asyncio.run(install_entry(entry, settings.models_dir, settings.cache_dir, Sources.from_settings(settings),
+                                         name=name, on_progress=lambda t: bar(t.stage, t.done, t.total),
+                                         catalog=catalog, notes=notes))
     except (DownloadError, OSError) as exc:
         raise CommandFailed(f"installing {model} failed: {exc}") from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"installed {path.stem} ({path})")
 
 
@@ -91,9 +108,12 @@ def show(settings: Settings, name: str) -> None:
 
     config = ModelRegistry(settings.models_dir).lookup(name)
     if config is not None:
-        print(yaml.safe_dump(config.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False), end="")
+        print(yaml.safe_dump(config.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False,
+                             allow_unicode=True), end="")
         return
-    entry = _entries(settings).get(name)
-    if entry is None:
+    found = _listing(settings).find(name)
+    if found is None or found.entry is None:
         raise CommandFailed(f"'{name}' is neither an installed model nor a gallery entry")
-    print(yaml.safe_dump(entry.model_dump(exclude_defaults=True), sort_keys=False), end="")
+    print(yaml.safe_dump(found.entry.model_dump(exclude_defaults=True), sort_keys=False, allow_unicode=True), end="")
+    if not found.available:
+        print(f"# cannot be installed here: {found.assessment.reason}")

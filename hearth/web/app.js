@@ -192,11 +192,14 @@
   // -- gallery --------------------------------------------------------------------------------------------------
 
   let gallery = [];
-  const jobs = {};  // entry name -> {uuid, progress, error}
+  let galleryErrors = [];
+  const jobs = {};  // entry name -> {uuid, progress, error, notes}
+  const SHOWN = 200;  // entries drawn at once; the search narrows a large gallery (LocalAI's has 1,700)
 
   async function refreshGallery() {
     try {
       gallery = await (await api("/models/available")).json();
+      galleryErrors = (await (await api("/models/galleries")).json()).filter((g) => g.error);
       renderGallery();
     } catch (err) {
       showError("models-error", err);
@@ -205,14 +208,24 @@
 
   function renderGallery() {
     const words = $("gallery-search").value.trim().toLowerCase();
-    const shown = gallery.filter((e) => !words || [e.name, e.description || "", ...(e.tags || [])].join(" ").toLowerCase().includes(words));
+    const onlyInstallable = $("gallery-installable").checked;
+    const matching = gallery.filter((e) => (!onlyInstallable || e.available !== false) &&
+      (!words || [e.name, e.description || "", e.backend || "", ...(e.tags || [])].join(" ").toLowerCase().includes(words)));
+    const shown = matching.slice(0, SHOWN);
+    const cannot = gallery.filter((e) => e.available === false).length;
+    const summary = [`${gallery.length} entries` + (cannot ? `, ${cannot} cannot be installed here` : ""),
+      ...(matching.length > SHOWN ? [`showing ${SHOWN} of ${matching.length} matches: narrow the search`] : []),
+      ...galleryErrors.map((g) => `gallery ${g.name} (${g.url}) cannot be read: ${g.error}`)];
+    $("gallery-summary").textContent = summary.join(" · ");
     $("gallery-list").replaceChildren(...shown.map((entry) => {
       const li = document.createElement("li");
       li.dataset.entry = entry.name;
       const about = document.createElement("div");
       about.className = "about";
       about.append(Object.assign(document.createElement("strong"), { textContent: entry.name }));
+      if (entry.backend) about.append(Object.assign(document.createElement("span"), { className: "muted", textContent: ` ${entry.backend}` }));
       if (entry.description) about.append(Object.assign(document.createElement("div"), { className: "muted", textContent: entry.description.split("\n")[0] }));
+      if (entry.available === false) about.append(Object.assign(document.createElement("div"), { className: "reason", textContent: "Cannot be installed here: " + entry.reason }));
       li.append(about);
       const job = jobs[entry.name];
       if (job && !job.done) {
@@ -221,24 +234,25 @@
         li.append(bar, Object.assign(document.createElement("span"), { className: "muted", textContent: `${Math.floor(job.progress || 0)}%` }));
       } else if (entry.installed) {
         li.append(Object.assign(document.createElement("span"), { className: "muted", textContent: "installed" }));
-      } else {
+      } else if (entry.available !== false) {
         const button = Object.assign(document.createElement("button"), { type: "button", textContent: "Install" });
         button.setAttribute("aria-label", `Install ${entry.name}`);
-        button.addEventListener("click", () => install(entry.name));
+        button.addEventListener("click", () => install(entry.name, entry.id || entry.name));
         li.append(button);
       }
       if (job && job.error) li.append(Object.assign(document.createElement("div"), { className: "error", textContent: job.error, role: "alert" }));
+      if (job && job.done && !job.error && job.notes && job.notes.length) li.append(Object.assign(document.createElement("div"), { className: "muted", textContent: job.notes.join("; ") }));
       return li;
     }));
   }
 
-  async function install(name) {
-    showSnippet("models", { path: "/models/apply", json: { id: name }, plain: true,
-      python: `job = httpx.post("${ORIGIN}/models/apply", json={"id": ${JSON.stringify(name)}}, headers=headers).json()\nprint(httpx.get("${ORIGIN}/models/jobs/" + job["uuid"], headers=headers).json())\n` });
+  async function install(name, id) {
+    showSnippet("models", { path: "/models/apply", json: { id }, plain: true,
+      python: `job = httpx.post("${ORIGIN}/models/apply", json={"id": ${JSON.stringify(id)}}, headers=headers).json()\nprint(httpx.get("${ORIGIN}/models/jobs/" + job["uuid"], headers=headers).json())\n` });
     jobs[name] = { progress: 0 };
     renderGallery();
     try {
-      const { uuid } = await (await api("/models/apply", { json: { id: name } })).json();
+      const { uuid } = await (await api("/models/apply", { json: { id } })).json();
       jobs[name].uuid = uuid;
       for (;;) {
         const job = await (await api("/models/jobs/" + uuid)).json();
@@ -246,6 +260,7 @@
         if (job.processed) {
           jobs[name].done = true;
           jobs[name].error = job.error || null;
+          jobs[name].notes = job.notes || [];
           break;
         }
         renderGallery();
@@ -259,6 +274,7 @@
   }
 
   $("gallery-search").addEventListener("input", renderGallery);
+  $("gallery-installable").addEventListener("change", renderGallery);
 
   // -- chat -----------------------------------------------------------------------------------------------------
 
