@@ -96,6 +96,8 @@ def test_localai_whole_index_loads_entry_by_entry(server: HearthServer, github: 
     assert any("crispasr" in e["reason"] for e in out)
     translator = next(e for e in localai if e["name"] == "hy-mt2-1.8b-q8")  # a variant, through a YAML merge key
     assert translator["available"] and translator["backend"] == "llama-cpp"
+    whisper = next(e for e in localai if e["name"] == "whisper-base")  # whisper.cpp's ggml file
+    assert whisper["available"] and whisper["backend"] == "whisper"
     states = {g["name"]: g for g in server.http().get("/models/galleries").json()}
     assert states["localai"]["entries"] == 1709 and states["localai"]["error"] is None
     assert states["localai"]["unavailable"] == len(out)
@@ -221,7 +223,8 @@ def test_cli_lists_reasons_and_gallery_errors(tmp_path: Path, github: StandIn, h
 def test_gallery_settings_take_localai_forms() -> None:
     from hearth.settings import Settings
 
-    given = Settings(galleries=[json.dumps([{"name": "localai", "url": LOCALAI}]), "/tmp/a.yaml,https://x.org/g.yaml"])
+    given = Settings(galleries=[json.dumps([{"name": "localai", "url": LOCALAI}]),
+                                "/tmp/a.yaml,https://x.org/g.yaml"])
     assert [(g.name, g.url) for g in given.galleries] == [
         ("localai", LOCALAI), ("a", "/tmp/a.yaml"), ("g", "https://x.org/g.yaml")]
     with pytest.raises(ValueError):

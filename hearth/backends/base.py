@@ -20,6 +20,7 @@ BACKEND_MODULES = {
     "llama-cpp": "hearth.backends.llama_cpp",
     "sentencetransformers": "hearth.backends.sentence_transformers",
     "faster-whisper": "hearth.backends.whisper",
+    "whisper-cpp": "hearth.backends.whisper_cpp",
     "transformers": "hearth.backends.transformers_vlm",
     "diffusers": "hearth.backends.diffusers_backend",
     "stablediffusion-ggml": "hearth.backends.stable_diffusion_ggml",
@@ -282,6 +283,7 @@ def create_backend(name: str) -> Backend:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         extra = {"llama-cpp": "llama", "sentencetransformers": "embeddings", "faster-whisper": "speech",
+                 "whisper-cpp": "speech",
                  "piper": "speech", "transformers": "torch", "diffusers": "images",
                  "stablediffusion-ggml": "sdcpp"}.get(name, "all")
         raise ModelLoadFailed(
