@@ -362,7 +362,7 @@ def test_threads_follow_the_board_of_busy_runners(backend: Backend, smollm2_file
     try:
         loaded.load(LoadSpec(model_name="smol", backend="llama-cpp", model_path=str(smollm2_file),
                              config={"embeddings": embeddings}, threads=2, context_size=256, parallel=1, board=board))
-        share = loaded.share if embeddings else loaded.scheduler.share
+        share = loaded.pooled.share if embeddings else loaded.scheduler.share
         share.cores = 2  # as on this machine kind, whatever the machine running the tests
 
         def work() -> Any:
@@ -371,17 +371,19 @@ def test_threads_follow_the_board_of_busy_runners(backend: Backend, smollm2_file
             return "".join(c.text for c in run(loaded, "The capital of France is", max_tokens=6))
 
         def threads() -> int:
-            return loaded.threads if embeddings else loaded.scheduler.threads
+            return loaded.pooled.threads if embeddings else loaded.scheduler.threads
+
+        ctx = loaded.pooled.ctx if embeddings else loaded.ctx
 
         alone = work()
         assert threads() == 2
         board.mark(0, True)  # this runner, as the server marks it while its request is in flight
         board.mark(4, True)  # another runner working at the same time
         shared = work()
-        assert threads() == 1 and L.llama_n_threads(loaded.ctx) == 1
+        assert threads() == 1 and L.llama_n_threads(ctx) == 1
         board.mark(4, False)
         again = work()
-        assert threads() == 2 and L.llama_n_threads(loaded.ctx) == 2
+        assert threads() == 2 and L.llama_n_threads(ctx) == 2
     finally:
         loaded.close()
         board.close()

@@ -6,7 +6,6 @@ import asyncio
 import ctypes
 import hashlib
 import os
-import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 
 import llama_cpp.llama_cpp as L
 import llama_cpp.mtmd_cpp as M
-import numpy as np
 
 from hearth.backends.base import Backend as BaseBackend
 from hearth.backends.base import (
@@ -24,10 +22,9 @@ from hearth.backends.base import (
     ModelDescription,
     Sampling,
 )
+from hearth.backends.llama_pooled import PooledContext
 from hearth.backends.llama_scheduler import Job, Media, MediaImage, Scheduler
-from hearth.cores import Share
 from hearth.errors import (
-    BackendError,
     CapabilityNotSupported,
     ContextLengthExceeded,
     InvalidRequest,
@@ -40,8 +37,6 @@ DEFAULT_PARALLEL = 4
 # N times that with N streams generating, up to 4x: see llama_scheduler.STREAM_SPREAD). Fewer
 # deliveries leave the cores to the decode loop: on two cores, a delivery per token costs fast models 4-8% speed.
 DEFAULT_STREAM_INTERVAL_MS = 25
-EMBED_CONTEXT = 2048  # tokens per embeddings batch (and the longest input), when the YAML sets no context_size
-EMBED_SEQUENCES = 64  # inputs per llama_decode at most
 GGML_LOG_LEVEL_WARN = 3
 GGML_LOG_LEVEL_ERROR = 4
 # llama.cpp's own sampling defaults (common/common.h), used where neither request nor YAML says.
@@ -128,12 +123,7 @@ class Backend(BaseBackend):
         self.n_vocab = 0
         self.n_ctx_seq = 0
         self.scheduler: Scheduler | None = None
-        self.batch: Any = None  # embeddings mode
-        self.embedding_size = 0
-        self.truncate = False
-        self._embed_lock = threading.Lock()
-        self.share: Share | None = None  # embeddings mode: the threads to compute each batch with
-        self.threads = 0
+        self.pooled: PooledContext | None = None  # embeddings and rerankers (embeddings: true, reranking: true)
         self.mtmd: Any = None  # llama.cpp's multimodal context (the mmproj projector), for vision models
 
     # -- loading ---------------------------------------------------------------------------------------
@@ -163,10 +153,10 @@ class Backend(BaseBackend):
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         train_ctx = L.llama_model_n_ctx_train(self.model)
         mmproj = spec.files.get("mmproj")
-        if spec.config.get("embeddings"):
+        if spec.config.get("embeddings") or spec.config.get("reranking"):
             if mmproj:
-                raise ModelLoadFailed("'mmproj' and 'embeddings: true' cannot be combined")
-            return self._load_embeddings(spec, path, train_ctx)
+                raise ModelLoadFailed("'mmproj' cannot be combined with 'embeddings: true' or 'reranking: true'")
+            return self._load_pooled(spec, train_ctx)
         parallel = spec.parallel or DEFAULT_PARALLEL
         # context_size is the total, shared out evenly: each of the `parallel` sequences gets context_size/parallel.
         self.n_ctx = spec.context_size or min(train_ctx or DEFAULT_CONTEXT, DEFAULT_CONTEXT) * parallel
@@ -254,104 +244,36 @@ class Backend(BaseBackend):
                                   f"supported)")
         return context
 
-    def _load_embeddings(self, spec: LoadSpec, path: Path, train_ctx: int) -> ModelDescription:
-        """An embeddings context: several inputs per llama_decode, one sequence each, pooled by llama.cpp (the
-        model's own pooling, else the mean). The whole batch is one micro-batch, as non-causal models need."""
+    def _load_pooled(self, spec: LoadSpec, train_ctx: int) -> ModelDescription:
+        """An embeddings model, or a reranker (reranking: true wins: its output is scores, not vectors)."""
         assert _LOG is not None
-        self.n_ctx = spec.context_size or min(train_ctx or EMBED_CONTEXT, EMBED_CONTEXT)
-        self.n_batch = self.n_ctx
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx
-        cparams.n_batch = self.n_batch
-        cparams.n_ubatch = self.n_batch
-        cparams.n_seq_max = EMBED_SEQUENCES
-        cparams.kv_unified = True  # a batch of inputs shares one stream: each may be as long as the context
-        cparams.embeddings = True
-        cparams.n_threads = spec.threads
-        cparams.n_threads_batch = spec.threads
-        cparams.no_perf = True
-        self.ctx = L.llama_init_from_model(self.model, cparams)
-        if self.ctx and L.llama_pooling_type(self.ctx) in (L.LLAMA_POOLING_TYPE_NONE, L.LLAMA_POOLING_TYPE_RANK):
-            L.llama_free(self.ctx)  # a model with no pooling of its own (a chat model): mean-pool it
-            cparams.pooling_type = L.LLAMA_POOLING_TYPE_MEAN
-            self.ctx = L.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            raise ModelLoadFailed(f"llama.cpp could not create an embeddings context of {self.n_ctx} tokens for "
-                                  f"{path.name}: {_LOG.reason() or 'unknown reason'}")
-        self.n_ctx = self.n_ctx_seq = L.llama_n_ctx(self.ctx)
-        self.embedding_size = int(L.llama_model_n_embd(self.model))
-        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
-        self.share, self.threads = spec.share(), spec.threads
-        self.truncate = bool(spec.config.get("truncate", False))
-        pooling = {1: "mean", 2: "cls", 3: "last"}.get(L.llama_pooling_type(self.ctx), "?")
-        capabilities = ["embed", "tokenize"] + (["rerank"] if spec.config.get("similarity_rerank", True) else [])
+        rank = bool(spec.config.get("reranking"))
+        architecture = self._meta("general.architecture")
+        self.pooled = PooledContext(self.model, self.vocab, spec, train_ctx, rank=rank, tokenize=self.tokenize,
+                                    check_tokens=self._check_tokens, reason=_LOG.reason, architecture=architecture)
+        self.n_ctx = self.n_ctx_seq = self.pooled.n_ctx
+        if rank:
+            capabilities = ["rerank", "tokenize"]
+        else:
+            capabilities = ["embed", "tokenize"] + (["rerank"] if spec.config.get("similarity_rerank", True) else [])
         return ModelDescription(
             backend=self.name, capabilities=capabilities, context_size=self.n_ctx, train_context_size=train_ctx,
             bos_token=self._token_text(L.llama_vocab_bos(self.vocab)),
             eos_token=self._token_text(L.llama_vocab_eos(self.vocab)),
-            add_bos=bool(L.llama_vocab_get_add_bos(self.vocab)), architecture=self._meta("general.architecture"),
+            add_bos=bool(L.llama_vocab_get_add_bos(self.vocab)), architecture=architecture,
             parameter_count=int(L.llama_model_n_params(self.model)), size_bytes=int(L.llama_model_size(self.model)),
-            embedding_size=self.embedding_size, parallel=1, metadata={"pooling": pooling})
+            embedding_size=self.pooled.embedding_size, parallel=1,
+            metadata={"pooling": self.pooled.pooling, **({"classes": str(self.pooled.n_out)} if rank else {})})
 
     def embed(self, inputs: list[str | list[int]], truncate: bool, normalize: bool) -> tuple[Any, list[int]]:
-        if self.batch is None:
-            return super().embed(inputs, truncate, normalize)
-        truncate = truncate or self.truncate
-        all_tokens = []
-        for index, item in enumerate(inputs):
-            if isinstance(item, str):
-                tokens = self.tokenize(item, True, False)
-            else:
-                self._check_tokens(item, "input")
-                tokens = list(item)
-            if not tokens:
-                raise InvalidRequest(f"input {index} is empty", param="input")
-            if len(tokens) > self.n_ctx:
-                if not truncate:
-                    where = f"input {index}" if len(inputs) > 1 else "the input"
-                    raise InvalidRequest(f"{where} is {len(tokens)} tokens, but this model takes at most {self.n_ctx}; "
-                                         f"shorten it, or set 'truncate: true' in the model's YAML to cut it",
-                                         param="input")
-                tokens = tokens[: self.n_ctx]
-            all_tokens.append(tokens)
-        vectors = np.zeros((len(all_tokens), self.embedding_size), dtype=np.float32)
-        with self._embed_lock:
-            threads = self.share.threads() if self.share else self.threads
-            if threads != self.threads:
-                L.llama_set_n_threads(self.ctx, threads, threads)
-                self.threads = threads
-            start = 0
-            while start < len(all_tokens):
-                end, used = start, 0
-                while end < len(all_tokens) and end - start < EMBED_SEQUENCES and \
-                        used + len(all_tokens[end]) <= self.n_batch:
-                    used += len(all_tokens[end])
-                    end += 1
-                self._embed_batch(all_tokens[start:end], vectors[start:end])
-                start = end
-        if normalize:
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return vectors, [len(t) for t in all_tokens]
+        if self.pooled is None or self.pooled.rank:
+            raise CapabilityNotSupported("this model is not loaded for embeddings (embeddings: true)")
+        return self.pooled.embed(inputs, truncate, normalize)
 
-    def _embed_batch(self, batch_tokens: list[list[int]], out: Any) -> None:
-        """One llama_decode for several inputs, each its own sequence."""
-        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
-        batch, n = self.batch, 0
-        for seq, tokens in enumerate(batch_tokens):
-            for pos, token in enumerate(tokens):
-                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
-                batch.seq_id[n][0] = seq
-                batch.logits[n] = True
-                n += 1
-        batch.n_tokens = n
-        result = L.llama_decode(self.ctx, batch)
-        if result != 0:
-            raise BackendError(f"llama_decode failed with code {result}")
-        for seq in range(len(batch_tokens)):
-            pointer = L.llama_get_embeddings_seq(self.ctx, seq)
-            if not pointer:
-                raise BackendError("llama.cpp returned no pooled embedding")
-            out[seq] = np.ctypeslib.as_array(pointer, shape=(self.embedding_size,))
+    def rerank(self, query: str, documents: list[str]) -> list[float]:
+        if self.pooled is not None and self.pooled.rank:
+            return self.pooled.rerank(query, documents)[0]
+        return super().rerank(query, documents)  # an embeddings model: cosine similarity
 
     def _kv_bytes(self, n_ctx: int) -> int:
         n_layer = L.llama_model_n_layer(self.model)
@@ -380,9 +302,9 @@ class Backend(BaseBackend):
         if self.scheduler is not None:
             self.scheduler.close()
             self.scheduler = None
-        if self.batch is not None:
-            L.llama_batch_free(self.batch)
-            self.batch = None
+        if self.pooled is not None:
+            self.pooled.close()
+            self.pooled = None
         if self.mtmd:
             M.mtmd_free(self.mtmd)
             self.mtmd = None
@@ -505,7 +427,8 @@ class Backend(BaseBackend):
 
     def _generating(self) -> Scheduler:
         if self.scheduler is None:
-            raise CapabilityNotSupported("this model is loaded for embeddings (embeddings: true), not to generate")
+            raise CapabilityNotSupported("this model is loaded for embeddings or reranking (embeddings: true or "
+                                         "reranking: true), not to generate")
         return self.scheduler
 
     def generate(self, spec: GenerationSpec, cancelled: Callable[[], bool]) -> Iterator[GenerationChunk]:
