@@ -105,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models_dir = Path(tmp)
         for name in args.models:
-            path = install(models_dir, name, parallel=8, context_size=8 * 2048)
+            path = install(models_dir, name, parallel=8, context_size=2048)
             row: dict = {"model": name}
             # llama-bench tg and Hearth's decode loop alone (a long-lived process, as the runner is), back to back,
             # twice a round, the order alternating so that a drift of the machine's speed favours neither.

@@ -66,7 +66,7 @@ def main() -> None:
         path = install(Path(tmp), args.model)
         backend = Backend()
         backend.load(LoadSpec(model_name="gap", backend="llama-cpp", model_path=str(path), config={},
-                              threads=args.threads, context_size=max(2048, args.streams * 1024),
+                              threads=args.threads, context_size=max(2048 // max(args.streams, 1), 1024),
                               parallel=max(args.streams, 1)))
         try:
             asyncio.run(_streams(backend, args.streams, 8))  # warm up

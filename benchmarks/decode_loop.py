@@ -179,7 +179,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            path = install(Path(tmp), name, parallel=8, context_size=8 * 2048)
+            path = install(Path(tmp), name, parallel=8, context_size=2048)
             processes, servers = [], {}
             try:
                 if args.serve:

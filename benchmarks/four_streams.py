@@ -63,7 +63,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            path = common.install(Path(tmp), name, parallel=8, context_size=8 * 2048)
+            path = common.install(Path(tmp), name, parallel=8, context_size=2048)
             rows.append(compare(Path(tmp), name, path, args))
     print(f"| model | Hearth {args.streams} streams tok/s | llama-server tok/s | median of rounds' ratios [95% CI] | "
           "rounds Hearth won | slowest first token, Hearth / llama-server |")

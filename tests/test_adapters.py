@@ -28,8 +28,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path) -> Iter
     models = tmp_path_factory.mktemp("adapter-models")
     install_cached(models, smollm2_file, "smollm2.gguf")
     install_cached(models, cached_model("qwen2.5-coder-0.5b-instruct"), "qwen.gguf")
-    write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 4096})
-    write_yaml(models, "qwen", {"name": "qwen", "parameters": {"model": "qwen.gguf"}, "context_size": 8192})
+    write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 1024})
+    write_yaml(models, "qwen", {"name": "qwen", "parameters": {"model": "qwen.gguf"}, "context_size": 2048})
     install("all-minilm-l6-v2", models, CACHE_DIR)
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log", "--api-key", "sk-test",
                            env={"HEARTH_CACHE_DIR": str(CACHE_DIR)})

@@ -14,7 +14,8 @@ import llama_cpp.llama_cpp as L
 import pytest
 
 from hearth.backends.base import GenerationChunk, GenerationSpec, LoadSpec, Sampling
-from hearth.backends.llama_cpp import Backend, maps_weights
+import hearth.backends.llama_cpp as llama_backend
+from hearth.backends.llama_cpp import Backend, maps_weights, sequences_that_fit
 from hearth.cores import Board
 from hearth.errors import ContextLengthExceeded, InvalidRequest
 
@@ -25,8 +26,9 @@ pytestmark = pytest.mark.real_model
 def backend(smollm2_file: Path) -> Backend:
     loaded = Backend()
     info = loaded.load(LoadSpec(model_name="smol", backend="llama-cpp", model_path=str(smollm2_file), config={},
-                                threads=2, context_size=1024, parallel=2))
+                                threads=2, context_size=512, parallel=2))
     assert info.context_size == 512 and info.parallel == 2 and info.train_context_size == 8192 and info.architecture == "llama"
+    assert L.llama_n_ctx(loaded.ctx) == 1024, "context_size is each request's: the cache holds it per sequence"
     assert "chat" in info.capabilities and "<|im_start|>" in info.chat_template
     yield loaded
     loaded.close()
@@ -390,3 +392,27 @@ def test_threads_follow_the_board_of_busy_runners(backend: Backend, smollm2_file
     assert shared == alone and again == alone
     if not embeddings:
         assert alone == "".join(c.text for c in run(backend, "The capital of France is", max_tokens=6))
+
+
+def test_fewer_sequences_where_memory_is_short(smollm2_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """context_size is what one request may use: with memory for only two such caches, two sequences are served
+    (and the log says so) instead of each getting a quarter."""
+    assert sequences_that_fit(4, 100, 250) == 2 and sequences_that_fit(4, 100, 99) == 0
+    assert sequences_that_fit(4, 100, None) == 4
+    loaded = Backend()
+    loaded.load(LoadSpec(model_name="probe", backend="llama-cpp", model_path=str(smollm2_file), config={},
+                         threads=2, context_size=1024, parallel=1))
+    per_sequence = loaded._kv_bytes(1024)
+    loaded.close()
+    readings = iter([2**34, int(per_sequence * 2.5)])  # room for the weights, then for two caches of 1024 tokens
+    monkeypatch.setattr(llama_backend, "_mem_available", lambda: next(readings))
+    short = Backend()
+    try:
+        with caplog.at_level("WARNING"):
+            info = short.load(LoadSpec(model_name="short", backend="llama-cpp", model_path=str(smollm2_file),
+                                       config={"mmap": True}, threads=2, context_size=1024, parallel=4))
+        assert info.parallel == 2 and info.context_size == 1024
+        assert "serving 2 at once instead" in caplog.text
+    finally:
+        short.close()

@@ -25,14 +25,14 @@ def server(smollm2_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Hear
     models = tmp_path_factory.mktemp("batch-models")
     install_cached(models, smollm2_file, "smollm2.gguf")
     write_yaml(models, "four", {"name": "four", "parameters": {"model": "smollm2.gguf"}, "parallel": 4,
-                                "context_size": 4096})
+                                "context_size": 1024})
     write_yaml(models, "one", {"name": "one", "parameters": {"model": "smollm2.gguf"}, "parallel": 1,
                                "context_size": 2048, "queue_size": 1})
     for name, interval in (("every-token", 0), ("bursty", 300)):
         write_yaml(models, name, {"name": name, "parameters": {"model": "smollm2.gguf"}, "parallel": 1,
                                   "context_size": 1024, "stream_interval_ms": interval})
     write_yaml(models, "spread", {"name": "spread", "parameters": {"model": "smollm2.gguf"}, "parallel": 4,
-                                  "context_size": 4096, "stream_interval_ms": 150})
+                                  "context_size": 1024, "stream_interval_ms": 150})
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log")
     yield started
     started.stop()

@@ -74,8 +74,8 @@ def server(smollm2_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     models = tmp_path_factory.mktemp("parity-real")
     install_cached(models, smollm2_file, "smollm2.gguf")
     install_cached(models, cached_model("qwen2.5-coder-0.5b-instruct"), "qwen.gguf")
-    write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 8192})
-    write_yaml(models, "qwen", {"name": "qwen", "parameters": {"model": "qwen.gguf"}, "context_size": 8192})
+    write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 2048})
+    write_yaml(models, "qwen", {"name": "qwen", "parameters": {"model": "qwen.gguf"}, "context_size": 2048})
     server = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log")
     yield server
     server.stop()

@@ -88,7 +88,7 @@ def models(smollm2_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     install_cached(models, smollm2_file, "smollm2.gguf")
     write_yaml(models, "smol-embed", {"name": "smol-embed", "parameters": {"model": "smollm2.gguf"},
                                       "embeddings": True, "context_size": 512})
-    write_yaml(models, "smol", {"name": "smol", "parameters": {"model": "smollm2.gguf"}, "context_size": 2048})
+    write_yaml(models, "smol", {"name": "smol", "parameters": {"model": "smollm2.gguf"}, "context_size": 512})
     return models
 
 

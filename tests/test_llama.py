@@ -33,11 +33,11 @@ def smol_dir(smollm2_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     models = tmp_path_factory.mktemp("smol-models")
     install_cached(models, smollm2_file, "smollm2.gguf")
     write_yaml(models, "smollm2", {"name": "smollm2", "backend": "llama-cpp", "parameters": {"model": "smollm2.gguf"},
-                                   "context_size": 8192, "alias": ["gpt-4"]})
+                                   "context_size": 2048, "alias": ["gpt-4"]})
     write_yaml(models, "tiny-context", {"name": "tiny-context", "parameters": {"model": "smollm2.gguf"},
                                         "context_size": 256, "parallel": 1})
     write_yaml(models, "own-template", {
-        "name": "own-template", "parameters": {"model": "smollm2.gguf", "temperature": 0}, "context_size": 1024,
+        "name": "own-template", "parameters": {"model": "smollm2.gguf", "temperature": 0}, "context_size": 256,
         "template": {"chat": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
                              "{% endfor %}{{ '<|im_start|>assistant\n' }}"}})
     write_yaml(models, "mapped", {"name": "mapped", "parameters": {"model": "smollm2.gguf"}, "context_size": 256,

@@ -20,7 +20,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path) -> Iter
     models = tmp_path_factory.mktemp("ollama-models")
     write_yaml(models, "fake", {"name": "fake", "backend": "fake", "fake": {"reply": "one two three four"}})
     install_cached(models, smollm2_file, "smollm2.gguf")
-    write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 4096})
+    write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 1024})
     install("all-minilm-l6-v2", models, CACHE_DIR)
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log",
                            env={"HEARTH_CACHE_DIR": str(CACHE_DIR)})

@@ -142,9 +142,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HearthServer]:
                                       "parameters": {"model": "tiny-llava"}})
     weights, projector = tiny_vlm_gguf.build(models, CACHE_DIR)
     write_yaml(models, "tiny-vlm", {"name": "tiny-vlm", "backend": "llama-cpp", "parameters": {"model": weights},
-                                    "mmproj": projector, "context_size": 2048, "parallel": 2})
+                                    "mmproj": projector, "context_size": 1024, "parallel": 2})
     write_yaml(models, "tiny-vlm-text", {"name": "tiny-vlm-text", "parameters": {"model": weights},
-                                         "context_size": 2048, "parallel": 2})
+                                         "context_size": 1024, "parallel": 2})
     write_yaml(models, "fake-chat", {"name": "fake-chat", "backend": "fake"})
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log",
                            env={"HEARTH_IMAGE_FETCH_ALLOW": "127.0.0.2", "HEARTH_IMAGE_MAX_BYTES": str(2 * 1024 * 1024)})
@@ -368,7 +368,7 @@ def vlm(server: HearthServer) -> Iterator[Backend]:
     """The tiny GGUF vision model loaded in this process: the llama.cpp backend called directly."""
     backend = Backend()
     backend.load(LoadSpec(model_name="tiny-vlm", backend="llama-cpp", model_path=str(server.models_dir / "tiny-vlm.gguf"),
-                          config={}, threads=2, context_size=1024, parallel=2,
+                          config={}, threads=2, context_size=512, parallel=2,
                           files={"mmproj": str(server.models_dir / "mmproj-tiny-vlm.gguf")}))
     yield backend
     backend.close()

@@ -71,6 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path, files: 
     write_yaml(models, "tiny-sd", {"name": "tiny-sd", "backend": "diffusers", "parameters": {"model": "tiny-sd"},
                                    "step": 2})
     write_yaml(models, "fake-chat", {"name": "fake-chat", "backend": "fake"})
+    write_yaml(models, "fake-short", {"name": "fake-short", "backend": "fake", "context_size": 200})
     build_tiny_llava(models / "tiny-llava")
     write_yaml(models, "tiny-llava", {"name": "tiny-llava", "backend": "transformers",
                                       "parameters": {"model": "tiny-llava"}})
@@ -175,6 +176,19 @@ def test_api_errors_are_shown(page: Page) -> None:
     # The message comes back to the box, to fix and send again; the conversation keeps no failed turn.
     expect(page.locator("#chat-input")).to_have_value("hello")
     expect(page.locator(".msg")).to_have_count(0)
+
+
+def test_max_tokens_follows_the_models_context(page: Page) -> None:
+    """The first message of a chat with a short-context model is not refused for asking more than its context."""
+    page.select_option("#chat-model", "fake-short")
+    expect(page.locator("#chat-max-tokens")).to_have_value("100")
+    page.fill("#chat-input", "hello")
+    page.click("#chat-send")
+    expect(page.locator(".msg.assistant .meta")).to_be_visible(timeout=30_000)
+    expect(page.locator("#chat-error")).to_be_hidden()
+    page.select_option("#chat-model", "smollm2")  # 2048 tokens: room for the default again
+    expect(page.locator("#chat-max-tokens")).to_have_value("512")
+    page.click("#chat-new")
 
 
 def test_transcribe_an_uploaded_wav(page: Page, server: HearthServer, tmp_path: Path) -> None:

@@ -34,7 +34,8 @@ async def model_states(request: Request) -> dict[str, Any]:
             continue
         entry: dict[str, Any] = {"name": config.name, "aliases": list(config.alias), "backend": config.canonical_backend,
                                  "usecases": config.usecases, "description": config.description, "reason": None,
-                                 "capabilities": [], "active_requests": 0}
+                                 "capabilities": [], "active_requests": 0,
+                                 "context_size": config.context_size}  # the YAML's, until the runner says
         runner = live.get(config.name)
         if runner is not None and runner.state != "dead":
             status = runner.status()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import hashlib
+import logging
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -43,6 +44,11 @@ GGML_LOG_LEVEL_ERROR = 4
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
             "presence_penalty": 0.0, "frequency_penalty": 0.0, "repeat_last_n": 64}
 RANDOM_SEED = 0xFFFFFFFF
+# LocalAI's cache_type_k / cache_type_v (llama-server's --cache-type-k names): ggml's type, and bytes per element.
+KV_TYPES = {"f32": (0, 4.0), "f16": (1, 2.0), "q4_0": (2, 18 / 32), "q4_1": (3, 20 / 32), "q5_0": (6, 22 / 32),
+            "q5_1": (7, 24 / 32), "q8_0": (8, 34 / 32), "iq4_nl": (20, 18 / 32), "bf16": (30, 2.0)}
+
+log = logging.getLogger("hearth.runner.llama")
 
 
 class _LlamaLog:
@@ -102,6 +108,13 @@ def _check_gguf(path: Path, what: str) -> None:
         raise ModelLoadFailed(f"{path.name} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
 
 
+def sequences_that_fit(wanted: int, kv_per_sequence: int, available: int | None) -> int:
+    """How many sequences' KV caches the memory holds, up to `wanted` (0: not even one)."""
+    if available is None or kv_per_sequence <= 0:
+        return wanted
+    return max(0, min(wanted, available // kv_per_sequence))
+
+
 def _stream_interval(config: dict) -> float:
     given = config.get("stream_interval_ms")
     return (DEFAULT_STREAM_INTERVAL_MS if given is None else float(given)) / 1000
@@ -124,6 +137,7 @@ class Backend(BaseBackend):
         self.n_ctx_seq = 0
         self.scheduler: Scheduler | None = None
         self.pooled: PooledContext | None = None  # embeddings and rerankers (embeddings: true, reranking: true)
+        self.kv_types = (KV_TYPES["f16"], KV_TYPES["f16"])
         self.mtmd: Any = None  # llama.cpp's multimodal context (the mmproj projector), for vision models
 
     # -- loading ---------------------------------------------------------------------------------------
@@ -157,16 +171,24 @@ class Backend(BaseBackend):
             if mmproj:
                 raise ModelLoadFailed("'mmproj' cannot be combined with 'embeddings: true' or 'reranking: true'")
             return self._load_pooled(spec, train_ctx)
-        parallel = spec.parallel or DEFAULT_PARALLEL
-        # context_size is the total, shared out evenly: each of the `parallel` sequences gets context_size/parallel.
-        self.n_ctx = spec.context_size or min(train_ctx or DEFAULT_CONTEXT, DEFAULT_CONTEXT) * parallel
-
-        kv_bytes = self._kv_bytes(self.n_ctx)
+        # context_size is what one request may use (prompt and reply), as LocalAI's users mean it: the KV cache
+        # holds it for each of the `parallel` sequences, or for as many as the memory allows.
+        self.kv_types = (KV_TYPES[str(spec.config.get("cache_type_k") or "f16")],
+                         KV_TYPES[str(spec.config.get("cache_type_v") or "f16")])
+        per_sequence = spec.context_size or min(train_ctx or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+        wanted = spec.parallel or DEFAULT_PARALLEL
         available = _mem_available()
-        if available is not None and kv_bytes > available:
+        parallel = sequences_that_fit(wanted, self._kv_bytes(per_sequence), available)
+        if parallel == 0:
             raise ModelLoadFailed(
-                f"not enough memory: a {self.n_ctx}-token context for this model needs {_gib(kv_bytes)} but only "
-                f"{_gib(available)} is available; lower context_size in the model's YAML")
+                f"not enough memory: a {per_sequence}-token context for this model needs "
+                f"{_gib(self._kv_bytes(per_sequence))} but only {_gib(available or 0)} is available; lower "
+                f"context_size in the model's YAML")
+        if parallel < wanted:
+            log.warning("%s: %d sequences of %d tokens need %s of KV cache, more than the %s available; serving %d "
+                        "at once instead (lower context_size to serve more)", spec.model_name, wanted, per_sequence,
+                        _gib(self._kv_bytes(per_sequence) * wanted), _gib(available or 0), parallel)
+        self.n_ctx = per_sequence * parallel
 
         cparams = L.llama_context_default_params()
         cparams.n_ctx = self.n_ctx
@@ -180,6 +202,7 @@ class Backend(BaseBackend):
         flash = spec.config.get("flash_attention")  # LocalAI's field; llama.cpp decides when it is not set
         if flash is not None:
             cparams.flash_attn_type = 1 if flash else 0
+        cparams.type_k, cparams.type_v = self.kv_types[0][0], self.kv_types[1][0]
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise ModelLoadFailed(f"llama.cpp could not create a context of {self.n_ctx} tokens for {path.name}: "
@@ -280,7 +303,8 @@ class Backend(BaseBackend):
         n_head = max(L.llama_model_n_head(self.model), 1)
         n_head_kv = L.llama_model_n_head_kv(self.model)
         head_dim = L.llama_model_n_embd(self.model) // n_head
-        return n_layer * n_ctx * n_head_kv * head_dim * 2 * 2  # K and V, f16
+        per_element = self.kv_types[0][1] + self.kv_types[1][1]  # K and V
+        return int(n_layer * n_ctx * n_head_kv * head_dim * per_element)
 
     def _meta(self, key: str) -> str:
         buffer = ctypes.create_string_buffer(512)

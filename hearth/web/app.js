@@ -282,11 +282,25 @@
   let attached = [];  // data: URLs
   let controller = null;
 
+  // Max tokens follows the chosen model's context (what one request may use): at most half of it, so the
+  // conversation keeps room; the value the user typed is kept for models with room for it.
+  let wantedMaxTokens = Number($("chat-max-tokens").value);
+  $("chat-max-tokens").addEventListener("input", () => { wantedMaxTokens = Number($("chat-max-tokens").value) || wantedMaxTokens; });
+
   function chatModelChanged() {
     const model = modelNamed($("chat-model").value);
     const sees = !!model && (model.usecases.includes("vision") || model.capabilities.includes("vision"));
     $("chat-attach").disabled = !sees;
     $("chat-attach-label").title = sees ? "" : "This model does not take images";
+    const box = $("chat-max-tokens");
+    const context = model && model.context_size;
+    if (context) {
+      box.max = context;
+      box.value = Math.max(1, Math.min(wantedMaxTokens, Math.floor(context / 2)));
+    } else {
+      box.removeAttribute("max");
+      box.value = wantedMaxTokens;
+    }
   }
   $("chat-model").addEventListener("change", chatModelChanged);
 
