@@ -416,3 +416,21 @@ def test_fewer_sequences_where_memory_is_short(smollm2_file: Path, monkeypatch: 
         assert "serving 2 at once instead" in caplog.text
     finally:
         short.close()
+
+
+def test_quantised_kv_cache_types(smollm2_file: Path) -> None:
+    """LocalAI's cache_type_k / cache_type_v: llama.cpp keeps the cache in q8_0, in about half the memory."""
+    quantised = Backend()
+    try:
+        quantised.load(LoadSpec(model_name="q8", backend="llama-cpp", model_path=str(smollm2_file),
+                                config={"cache_type_k": "q8_0", "cache_type_v": "q8_0", "flash_attention": True},
+                                threads=2, context_size=512, parallel=1))
+        plain = Backend()
+        plain.load(LoadSpec(model_name="f16", backend="llama-cpp", model_path=str(smollm2_file), config={},
+                            threads=2, context_size=512, parallel=1))
+        assert quantised._kv_bytes(512) < 0.6 * plain._kv_bytes(512)
+        plain.close()
+        text = "".join(c.text for c in run(quantised, "The capital of France is", max_tokens=6))
+        assert text.strip()
+    finally:
+        quantised.close()
