@@ -1,7 +1,8 @@
 """A stand-in for the hosts Hearth downloads from (raw.githubusercontent.com, the Hugging Face hub), on loopback.
 
-It serves byte strings at paths (honouring Range requests, as the hub does), the hub's JSON API for the
-repositories it is given, and counts every request, so a test can say what was fetched and how often.
+It serves byte strings at paths (honouring Range requests, as the hub does; a path can be made to break off once),
+the hub's JSON API for the repositories it is given, and counts every request, so a test can say what was fetched
+and how often.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from tests.conftest import free_port
@@ -22,7 +24,8 @@ class StandIn:
         self.files: dict[str, bytes] = {}
         self.streams: dict[str, Callable[[], tuple[int, object]]] = {}  # path -> (length, iterable of chunks)
         self.hits: Counter[str] = Counter()
-        self.headers: list[tuple[str, dict[str, str]]] = []
+        self.flaky: set[str] = set()  # paths whose next whole-file answer breaks off halfway (once each)
+        self.headers: list[tuple[str, Any]] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,7 +37,7 @@ class StandIn:
             def do_GET(self) -> None:
                 path = unquote(urlsplit(self.path).path)
                 outer.hits[path] += 1
-                outer.headers.append((path, dict(self.headers)))
+                outer.headers.append((path, self.headers))  # an HTTPMessage: names match in any case
                 if path in outer.streams:
                     length, chunks = outer.streams[path]()
                     self.send_response(200)
@@ -59,6 +62,12 @@ class StandIn:
                 if byte_range:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 self.end_headers()
+                if path in outer.flaky and not byte_range:
+                    outer.flaky.discard(path)
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # cut off halfway: the client resumes with a Range request
+                    return
                 self.wfile.write(body[start:])
 
         self.port = free_port()

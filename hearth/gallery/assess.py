@@ -84,6 +84,9 @@ def hf_snapshot_repo(config: dict[str, Any], files: list[GalleryFile]) -> str | 
     model = (config.get("parameters") or {}).get("model")
     if isinstance(model, str) and is_hf_repo(model) and not _provided(model, files):
         return model
+    if isinstance(model, str) and re.fullmatch(r"[\w.-]+", model) and not _provided(model, files) and \
+            str(config.get("backend", "")).lower() in ("sentencetransformers", "sentence-transformers"):
+        return f"sentence-transformers/{model}"  # as sentence-transformers itself reads a bare model name
     return None
 
 
@@ -120,8 +123,32 @@ def assess(config: dict[str, Any], files: list[GalleryFile]) -> Assessment:
         where = ".".join(str(part) for part in first["loc"])
         return Assessment(backend=named, usable=False, reason=f"its config is refused: {where}: {first['msg']}",
                           hearth_backend=backend)
-    problem = _files_problem(backend, config, model, files)
+    problem = _use_problem(backend, config) or _files_problem(backend, config, model, files)
     return Assessment(backend=named, usable=problem is None, reason=problem, hearth_backend=backend)
+
+
+def _use_problem(backend: str, config: dict[str, Any]) -> str | None:
+    """Why Hearth's backend of that name cannot do what this entry is for (LocalAI's backends of the same names do
+    more: video pipelines, text to speech with transformers, OpenVINO models, ColBERT scoring)."""
+    uses = config.get("known_usecases")
+    uses = {str(u).lower() for u in uses} if isinstance(uses, list) else {str(uses).lower()} if uses else set()
+    kind = str(config.get("type") or "")
+    pipeline = str((config.get("diffusers") or {}).get("pipeline_type") or "") \
+        if isinstance(config.get("diffusers"), dict) else ""
+    if backend == "diffusers":
+        if "video" in uses or "Video" in pipeline:
+            return "a video pipeline; Hearth's diffusers backend makes images"
+        if "Upscale" in pipeline:
+            return "an upscaler, which needs an input image; Hearth's diffusers backend makes images from text"
+    if backend == "transformers":
+        if kind.startswith("OV"):
+            return f"an OpenVINO model ({kind}); Hearth's transformers backend runs PyTorch models"
+        if uses and not uses & {"chat", "completion", "vision"}:
+            return (f"for {', '.join(sorted(uses))}; Hearth's transformers backend runs chat and vision models "
+                    f"(use a backend made for that)")
+    if backend == "sentencetransformers" and kind.lower() == "colbert":
+        return "ColBERT late-interaction scoring, which Hearth's rerankers do not do"
+    return None
 
 
 def _file_named(path: str, files: list[GalleryFile]) -> bool:

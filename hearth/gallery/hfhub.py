@@ -126,16 +126,16 @@ def choose(files: list[HubFile], allow: list[str] | None = None, ignore: list[st
     return chosen
 
 
-async def snapshot(repo: str, revision: str, folder: Path, sources: Sources, transfer: Transfer,
+async def snapshot(repo: str, revision: str, folder: Path, sources: Sources, transfer: Transfer, written: list[Path],
                    on_progress: Callable[[Transfer], None] | None = None, cancelled: Callable[[], bool] = lambda: False,
-                   allow: list[str] | None = None, ignore: list[str] | None = None) -> tuple[str, list[Path]]:
-    """Download `repo` at `revision` into `folder`; returns the commit and the files written."""
+                   allow: list[str] | None = None, ignore: list[str] | None = None) -> str:
+    """Download `repo` at `revision` into `folder`; returns the commit. `written` gets each file as it is placed,
+    so a caller can take them away again when a later one fails."""
     commit, files = await list_files(repo, revision, sources)
     wanted = choose(files, allow, ignore)
     if not wanted:
         raise DownloadError(f"{repo} has no files a CPU runner can load")
     transfer.total += sum(f.size for f in wanted)
-    written: list[Path] = []
     base_done = transfer.done
     for item in wanted:
         relative = safe_relative(item.path, what=f"{repo} file")
@@ -149,4 +149,4 @@ async def snapshot(repo: str, revision: str, folder: Path, sources: Sources, tra
         transfer.total = before
         written.append(target)
     transfer.done = base_done + sum(f.size for f in wanted)
-    return commit, written
+    return commit

@@ -92,9 +92,11 @@ async def install_entry(entry: GalleryEntry, models_dir: Path, cache_dir: Path, 
     models_dir.mkdir(parents=True, exist_ok=True)
     yaml_path = models_dir / f"{yaml_stem(model_name)}.yaml"
     created: list[Path] = []
+    made_dirs: list[Path] = []  # folders this install made, taken away again (if empty) when it fails
     try:
         for item in files:
             target = target_inside(models_dir, item.filename)
+            made_dirs += _missing_folders(target.parent, models_dir)
             fresh = not target.exists()
             if item.sha256 is None:
                 notes.append(f"{item.filename}: the gallery gives no sha256, so it was installed unchecked")
@@ -113,14 +115,19 @@ async def install_entry(entry: GalleryEntry, models_dir: Path, cache_dir: Path, 
         if repo:
             folder_name = f"huggingface/{repo}"
             folder = target_inside(models_dir, folder_name)
+            made_dirs += _missing_folders(folder, models_dir)
             artifact = _primary_artifact(config) or {}
             source = artifact.get("source", {}) if isinstance(artifact.get("source"), dict) else {}
             from hearth.gallery.hfhub import snapshot
 
-            commit, written = await snapshot(repo, str(source.get("revision") or "main"), folder, sources, transfer,
-                                             on_progress, cancelled, _patterns(source.get("allow_patterns")),
-                                             _patterns(source.get("ignore_patterns")))
-            created += [p for p in written if p not in created]
+            written: list[Path] = []
+            try:
+                commit = await snapshot(repo, str(source.get("revision") or "main"), folder, sources, transfer,
+                                        written, on_progress, cancelled, _patterns(source.get("allow_patterns")),
+                                        _patterns(source.get("ignore_patterns")))
+            finally:
+                created += [p for p in written if p not in created]
+                made_dirs += [p for w in written for p in _missing_folders(w.parent, models_dir, after=True)]
             parameters["model"] = folder_name
             config.pop("artifacts", None)
             notes.append(f"downloaded {repo} at commit {commit[:12]} ({len(written)} files)")
@@ -138,8 +145,22 @@ async def install_entry(entry: GalleryEntry, models_dir: Path, cache_dir: Path, 
         write_yaml_atomic(yaml_path, config)
     except BaseException:
         await asyncio.to_thread(remove_placed, list(reversed(created)))
+        _prune_empty(models_dir, set(made_dirs))
         raise
     return yaml_path
+
+
+def _missing_folders(folder: Path, models_dir: Path, after: bool = False) -> list[Path]:
+    """`folder` and its parents inside the models directory that do not exist yet (with `after`: that exist now,
+    made by a download that went below `folder`'s first missing parent; the caller records them either way)."""
+    root = models_dir.resolve()
+    found = []
+    current = folder.resolve()
+    while current != root and current.is_relative_to(root):
+        if after or not current.exists():
+            found.append(current)
+        current = current.parent
+    return found
 
 
 def _patterns(value: Any) -> list[str] | None:
