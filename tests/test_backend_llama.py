@@ -13,8 +13,8 @@ from typing import Any
 import llama_cpp.llama_cpp as L
 import pytest
 
-from hearth.backends.base import GenerationChunk, GenerationSpec, LoadSpec, Sampling
 import hearth.backends.llama_cpp as llama_backend
+from hearth.backends.base import GenerationChunk, GenerationSpec, LoadSpec, Sampling
 from hearth.backends.llama_cpp import Backend, maps_weights, sequences_that_fit
 from hearth.cores import Board
 from hearth.errors import ContextLengthExceeded, InvalidRequest
