@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from hearth import __version__
-from hearth.api import anthropic, gallery, health, ollama, runners, web
+from hearth.api import anthropic, gallery, health, ollama, runners, vad, web
 from hearth.api.errors import install_error_handlers
 from hearth.api.middleware import (
     ApiKeyMiddleware,
@@ -50,7 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
         web.mount(app)
     # The gallery's /models/available and /models/jobs come before /models/{id}, which would swallow them.
     for router in (health.router, gallery.router, models.router, chat.router, completions.router, embeddings.router,
-                   audio.router, images.router, runners.router, ollama.router, anthropic.router,
+                   audio.router, vad.router, images.router, runners.router, ollama.router, anthropic.router,
                    responses.router):
         app.include_router(router)
     # Outermost first: refuse unauthenticated requests before reading their bodies.

@@ -25,6 +25,7 @@ BACKEND_MODULES = {
     "diffusers": "hearth.backends.diffusers_backend",
     "stablediffusion-ggml": "hearth.backends.stable_diffusion_ggml",
     "piper": "hearth.backends.piper",
+    "silero-vad": "hearth.backends.silero_vad",
     "fake": "hearth.backends.fake",
 }
 
@@ -214,6 +215,10 @@ class Backend:
         """The speech in spec.response_format, piece by piece (sentence by sentence where the format allows)."""
         raise CapabilityNotSupported(f"backend '{self.name}' does not synthesise speech")
 
+    def detect_speech(self, audio: Any, options: dict[str, Any]) -> list[tuple[float, float]]:
+        """Speech segments (start, end in seconds) in mono float32 audio at 16 kHz."""
+        raise CapabilityNotSupported(f"backend '{self.name}' does not detect speech")
+
     def generate_image(self, spec: Any) -> Iterator[Any]:
         """Progress items, then one PNG per image (see backends/diffusers_backend.py for the types)."""
         raise CapabilityNotSupported(f"backend '{self.name}' does not generate images")
@@ -283,7 +288,7 @@ def create_backend(name: str) -> Backend:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         extra = {"llama-cpp": "llama", "sentencetransformers": "embeddings", "faster-whisper": "speech",
-                 "whisper-cpp": "speech",
+                 "whisper-cpp": "speech", "silero-vad": "embeddings",
                  "piper": "speech", "transformers": "torch", "diffusers": "images",
                  "stablediffusion-ggml": "sdcpp"}.get(name, "all")
         raise ModelLoadFailed(

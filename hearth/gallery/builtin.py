@@ -167,6 +167,14 @@ BUILTIN: dict[str, BuiltinModel] = {
             config={"known_usecases": ["transcript"]},
         ),
         BuiltinModel(
+            name="silero-vad",
+            description="Silero VAD v6 (voice activity detection), ONNX, from the faster-whisper wheel",
+            files=(_one("silero-vad.onnx", "faster-whisper==1.2.1", "faster_whisper/assets/silero_vad_v6.onnx",
+                        "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2", 1_245_151),),
+            backend="silero-vad",
+            config={"known_usecases": ["vad"]},
+        ),
+        BuiltinModel(
             name="en_US-joe-medium",
             description="Piper voice en_US-joe-medium (US English, 22.05 kHz), ONNX",
             files=(

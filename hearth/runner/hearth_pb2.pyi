@@ -361,6 +361,38 @@ class TranscribeReply(_message.Message):
     duration: float
     def __init__(self, segment: _Optional[_Union[Segment, _Mapping]] = ..., done: _Optional[bool] = ..., language: _Optional[str] = ..., duration: _Optional[float] = ...) -> None: ...
 
+class VadRequest(_message.Message):
+    __slots__ = ("samples", "audio", "threshold", "min_silence_ms", "speech_pad_ms", "min_speech_ms")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_PAD_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SPEECH_MS_FIELD_NUMBER: _ClassVar[int]
+    samples: _containers.RepeatedScalarFieldContainer[float]
+    audio: bytes
+    threshold: float
+    min_silence_ms: int
+    speech_pad_ms: int
+    min_speech_ms: int
+    def __init__(self, samples: _Optional[_Iterable[float]] = ..., audio: _Optional[bytes] = ..., threshold: _Optional[float] = ..., min_silence_ms: _Optional[int] = ..., speech_pad_ms: _Optional[int] = ..., min_speech_ms: _Optional[int] = ...) -> None: ...
+
+class SpeechSegment(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: float
+    end: float
+    def __init__(self, start: _Optional[float] = ..., end: _Optional[float] = ...) -> None: ...
+
+class VadReply(_message.Message):
+    __slots__ = ("segments", "duration")
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedCompositeFieldContainer[SpeechSegment]
+    duration: float
+    def __init__(self, segments: _Optional[_Iterable[_Union[SpeechSegment, _Mapping]]] = ..., duration: _Optional[float] = ...) -> None: ...
+
 class SpeakRequest(_message.Message):
     __slots__ = ("text", "voice", "speed", "response_format")
     TEXT_FIELD_NUMBER: _ClassVar[int]

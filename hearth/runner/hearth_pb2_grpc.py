@@ -84,6 +84,11 @@ class RunnerStub:
                 request_serializer=hearth_dot_runner_dot_hearth__pb2.ImageRequest.SerializeToString,
                 response_deserializer=hearth_dot_runner_dot_hearth__pb2.ImageReply.FromString,
                 _registered_method=True)
+        self.DetectSpeech = channel.unary_unary(
+                '/hearth.runner.v1.Runner/DetectSpeech',
+                request_serializer=hearth_dot_runner_dot_hearth__pb2.VadRequest.SerializeToString,
+                response_deserializer=hearth_dot_runner_dot_hearth__pb2.VadReply.FromString,
+                _registered_method=True)
 
 
 class RunnerServicer:
@@ -149,6 +154,12 @@ class RunnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DetectSpeech(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +212,11 @@ def add_RunnerServicer_to_server(servicer, server):
                     servicer.GenerateImage,
                     request_deserializer=hearth_dot_runner_dot_hearth__pb2.ImageRequest.FromString,
                     response_serializer=hearth_dot_runner_dot_hearth__pb2.ImageReply.SerializeToString,
+            ),
+            'DetectSpeech': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetectSpeech,
+                    request_deserializer=hearth_dot_runner_dot_hearth__pb2.VadRequest.FromString,
+                    response_serializer=hearth_dot_runner_dot_hearth__pb2.VadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +489,33 @@ class Runner:
             '/hearth.runner.v1.Runner/GenerateImage',
             hearth_dot_runner_dot_hearth__pb2.ImageRequest.SerializeToString,
             hearth_dot_runner_dot_hearth__pb2.ImageReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetectSpeech(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hearth.runner.v1.Runner/DetectSpeech',
+            hearth_dot_runner_dot_hearth__pb2.VadRequest.SerializeToString,
+            hearth_dot_runner_dot_hearth__pb2.VadReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -245,6 +245,26 @@ class RunnerService(pb_grpc.RunnerServicer):
 
         return await _guard(context, rerank)
 
+    async def DetectSpeech(self, request: pb.VadRequest, context: grpc.aio.ServicerContext) -> pb.VadReply:
+        def detect() -> pb.VadReply:
+            import numpy as np
+
+            from hearth.backends.audio import decode
+
+            backend = self._loaded()
+            audio = decode(request.audio, 16_000) if request.audio else np.asarray(request.samples, dtype=np.float32)
+            if not len(audio):
+                raise errors.InvalidRequest("the audio is empty", param="audio")
+            if not np.isfinite(audio).all():
+                raise errors.InvalidRequest("the audio holds values that are not finite numbers", param="audio")
+            options = {field: getattr(request, field) if request.HasField(field) else None
+                       for field in ("threshold", "min_silence_ms", "speech_pad_ms", "min_speech_ms")}
+            found = backend.detect_speech(audio, options)
+            return pb.VadReply(segments=[pb.SpeechSegment(start=s, end=e) for s, e in found],
+                               duration=len(audio) / 16_000)
+
+        return await _guard(context, detect)
+
     async def Transcribe(self, request: pb.TranscribeRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranscribeReply]:
         spec = TranscriptionSpec(

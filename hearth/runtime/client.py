@@ -70,6 +70,9 @@ class RunnerClient:
     async def rerank(self, request: pb.RerankRequest) -> pb.RerankReply:
         return await self._unary(self.stub.Rerank, request)
 
+    async def detect_speech(self, request: pb.VadRequest) -> pb.VadReply:
+        return await self._unary(self.stub.DetectSpeech, request)
+
     async def transcribe(self, request: pb.TranscribeRequest) -> AsyncIterator[pb.TranscribeReply]:
         async for reply in self._stream(self.stub.Transcribe(request)):
             yield reply
