@@ -17,6 +17,7 @@ from hearth.chat.template import check_template
 from hearth.config.localai import notes as localai_notes
 from hearth.config.schema import (
     BACKEND_ALIASES,
+    SD_PARTS_NOT_TAKEN,
     ModelConfig,
     canonical_backend,
     resolve_backend,
@@ -265,6 +266,9 @@ class ModelRegistry:
         parts: dict[str, str] = {}
         if cfg.canonical_backend == "stablediffusion-ggml":
             for key, value in sd_option_paths({"options": cfg.options}).items():
+                if key in SD_PARTS_NOT_TAKEN:
+                    raise ConfigError(f"options {key}: stable-diffusion-cpp-python does not take this part yet",
+                                      file=str(path), line=lines.get("options"))
                 try:
                     parts[key] = str(resolve_inside(self.models_dir, value, what=f"options {key}"))
                 except ConfigError as exc:

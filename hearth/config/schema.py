@@ -66,11 +66,12 @@ def resolve_backend(name: str, model: str, *, is_dir: bool) -> str | None:
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 # stable-diffusion.cpp's parts, as LocalAI passes them in `options` ("vae_path:ae.safetensors"): every `*_path`
-# option names a file relative to the models directory.
+# option names a file relative to the models directory. The first are those stable-diffusion-cpp-python (pinned)
+# takes; the others (Ideogram's unconditional model, LTX's audio parts) it has no place for yet.
 SD_PATH_OPTIONS = ("diffusion_model_path", "vae_path", "llm_path", "llm_vision_path", "t5xxl_path", "clip_l_path",
                    "clip_g_path", "clip_vision_path", "taesd_path", "high_noise_diffusion_model_path",
-                   "uncond_diffusion_model_path", "control_net_path", "audio_vae_path",
-                   "embeddings_connectors_path")
+                   "control_net_path")
+SD_PARTS_NOT_TAKEN = ("uncond_diffusion_model_path", "audio_vae_path", "embeddings_connectors_path")
 
 
 def parse_options(options: list[Any]) -> dict[str, str | bool]:
@@ -88,7 +89,8 @@ def sd_option_paths(config: dict[str, Any]) -> dict[str, str]:
     """The files a stable-diffusion.cpp config's options name, by option."""
     options = config.get("options")
     found = parse_options(options) if isinstance(options, list) else {}
-    return {key: value for key, value in found.items() if key in SD_PATH_OPTIONS and isinstance(value, str) and value}
+    return {key: value for key, value in found.items()
+            if key in (*SD_PATH_OPTIONS, *SD_PARTS_NOT_TAKEN) and isinstance(value, str) and value}
 
 
 class _Open(BaseModel):

@@ -16,7 +16,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from hearth.backends.base import BACKEND_MODULES
-from hearth.config.schema import BACKEND_ALIASES, ModelConfig, resolve_backend, sd_option_paths
+from hearth.config.schema import (
+    BACKEND_ALIASES,
+    SD_PARTS_NOT_TAKEN,
+    ModelConfig,
+    resolve_backend,
+    sd_option_paths,
+)
 from hearth.gallery.entry import GalleryFile
 
 log = logging.getLogger("hearth.gallery")
@@ -135,6 +141,12 @@ def _use_problem(backend: str, config: dict[str, Any]) -> str | None:
     kind = str(config.get("type") or "")
     pipeline = str((config.get("diffusers") or {}).get("pipeline_type") or "") \
         if isinstance(config.get("diffusers"), dict) else ""
+    if backend == "stablediffusion-ggml":
+        if "video" in uses:
+            return "a video model; Hearth's stable-diffusion.cpp backend makes images"
+        missing = [key for key in sd_option_paths(config) if key in SD_PARTS_NOT_TAKEN]
+        if missing:
+            return f"it needs {', '.join(missing)}, a part stable-diffusion-cpp-python does not take yet"
     if backend == "diffusers":
         if "video" in uses or "Video" in pipeline:
             return "a video pipeline; Hearth's diffusers backend makes images"

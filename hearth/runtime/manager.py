@@ -219,7 +219,7 @@ class RunnerManager:
                 threads=config.threads or self.settings.threads,
                 context_size=config.context_size or 0,
                 parallel=config.parallel or 0,
-                files={"mmproj": config.mmproj_path} if config.mmproj_path else {},
+                files={**({"mmproj": config.mmproj_path} if config.mmproj_path else {}), **config.part_paths},
             )
             try:
                 async with self._turn_to_load(config):
