@@ -46,7 +46,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         name: getattr(args, name, None)
         for name in ("host", "port", "models_dir", "cache_dir", "api_keys", "threads", "preload",
                      "max_loaded_models", "idle_unload_minutes", "max_body_bytes", "log_level", "image_fetch", "web",
-                     "image_fetch_allow", "galleries", "download_allow", "admin_api_key")
+                     "image_fetch_allow", "galleries", "download_allow", "admin_api_key", "aio")
     }
     try:
         return load_settings(**flags)
@@ -78,15 +78,29 @@ def serve(settings: Settings) -> None:
 
 
 def install_defaults(settings: Settings) -> None:
-    """The default set (chat, embeddings, whisper, voice), installed through the gallery like any other model."""
+    """The default set (chat, embeddings, whisper, voice), installed through the gallery like any other model; with
+    `aio`, LocalAI's whole all-in-one set. The defaults must install; an all-in-one model that cannot (the hub out of
+    reach) is named, and the server starts with the rest."""
     from hearth.gallery import manage
-    from hearth.gallery.builtin import DEFAULT_MODELS
+    from hearth.gallery.builtin import AIO_MODELS, DEFAULT_MODELS
+    from hearth.gallery.catalog import Catalog
 
-    for name in DEFAULT_MODELS:
-        if manage.installed(settings, name):
+    catalog = Catalog(settings)  # the galleries are read once for all of them
+    missing: list[str] = []
+    for name in [*DEFAULT_MODELS, *(AIO_MODELS if settings.aio else [])]:
+        if manage.installed(settings, name, catalog):
             continue
-        print(f"Installing default model {name} into {settings.models_dir} (first run only)", file=sys.stderr)
-        manage.install(settings, name, None, None)
+        kind = "default" if name in DEFAULT_MODELS else "all-in-one"
+        print(f"Installing {kind} model {name} into {settings.models_dir} (first run only)", file=sys.stderr)
+        try:
+            manage.install(settings, name, None, None, catalog)
+        except manage.CommandFailed as exc:
+            if name in DEFAULT_MODELS:
+                raise
+            missing.append(f"{name}: {exc}")
+    if missing:
+        print("hearth: these all-in-one models could not be installed; the server starts without them "
+              "(run again to retry):\n  " + "\n  ".join(missing), file=sys.stderr)
 
 
 def models_list(settings: Settings) -> None:
@@ -112,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="install the default models if missing, then serve")
     _server_flags(run)
+    run.add_argument("--aio", action="store_const", const=True,
+                     help="also install LocalAI's all-in-one extras: vision, images, a reranker, voice activity "
+                          "detection (env HEARTH_AIO)")
     serve_parser = commands.add_parser("serve", help="serve the models in the models directory")
     _server_flags(serve_parser)
     models = commands.add_parser("models", help="manage models")
@@ -136,7 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = _settings(args)
     if args.command == "run":
-        install_defaults(settings)
+        from hearth.gallery.manage import CommandFailed
+
+        try:
+            install_defaults(settings)
+        except CommandFailed as exc:
+            print(f"hearth: {exc}", file=sys.stderr)
+            sys.exit(1)
         serve(settings)
     elif args.command == "serve":
         serve(settings)

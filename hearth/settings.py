@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     # Images in chat requests: http(s) URLs are fetched by the server, with these limits.
     image_fetch: bool = True  # false: only data: URLs
     web: bool = True  # serve the web page at / (static files, no data of their own)
+    aio: bool = False  # `hearth run` installs LocalAI's whole all-in-one set, not only the default four
     image_fetch_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="hosts, IPs or CIDR ranges that may be fetched although private/loopback")
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)

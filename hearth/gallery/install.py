@@ -178,6 +178,7 @@ async def _fetch(uris: list[str], sha256: str | None, target: Path, cache_dir: P
         from hearth.gallery.pypi import place
 
         await asyncio.to_thread(place, blob, target)
+        transfer.stage = f"{target.name} (from the cache)"
         transfer.done += blob.stat().st_size
         transfer.total += blob.stat().st_size
         if on_progress:

@@ -30,8 +30,8 @@ def _listing(settings: Settings) -> Listing:
     return listing
 
 
-def installed(settings: Settings, name: str) -> bool:
-    found = _listing(settings).find(name)
+def installed(settings: Settings, name: str, catalog: Catalog | None = None) -> bool:
+    found = (asyncio.run((catalog or Catalog(settings)).listing())).find(name)
     return found is not None and found.entry is not None and is_installed(found.entry, settings.models_dir)
 
 
@@ -59,8 +59,9 @@ def file_entry(uri: str, name: str | None, sha256: str | None) -> GalleryEntry:
                         config={"parameters": {"model": filename}})
 
 
-def install(settings: Settings, model: str, name: str | None, sha256: str | None) -> None:
-    catalog = Catalog(settings)
+def install(settings: Settings, model: str, name: str | None, sha256: str | None,
+            catalog: Catalog | None = None) -> None:
+    catalog = catalog or Catalog(settings)
     if model.startswith(URI_PREFIXES):
         try:
             entry = file_entry(model, name, sha256)
