@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import HearthServer
+from tests.conftest import HearthServer, free_port
 from tests.standin import StandIn
 
 PINNED = Path(__file__).parent / "data" / "localai-gallery" / "gallery"
@@ -229,3 +230,79 @@ def test_gallery_settings_take_localai_forms() -> None:
         ("localai", LOCALAI), ("a", "/tmp/a.yaml"), ("g", "https://x.org/g.yaml")]
     with pytest.raises(ValueError):
         Settings(galleries=["[{not json"])
+
+
+def mutated_entries(count: int, seed: int = 0) -> list[object]:
+    """LocalAI's entries with fields swapped at random for values of other types and shapes; their files point at
+    a closed loopback port (nothing leaves this machine)."""
+    text = gzip.decompress((PINNED / "index.yaml.gz").read_bytes()).decode()
+    closed = f"http://127.0.0.1:{free_port()}/"
+    entries = yaml.safe_load(text.replace("huggingface://", closed).replace("https://", closed))
+    odd = [None, 1, -1, 0, 1.5, True, [], {}, "", "x" * 3000, [1, {"a": None}], {"model": [1]}, "../../etc/passwd",
+           "\x01", "é:ü/", float("inf")]
+    rng = random.Random(seed)
+
+    def mutate(value: object) -> object:
+        if isinstance(value, dict) and value and rng.random() < 0.7:
+            changed = dict(value)
+            key = rng.choice(list(changed))
+            changed[key] = mutate(changed[key]) if rng.random() < 0.6 else rng.choice(odd)
+            if rng.random() < 0.2:
+                changed[rng.choice(["parameters", "files", "options", "mmproj", "backend", "known_usecases",
+                                    "template", "artifacts", "reranking", "name", "url"])] = rng.choice(odd)
+            return changed
+        if isinstance(value, list) and value and rng.random() < 0.7:
+            changed_list = list(value)
+            index = rng.randrange(len(changed_list))
+            changed_list[index] = mutate(changed_list[index])
+            return changed_list
+        return rng.choice(odd)
+
+    return [mutate(rng.choice(entries)) for _ in range(count)]
+
+
+def test_no_gallery_content_makes_a_route_fail(tmp_path: Path, github: StandIn) -> None:
+    """Hundreds of LocalAI entries with fields of the wrong type or shape: every one is listed (usable, or with a
+    reason), and installing any answers in the client's protocol, never a 5xx."""
+    gallery = tmp_path / "mutated.yaml"
+    gallery.write_text(yaml.safe_dump(mutated_entries(400), allow_unicode=True))
+    server = HearthServer(tmp_path / "models", tmp_path / "log.txt", env={
+        "HEARTH_GALLERIES": str(gallery), "HEARTH_CACHE_DIR": str(tmp_path / "cache"),
+        "HEARTH_GITHUB_RAW_URL": github.base, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
+    try:
+        listed = server.http().get("/models/available")
+        assert listed.status_code == 200
+        mine = [e for e in listed.json() if e["gallery"] == "mutated"]
+        assert len(mine) == 400 and all(e["available"] or e["reason"] for e in mine)
+        for entry in mine[:60]:
+            response = server.http().post("/models/apply", json={"id": entry["id"]})
+            assert response.status_code < 500, response.text
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
+
+
+def test_cache_time_is_a_setting(tmp_path: Path) -> None:
+    """With no cache time, each listing reads the index again (and sees it change); a restarted server reads the
+    cached copy from disk while it is fresh."""
+    standin = StandIn()
+    standin.files["/g/index.yaml"] = yaml.safe_dump([{"name": "first", "overrides": {"backend": "fake"}}]).encode()
+    env = {"HEARTH_GALLERIES": f"{standin.base}/g/index.yaml", "HEARTH_DOWNLOAD_ALLOW": "127.0.0.1",
+           "HEARTH_CACHE_DIR": str(tmp_path / "cache")}
+    try:
+        fresh = HearthServer(tmp_path / "models", tmp_path / "log1.txt", env={**env, "HEARTH_GALLERY_CACHE_MINUTES": "0"})
+        try:
+            assert "first" in {e["name"] for e in fresh.http().get("/models/available").json()}
+            standin.files["/g/index.yaml"] = yaml.safe_dump([{"name": "second", "overrides": {"backend": "fake"}}]).encode()
+            assert "second" in {e["name"] for e in fresh.http().get("/models/available").json()}
+        finally:
+            fresh.stop()
+        hits = standin.hits["/g/index.yaml"]
+        kept = HearthServer(tmp_path / "models", tmp_path / "log2.txt", env=env)  # an hour, by default
+        try:
+            assert "second" in {e["name"] for e in kept.http().get("/models/available").json()}
+            assert standin.hits["/g/index.yaml"] == hits, "the copy on disk was fresh enough"
+        finally:
+            kept.stop()
+    finally:
+        standin.close()
