@@ -79,6 +79,22 @@ class HearthServer:
     def http(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=kwargs.pop("timeout", 120.0), **kwargs)
 
+    def wait_job(self, job: str, timeout: float = 120.0) -> dict:
+        """A gallery job's status once it has finished (done, failed or cancelled)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.http().get(f"/models/jobs/{job}").json()
+            if status["processed"]:
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"job {job} did not finish in {timeout} s")
+
+    def install(self, timeout: float = 120.0, **body: object) -> dict:
+        """POST /models/apply with `body` and wait for the job; returns its last status."""
+        response = self.http().post("/models/apply", json=body)
+        assert response.status_code == 200, response.text
+        return self.wait_job(response.json()["uuid"], timeout)
+
     def runners(self, headers: dict[str, str] | None = None) -> list[dict]:
         return httpx.get(f"{self.base_url}/runners", headers=headers, timeout=10).json()["runners"]
 

@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import io
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,8 +118,7 @@ def test_localai_piper_voice_archive_installs_and_speaks(tmp_path: Path, hub: St
         "HEARTH_DOWNLOAD_ALLOW": "127.0.0.1", "HEARTH_CACHE_DIR": str(tmp_path / "cache")})
     try:
         http = server.http()
-        job = http.post("/models/apply", json={"id": "voice-en-us-joe-medium"}).json()["uuid"]
-        status = wait(server, job)
+        status = server.install(id="voice-en-us-joe-medium")
         assert status["state"] == "done", status
         assert any("voice-en-us-joe-medium.tar.gz: unpacked (3 files)" in note for note in status["notes"])
         models = tmp_path / "models"
@@ -131,7 +129,7 @@ def test_localai_piper_voice_archive_installs_and_speaks(tmp_path: Path, hub: St
         assert speech.status_code == 200 and speech.content[:4] == b"RIFF" and len(speech.content) > 20_000
         # A hostile voice archive fails the install and leaves the models directory as it was.
         before = sorted(p.name for p in models.iterdir())
-        status = wait(server, http.post("/models/apply", json={"id": "voice-evil"}).json()["uuid"])
+        status = server.install(id="voice-evil")
         assert status["state"] == "failed" and "would leave its folder" in status["error"]
         assert sorted(p.name for p in models.iterdir()) == before
         assert not Path("/tmp/hearth-escape").exists()
@@ -142,12 +140,3 @@ def test_localai_piper_voice_archive_installs_and_speaks(tmp_path: Path, hub: St
     finally:
         server.stop()
 
-
-def wait(server: HearthServer, job: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = server.http().get(f"/models/jobs/{job}").json()
-        if status["processed"]:
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job} did not finish")

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -151,26 +150,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, gallery_file: Path, files: 
     started.stop()
 
 
-def wait(server: HearthServer, job: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = server.http().get(f"/models/jobs/{job}").json()
-        if status["processed"]:
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job} did not finish")
 
 
-def apply(server: HearthServer, **body: object) -> dict:
-    response = server.http().post("/models/apply", json=body)
-    assert response.status_code == 200, response.text
-    return wait(server, response.json()["uuid"])
 
 
 def test_install_from_the_gallery_then_it_answers(server: HearthServer) -> None:
     available = {e["name"]: e for e in server.http().get("/models/available").json()}
     assert available["tiny-fake"]["installed"] is False and "smollm2-135m-instruct" in available
-    status = apply(server, id="gallery@tiny-fake")
+    status = server.install(id="gallery@tiny-fake")
     assert status["state"] == "done" and status["progress"] == 100.0 and status["error"] is None
     assert status["downloaded_bytes"] == status["total_bytes"] == len(PAYLOAD)
     assert (server.models_dir / "tiny-fake.bin").read_bytes() == PAYLOAD
@@ -180,14 +167,14 @@ def test_install_from_the_gallery_then_it_answers(server: HearthServer) -> None:
 
 
 def test_wrong_checksum_fails_and_leaves_nothing(server: HearthServer) -> None:
-    status = apply(server, id="bad-sum")
+    status = server.install(id="bad-sum")
     assert status["state"] == "failed"
     assert f"expected sha256 {'0' * 64}, got {SHA}" in status["error"]
     assert not list(server.models_dir.glob("bad-sum*")) and not list(server.models_dir.glob("*.partial"))
 
 
 def test_broken_download_resumes_with_range(server: HearthServer, files: FileServer) -> None:
-    status = apply(server, id="flaky")
+    status = server.install(id="flaky")
     assert status["state"] == "done", status
     ranges = [r for path, r in files.requests if path == "/flaky.bin"]
     assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
@@ -197,7 +184,7 @@ def test_broken_download_resumes_with_range(server: HearthServer, files: FileSer
 
 def test_huggingface_uri_through_a_mirror_with_the_token(server: HearthServer, files: FileServer) -> None:
     before = len(files.requests)
-    status = apply(server, id="from-hf")
+    status = server.install(id="from-hf")
     assert status["state"] == "done", status
     assert files.requests[before][0] == "/owner/repo/resolve/main/weights/model.bin"
     assert files.authorizations[before] == "Bearer hf_secret"
@@ -205,31 +192,31 @@ def test_huggingface_uri_through_a_mirror_with_the_token(server: HearthServer, f
 
 
 def test_apply_an_entry_published_as_yaml(server: HearthServer, files: FileServer) -> None:
-    status = apply(server, url=f"{files.base}/entry.yaml")
+    status = server.install(url=f"{files.base}/entry.yaml")
     assert status["state"] == "done", status
     reply = server.client().chat.completions.create(model="from-yaml", messages=[{"role": "user", "content": "hi"}])
     assert reply.choices[0].message.content == "from a published entry"
 
 
 def test_uris_joined_in_order(server: HearthServer) -> None:
-    assert apply(server, id="joined")["state"] == "done"
+    assert server.install(id="joined")["state"] == "done"
     assert (server.models_dir / "joined.bin").read_bytes() == PAYLOAD + PAYLOAD
 
 
 def test_pypi_install_of_a_real_package(server: HearthServer) -> None:
-    status = apply(server, id="six-from-pypi")
+    status = server.install(id="six-from-pypi")
     assert status["state"] == "done", status
     assert "Utilities for writing code that runs on Python 2 and 3" in (server.models_dir / "six.py").read_text()
 
 
 def test_refusals(server: HearthServer, files: FileServer) -> None:
-    status = apply(server, id="outside-file")
+    status = server.install(id="outside-file")
     assert status["state"] == "failed" and "allowed directories" in status["error"]
     before = len(files.requests)
-    status = apply(server, url=f"http://127.0.0.2:{files.port}/model.bin", name="elsewhere",
+    status = server.install(url=f"http://127.0.0.2:{files.port}/model.bin", name="elsewhere",
                    overrides={"backend": "fake"})
     assert status["state"] == "failed" and "loopback" in status["error"]
-    status = apply(server, url=f"{files.base}/redirect", name="redirected", overrides={"backend": "fake"})
+    status = server.install(url=f"{files.base}/redirect", name="redirected", overrides={"backend": "fake"})
     assert status["state"] == "failed" and "127.0.0.2" in status["error"]
     assert all(path != "/model.bin" for path, _ in files.requests[before:])
     bad = server.http().post("/models/apply", json={"url": f"{files.base}/..", "name": "x"})
@@ -243,7 +230,7 @@ def test_refusals(server: HearthServer, files: FileServer) -> None:
 
 
 def test_delete_keeps_shared_files(server: HearthServer) -> None:
-    assert apply(server, id="tiny-fake", name="second-copy")["state"] == "done"
+    assert server.install(id="tiny-fake", name="second-copy")["state"] == "done"
     write_yaml(server.models_dir, "shared", {"name": "shared", "backend": "fake",
                                              "parameters": {"model": "tiny-fake.bin"}})
     deleted = server.http().post("/models/delete/second-copy").json()
@@ -333,7 +320,7 @@ def test_delete_handles_projectors(tmp_path: Path) -> None:
 def test_entry_with_a_base_config_url(server: HearthServer) -> None:
     """LocalAI's entries name a base config by `url:`: its config comes first (Go templates left out: the model's
     own chat template is used), the entry's overrides on top."""
-    assert apply(server, id="with-base")["state"] == "done"
+    assert server.install(id="with-base")["state"] == "done"
     config = yaml.safe_load((server.models_dir / "with-base.yaml").read_text())
     assert config["backend"] == "fake" and config["stopwords"] == ["<|im_end|>"]
     assert config["context_size"] == 2048 and "template" not in config

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,17 +91,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, hub: StandIn) -> Iterator[H
     started.stop()
 
 
-def install(server: HearthServer, name: str) -> dict:
-    job = server.http().post("/models/apply", json={"id": name}).json()["uuid"]
-    deadline = time.monotonic() + 120
-    while not (status := server.http().get(f"/models/jobs/{job}").json())["processed"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    return status
 
 
 def test_diffusers_repo_snapshot_installs_and_draws(server: HearthServer, hub: StandIn) -> None:
-    status = install(server, "tiny-sd-hub")
+    status = server.install(id="tiny-sd-hub")
     assert status["state"] == "done", status
     assert any("hearth-test/tiny-sd at commit" in note for note in status["notes"])
     assert status["downloaded_bytes"] == status["total_bytes"] > 0
@@ -123,13 +115,13 @@ def test_diffusers_repo_snapshot_installs_and_draws(server: HearthServer, hub: S
 
 def test_a_file_that_does_not_match_the_hub_fails_and_leaves_nothing(server: HearthServer) -> None:
     before = sorted(str(p) for p in server.models_dir.rglob("*"))
-    status = install(server, "tampered-sd")
+    status = server.install(id="tampered-sd")
     assert status["state"] == "failed" and "checksum mismatch for diffusion_pytorch_model.safetensors" in status["error"]
     assert sorted(str(p) for p in server.models_dir.rglob("*")) == before
 
 
 def test_localai_sentence_transformers_entry_resumes_and_embeds(server: HearthServer, hub: StandIn) -> None:
-    status = install(server, "all-MiniLM-L6-v2")
+    status = server.install(id="all-MiniLM-L6-v2")
     assert status["state"] == "done", status
     ranges = [h.get("Range") for path, h in hub.headers
               if path.startswith("/sentence-transformers/") and path.endswith("/model.safetensors")]

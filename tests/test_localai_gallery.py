@@ -10,7 +10,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,20 +68,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, github: StandIn) -> Iterato
     started.stop()
 
 
-def wait(server: HearthServer, job: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = server.http().get(f"/models/jobs/{job}").json()
-        if status["processed"]:
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job} did not finish")
 
 
-def apply(server: HearthServer, **body: object) -> dict:
-    response = server.http().post("/models/apply", json=body)
-    assert response.status_code == 200, response.text
-    return wait(server, response.json()["uuid"])
 
 
 def test_localai_whole_index_loads_entry_by_entry(server: HearthServer, github: StandIn) -> None:
@@ -127,7 +114,7 @@ def test_unusable_entries_are_listed_with_reasons(server: HearthServer) -> None:
 
 def test_names_with_colons_and_accents_install_safely(server: HearthServer) -> None:
     for name, reply in (("llama-3.2-1b-instruct:q4_k_m", "colon name answering"), ("voix-française-é", "bonjour")):
-        status = apply(server, id=f"ours@{name}")
+        status = server.install(id=f"ours@{name}")
         assert status["state"] == "done", status
         answer = server.client().chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
         assert answer.choices[0].message.content == reply
@@ -141,7 +128,7 @@ def test_names_with_colons_and_accents_install_safely(server: HearthServer) -> N
 
 
 def test_empty_checksum_installs_and_says_so(server: HearthServer) -> None:
-    status = apply(server, id="no-checksum")
+    status = server.install(id="no-checksum")
     assert status["state"] == "done", status
     assert any("unchecked.bin" in note and "no sha256" in note for note in status["notes"])
     config = yaml.safe_load((server.models_dir / "no-checksum.yaml").read_text())
@@ -151,7 +138,7 @@ def test_empty_checksum_installs_and_says_so(server: HearthServer) -> None:
 
 
 def test_overrides_rename_the_model_as_in_localai(server: HearthServer) -> None:
-    status = apply(server, id="renamed-by-overrides")
+    status = server.install(id="renamed-by-overrides")
     assert status["state"] == "done", status
     names = [m.id for m in server.client().models.list().data]
     assert "The-Renamed-GGUF" in names and "renamed-by-overrides" not in names
@@ -160,7 +147,7 @@ def test_overrides_rename_the_model_as_in_localai(server: HearthServer) -> None:
 
 
 def test_apply_an_index_url_by_name(server: HearthServer) -> None:
-    status = apply(server, url="github:ours/galleries/index.yaml@main", name="voix-française-é")
+    status = server.install(url="github:ours/galleries/index.yaml@main", name="voix-française-é")
     assert status["state"] == "done", status
     listing = server.http().post("/models/apply", json={"url": "github:ours/galleries/index.yaml@main"})
     assert listing.status_code == 400 and "send 'name'" in listing.json()["error"]["message"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,11 +98,7 @@ def test_a_reranker_is_not_an_embedder_nor_a_chat_model(server: HearthServer) ->
 
 
 def test_localai_jina_reranker_entry_installs_and_reranks(server: HearthServer) -> None:
-    job = server.http().post("/models/apply", json={"id": "jina-reranker-v1-tiny-en"}).json()["uuid"]
-    deadline = time.monotonic() + 60
-    while not (status := server.http().get(f"/models/jobs/{job}").json())["processed"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    status = server.install(id="jina-reranker-v1-tiny-en")
     assert status["state"] == "done", status
     config = yaml.safe_load((server.models_dir / "jina-reranker-v1-tiny-en.yaml").read_text())
     assert config["reranking"] is True and config["f16"] is True

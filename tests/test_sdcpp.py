@@ -85,5 +85,5 @@ def test_parts_stay_inside_the_models_directory(server: HearthServer) -> None:
 
 
 def test_the_checkpoint_is_the_real_format(server: HearthServer) -> None:
-    path = Path(server.models_dir) / CHECKPOINT
-    assert path.read_bytes()[:4] == b"GGUF"
+    with (Path(server.models_dir) / CHECKPOINT).open("rb") as checkpoint:
+        assert checkpoint.read(4) == b"GGUF"

@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import json
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,11 +143,7 @@ def test_a_file_that_is_not_ggml_fails_to_load_with_the_reason(server: HearthSer
 def test_localai_whisper_entry_installs_and_translates(server: HearthServer, spoken: bytes, hub: StandIn) -> None:
     """LocalAI's whisper-base entry as it stands in LocalAI's gallery (its base config, the hub URI), installed and
     used for a translation: whisper-base is multilingual."""
-    job = server.http().post("/models/apply", json={"id": "whisper-base"}).json()["uuid"]
-    deadline = time.monotonic() + 120
-    while not (status := server.http().get(f"/models/jobs/{job}").json())["processed"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    status = server.install(id="whisper-base")
     assert status["state"] == "done", status
     assert hub.hits["/ggerganov/whisper.cpp/resolve/main/ggml-base.bin"] == 1
     config = yaml.safe_load((server.models_dir / "whisper-base.yaml").read_text())

@@ -73,6 +73,10 @@ class Jobs:
                 job.state = "cancelled" if job.cancel.is_set() else "failed"
                 job.error = str(exc)
                 log.warning("installing %s failed: %s", job.name, exc)
+            except Exception as exc:  # a fault of Hearth's own: the job still ends, saying so
+                job.state = "failed"
+                job.error = f"the install failed unexpectedly: {type(exc).__name__}: {exc}"
+                log.exception("installing %s failed unexpectedly", job.name)
 
         job.task = asyncio.create_task(run())
         return job

@@ -26,9 +26,8 @@ from pydantic import ValidationError
 
 from hearth.config.yamlread import YamlTooLarge, load_untrusted
 from hearth.gallery.assess import Assessment, assess, portable
-from hearth.gallery.download import DownloadError, Sources
+from hearth.gallery.download import DownloadError, Sources, fetch_small
 from hearth.gallery.entry import GalleryEntry, GalleryFile
-from hearth.net import FetchRefused, open_checked
 from hearth.settings import GallerySource, Settings
 
 log = logging.getLogger("hearth.gallery")
@@ -64,26 +63,8 @@ def remote_url(location: str, raw_root: str = "https://raw.githubusercontent.com
 async def fetch_text(url: str, sources: Sources, max_bytes: int = MAX_INDEX_BYTES) -> str:
     """The body of `url` as text, fetched under the download address rules; DownloadError names the URL."""
     async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=30) as client:
-        try:
-            response = await open_checked(client, url, sources.addresses)
-        except FetchRefused as exc:
-            raise DownloadError(f"{url} cannot be fetched: {exc}") from None
-        try:
-            if response.status_code != 200:
-                raise DownloadError(f"{url} answered {response.status_code}")
-            length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) > max_bytes:
-                raise DownloadError(f"{url} is {int(length)} bytes, more than the {max_bytes} a gallery file may be")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise DownloadError(f"{url} is larger than the {max_bytes} bytes a gallery file may be")
-            return body.decode("utf-8", errors="replace")
-        except httpx.HTTPError as exc:
-            raise DownloadError(f"{url} could not be read: {exc.__class__.__name__}: {exc}") from None
-        finally:
-            await response.aclose()
+        body, _ = await fetch_small(client, url, sources, max_bytes)
+    return body.decode("utf-8", errors="replace")
 
 
 def read_index(text: str, origin: str) -> list[Any]:
@@ -271,7 +252,7 @@ class Catalog:
         self.ttl = ttl
         self._lock = asyncio.Lock()
         self._parsed: dict[str, tuple[str, list[Any]]] = {}  # url -> (digest of the text, items)
-        self._bases: dict[str, BaseConfig | DownloadError] = {}
+        self._bases: dict[str, tuple[str, BaseConfig]] = {}  # location -> (digest of the text, parsed)
         self._listing: tuple[float, tuple[Any, ...], Listing] | None = None
 
     # -- fetching ------------------------------------------------------------------------------------------
@@ -300,14 +281,15 @@ class Catalog:
         return items
 
     async def base(self, location: str) -> BaseConfig:
-        """A base config (cached with the index); DownloadError names its URL."""
-        remembered = self._bases.get(location)
-        if isinstance(remembered, BaseConfig):
-            return remembered
+        """A base config (its text cached with the index); DownloadError names its URL."""
         url = remote_url(location, self.settings.github_raw_url)
         text = await self.texts.get(url, self.sources, MAX_BASE_BYTES)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        remembered = self._bases.get(location)
+        if remembered is not None and remembered[0] == digest:
+            return remembered[1]
         parsed = await asyncio.to_thread(read_base, text, url)
-        self._bases[location] = parsed
+        self._bases[location] = (digest, parsed)
         return parsed
 
     async def _bases_of(self, entries: list[GalleryEntry]) -> dict[str, BaseConfig | DownloadError]:

@@ -171,6 +171,34 @@ def resolve_uri(uri: str, sources: Sources) -> tuple[str, str, dict[str, str]]:
     raise DownloadError(f"unsupported URI '{uri}': use https://, huggingface://, hf://, file:// or pypi:")
 
 
+async def fetch_small(client: httpx.AsyncClient, url: str, sources: Sources, max_bytes: int, *,
+                      headers: dict[str, str] | None = None,
+                      hints: dict[int, str] | None = None) -> tuple[bytes, dict[str, Any]]:
+    """A small body (a gallery index, a base config, a hub listing) read whole, never past `max_bytes`, and the
+    response's links (a Link header's `next` page); DownloadError names the URL, with `hints` for some statuses."""
+    try:
+        response = await open_checked(client, url, sources.addresses, headers=headers, max_redirects=5)
+    except FetchRefused as exc:
+        raise DownloadError(f"{url} cannot be fetched: {exc}") from None
+    try:
+        if response.status_code != 200:
+            hint = (hints or {}).get(response.status_code)
+            raise DownloadError(f"{url} answered {response.status_code}" + (f": {hint}" if hint else ""))
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_bytes:
+            raise DownloadError(f"{url} is {int(length)} bytes, more than the {max_bytes} it may be")
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > max_bytes:
+                raise DownloadError(f"{url} is larger than the {max_bytes} bytes it may be")
+        return bytes(body), dict(response.links)
+    except httpx.HTTPError as exc:
+        raise DownloadError(f"{url} could not be read: {exc.__class__.__name__}: {exc}") from None
+    finally:
+        await response.aclose()
+
+
 async def download(uris: list[str], target: Path, sha256: str | None, sources: Sources,
                    on_progress: Callable[[Transfer], None] | None = None,
                    cancelled: Callable[[], bool] = lambda: False, transfer: Transfer | None = None,

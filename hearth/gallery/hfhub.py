@@ -21,8 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
-from hearth.gallery.download import DownloadError, Sources, Transfer, download, safe_relative
-from hearth.net import FetchRefused, open_checked
+from hearth.gallery.download import DownloadError, Sources, Transfer, download, fetch_small, safe_relative
 
 MAX_LISTING_BYTES = 16 * 2**20
 MAX_FILES = 5_000
@@ -40,30 +39,16 @@ class HubFile:
     git_oid: str  # every file
 
 
+HINTS = {401: "the repository is gated or private; set HF_TOKEN to a token that may read it",
+         403: "the repository is gated or private; set HF_TOKEN to a token that may read it",
+         404: "no such repository or revision on the hub"}
+
+
 async def _get_json(client: httpx.AsyncClient, url: str, sources: Sources, headers: dict[str, str]) -> tuple[Any, str]:
     """The JSON at `url` and the URL of its next page (from a Link header), if any."""
+    body, links = await fetch_small(client, url, sources, MAX_LISTING_BYTES, headers=headers, hints=HINTS)
     try:
-        response = await open_checked(client, url, sources.addresses, headers=headers, max_redirects=5)
-    except FetchRefused as exc:
-        raise DownloadError(f"{url} cannot be fetched: {exc}") from None
-    try:
-        if response.status_code in (401, 403):
-            raise DownloadError(f"{url} answered {response.status_code}: the repository is gated or private; "
-                                f"set HF_TOKEN to a token that may read it")
-        if response.status_code == 404:
-            raise DownloadError(f"{url} answered 404: no such repository or revision on the hub")
-        if response.status_code != 200:
-            raise DownloadError(f"{url} answered {response.status_code}")
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > MAX_LISTING_BYTES:
-                raise DownloadError(f"{url} is larger than {MAX_LISTING_BYTES} bytes")
-        following = response.links.get("next", {}).get("url", "")
-    finally:
-        await response.aclose()
-    try:
-        return json.loads(body), following
+        return json.loads(body), links.get("next", {}).get("url", "")
     except ValueError:
         raise DownloadError(f"{url} did not answer JSON") from None
 
