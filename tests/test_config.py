@@ -152,3 +152,31 @@ def test_new_configs_seen_without_restart(tmp_path: Path) -> None:
     assert registry.models() == []
     write(tmp_path, "a.yaml", "name: later\nbackend: fake\n")
     assert registry.get("later").name == "later"
+
+
+def test_localai_off_values_and_speculative_options(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """LocalAI's llama.cpp "off" spellings read as off; draft_model and the spec_* options are read and checked (and
+    said to be unused); a draft file must stay inside the models directory like the model."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "draft.gguf").write_bytes(b"GGUF")
+    write(tmp_path, "m.yaml", """
+name: m
+parameters: {model: m.gguf, top_k: -1, seed: -1, max_tokens: 0, repeat_last_n: -1, typical_p: 0}
+draft_model: draft.gguf
+options: ["use_jinja:true", "spec_type:draft-simple", "spec_n_max:6", "spec_p_min:0.75"]
+f16: true
+""")
+    write(tmp_path, "bad-spec.yaml", "name: bad-spec\nparameters: {model: m.gguf}\noptions: ['spec_n_max:lots']\n")
+    write(tmp_path, "far-draft.yaml", "name: far-draft\nparameters: {model: m.gguf}\ndraft_model: ../../elsewhere.gguf\n")
+    with caplog.at_level(logging.INFO):
+        registry = ModelRegistry(tmp_path)
+        config = registry.get("m")
+    p = config.parameters
+    assert (p.top_k, p.seed, p.max_tokens, p.repeat_last_n, p.typical_p) == (0, None, None, None, None)
+    assert config.speculative == {"draft_model": "draft.gguf", "type": "draft-simple", "n_max": 6, "p_min": 0.75}
+    assert config.part_paths["draft_model"] == str((tmp_path / "draft.gguf").resolve())
+    assert "speculative decoding is not done yet" in caplog.text and "use_jinja" not in caplog.text
+    with pytest.raises(ModelNotFound, match="spec_n_max: 'lots' is not a number"):
+        registry.get("bad-spec")
+    with pytest.raises(ModelNotFound, match="draft_model path"):
+        registry.get("far-draft")
