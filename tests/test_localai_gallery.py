@@ -293,3 +293,18 @@ def test_cache_time_is_a_setting(tmp_path: Path) -> None:
             kept.stop()
     finally:
         standin.close()
+
+
+def test_apply_a_base_config_url_as_localai_clients_do(server: HearthServer, github: StandIn) -> None:
+    """LocalAI's `apply` body: `url` a base config (here LocalAI's piper.yaml, which names no model), with the name,
+    overrides and files of the model to install from it."""
+    status = server.install(url="github:mudler/LocalAI/gallery/piper.yaml@master", name="from-base-url",
+                            overrides={"backend": "fake", "fake": {"reply": "made from a base config"}},
+                            files=[{"filename": "base-url.bin", "uri": f"{github.base}/files/model.bin",
+                                    "sha256": SHA}])
+    assert status["state"] == "done", status
+    reply = server.client().chat.completions.create(model="from-base-url", messages=[{"role": "user", "content": "x"}])
+    assert reply.choices[0].message.content == "made from a base config"
+    for bad in ("file:///etc/passwd.yaml", "github:../../x.yaml", "ftp://example.com/x.yaml"):
+        response = server.http().post("/models/apply", json={"url": bad, "name": "x"})
+        assert response.status_code == 400, (bad, response.text)

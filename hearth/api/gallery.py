@@ -104,6 +104,8 @@ async def entry_from_url(url: str, name: str | None, catalog: Catalog) -> Galler
         items = [item for item in items if isinstance(item, dict) and str(item.get("name", "")).strip() == name]
         if not items:
             raise NotFound(f"{url} has no entry '{name}'")
+    elif isinstance(items[0], dict) and not items[0].get("name"):  # a base config names no model: the request does
+        items = [{**items[0], "name": name or PurePosixPath(urlsplit(location).path).stem}]
     try:
         return parse_entry(items[-1], url)
     except ValueError as exc:
