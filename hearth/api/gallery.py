@@ -192,14 +192,8 @@ async def apply(body: ApplyRequest, request: Request) -> dict[str, Any]:
                        or PurePosixPath(urlsplit(body.url).path).suffix in (".yaml", ".yml")):
         entry = await entry_from_url(body.url, body.name, catalog)
     elif body.url:
-        filename = PurePosixPath(urlsplit(body.url).path).name
-        if not filename:
-            raise InvalidRequest("the url does not end in a file name", param="url")
-        model_name = body.name or filename.rsplit(".", 1)[0]
         try:
-            entry = GalleryEntry(name=model_name, files=[GalleryFile(filename=filename, uri=body.url,
-                                                                      sha256=body.sha256)],
-                                 config={"parameters": {"model": filename}})
+            entry = GalleryEntry.for_file(body.url, body.name, body.sha256)
         except ValueError as exc:
             raise InvalidRequest(f"cannot install from this url: {exc}", param="url") from None
     else:

@@ -85,8 +85,9 @@ class Backend(BaseBackend):
         if not path.is_file() and not (path / "model_index.json").is_file():
             raise ModelLoadFailed(f"{path.name} is neither a checkpoint file (.gguf, .safetensors, .ckpt) nor a "
                                   f"diffusers folder")
-        stable_diffusion_cpp, sd_cpp = need("sdcpp", "stable_diffusion_cpp", "stable_diffusion_cpp.stable_diffusion_cpp",
-                                            why="stable-diffusion.cpp (its install builds it: a few minutes)")
+        stable_diffusion_cpp, sd_cpp = need(
+            "sdcpp", "stable_diffusion_cpp", "stable_diffusion_cpp.stable_diffusion_cpp",
+            why="stable-diffusion.cpp (its install builds it: a few minutes)")
         options = parse_options(spec.config.get("options") or [])
         arguments: dict[str, Any] = {key: spec.files[key] for key in SD_PATH_OPTIONS if spec.files.get(key)}
         arguments |= {key: _switch(options[key]) for key in SWITCHES if key in options}

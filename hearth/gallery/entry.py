@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -161,6 +163,17 @@ class GalleryEntry(BaseModel):
         data["config"] = {**inline, **own}
         data["gallery"] = gallery
         return cls.model_validate(data)
+
+    @classmethod
+    def for_file(cls, uri: str, name: str | None = None, sha256: str | None = None) -> GalleryEntry:
+        """An entry of one model file given by its URI (named after the file unless `name` says); ValueError when
+        the URI ends in no usable file name."""
+        filename = PurePosixPath(urlsplit(uri).path if "://" in uri else uri.split("#", 1)[-1]).name
+        if not filename:
+            raise ValueError("the URI does not end in a file name")
+        return cls(name=name or filename.rsplit(".", 1)[0], files=[GalleryFile(filename=filename, uri=uri,
+                                                                                sha256=sha256)],
+                   config={"parameters": {"model": filename}})
 
     @property
     def install_name(self) -> str:

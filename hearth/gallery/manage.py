@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import PurePosixPath
-from urllib.parse import urlsplit
 
 import yaml
 
 from hearth.gallery.catalog import Catalog, Listing
-from hearth.gallery.download import DownloadError, Sources
-from hearth.gallery.entry import GalleryEntry, GalleryFile
+from hearth.gallery.download import DownloadError
+from hearth.gallery.entry import GalleryEntry
 from hearth.gallery.install import delete_model, install_entry, is_installed
 from hearth.gallery.pypi import ProgressBar
 from hearth.settings import Settings
@@ -51,20 +49,12 @@ def list_available(settings: Settings) -> None:
               file=sys.stderr)
 
 
-def file_entry(uri: str, name: str | None, sha256: str | None) -> GalleryEntry:
-    """A one-file entry for a model file given by its URI."""
-    filename = PurePosixPath(urlsplit(uri).path if "://" in uri else uri.split("#", 1)[-1]).name
-    return GalleryEntry(name=name or filename.rsplit(".", 1)[0],
-                        files=[GalleryFile(filename=filename, uri=uri, sha256=sha256)],
-                        config={"parameters": {"model": filename}})
-
-
 def install(settings: Settings, model: str, name: str | None, sha256: str | None,
             catalog: Catalog | None = None) -> None:
     catalog = catalog or Catalog(settings)
     if model.startswith(URI_PREFIXES):
         try:
-            entry = file_entry(model, name, sha256)
+            entry = GalleryEntry.for_file(model, name, sha256)
         except ValueError as exc:
             raise CommandFailed(f"cannot install {model}: {exc}") from None
     else:
@@ -80,9 +70,9 @@ def install(settings: Settings, model: str, name: str | None, sha256: str | None
     bar = ProgressBar()
     notes: list[str] = []
     try:
-        path = asyncio.run(install_entry(entry, settings.models_dir, settings.cache_dir, Sources.from_settings(settings),
-                                         name=name, on_progress=lambda t: bar(t.stage, t.done, t.total),
-                                         catalog=catalog, notes=notes))
+        path = asyncio.run(install_entry(entry, settings.models_dir, settings.cache_dir, catalog.sources, name=name,
+                                         on_progress=lambda t: bar(t.stage, t.done, t.total), catalog=catalog,
+                                         notes=notes))
     except (DownloadError, OSError) as exc:
         raise CommandFailed(f"installing {model} failed: {exc}") from None
     for note in notes:
