@@ -87,17 +87,22 @@ def install_defaults(settings: Settings) -> None:
 
     catalog = Catalog(settings)  # the galleries are read once for all of them
     missing: list[str] = []
-    for name in [*DEFAULT_MODELS, *(AIO_MODELS if settings.aio else [])]:
+    # The defaults come from the built-in gallery whatever others hold of the same name (LocalAI's has its own
+    # whisper-base), so `hearth run` stays offline-capable; the all-in-one extras may come from a gallery that
+    # overrides them (a mirror of the hub, say).
+    wanted = [f"builtin@{name}" for name in DEFAULT_MODELS] + (list(AIO_MODELS) if settings.aio else [])
+    for name in wanted:
         if manage.installed(settings, name, catalog):
             continue
-        kind = "default" if name in DEFAULT_MODELS else "all-in-one"
-        print(f"Installing {kind} model {name} into {settings.models_dir} (first run only)", file=sys.stderr)
+        kind = "default" if name.startswith("builtin@") else "all-in-one"
+        shown = name.removeprefix("builtin@")
+        print(f"Installing {kind} model {shown} into {settings.models_dir} (first run only)", file=sys.stderr)
         try:
             manage.install(settings, name, None, None, catalog)
         except manage.CommandFailed as exc:
-            if name in DEFAULT_MODELS:
+            if kind == "default":
                 raise
-            missing.append(f"{name}: {exc}")
+            missing.append(f"{shown}: {exc}")
     if missing:
         print("hearth: these all-in-one models could not be installed; the server starts without them "
               "(run again to retry):\n  " + "\n  ".join(missing), file=sys.stderr)

@@ -113,9 +113,15 @@ def test_rerank_and_voice_activity(server: HearthServer) -> None:
 
 
 def test_without_the_hub_the_rest_is_served(tmp_path: Path) -> None:
+    """And the defaults come from the built-in gallery even where another gallery has an entry of the same name
+    (LocalAI's whisper-base is whisper.cpp's file, from the hub)."""
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    other = tmp_path / "localai-like.yaml"
+    other.write_text(yaml.safe_dump([{"name": "whisper-base", "overrides": {"backend": "whisper", "parameters": {
+        "model": "ggml-base.bin"}}, "files": [{"filename": "ggml-base.bin", "sha256": "",
+                                              "uri": "huggingface://ggerganov/whisper.cpp/ggml-base.bin"}]}]))
     server = HearthServer(tmp_path / "models", tmp_path / "log.txt", "--aio", command="run", env={
-        "HF_ENDPOINT": closed, "HEARTH_DOWNLOAD_ALLOW": "127.0.0.1",
+        "HF_ENDPOINT": closed, "HEARTH_DOWNLOAD_ALLOW": "127.0.0.1", "HEARTH_GALLERIES": str(other),
         "HEARTH_CACHE_DIR": str(seeded_cache(tmp_path / "cache"))})
     try:
         log = server.log()
@@ -124,6 +130,7 @@ def test_without_the_hub_the_rest_is_served(tmp_path: Path) -> None:
             assert f"  {name}: installing {name} failed" in log
         names = {m.id for m in server.client().models.list().data}
         assert {"gpt-4", "text-embedding-ada-002", "whisper-1", "tts-1", "silero-vad"} <= names
+        assert yaml.safe_load((tmp_path / "models" / "whisper-base.yaml").read_text())["backend"] == "faster-whisper"
         missing = server.http().post("/v1/images/generations", json={"model": "stablediffusion", "prompt": "x"})
         assert missing.status_code == 404 and "hearth run --aio" in missing.json()["error"]["message"]
         left = {p.name for p in (tmp_path / "models").iterdir()}
