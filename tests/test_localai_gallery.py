@@ -308,3 +308,7 @@ def test_apply_a_base_config_url_as_localai_clients_do(server: HearthServer, git
     for bad in ("file:///etc/passwd.yaml", "github:../../x.yaml", "ftp://example.com/x.yaml"):
         response = server.http().post("/models/apply", json={"url": bad, "name": "x"})
         assert response.status_code == 400, (bad, response.text)
+    for body in ({"id": "no-checksum", "files": [{"filename": "../../evil", "uri": "https://x.org/e"}]},
+                 {"id": "no-checksum", "files": "many"}, {"id": "no-checksum", "name": ""}):
+        response = server.http().post("/models/apply", json=body)
+        assert response.status_code == 400 and "error" in response.json(), (body, response.text)

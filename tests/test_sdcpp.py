@@ -34,6 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HearthServer]:
         "options": ["diffusion_model", "clip_l_path:parts/other-vae.safetensors",
                     "t5xxl_path:parts/other-vae.safetensors", "vae_path:parts/other-vae.safetensors", "sampler:euler"]})
     write_yaml(models, "part-outside", {**base, "name": "part-outside", "options": ["vae_path:../../etc/passwd"]})
+    write_yaml(models, "bad-shift", {**base, "name": "bad-shift", "options": ["flow_shift:sideways"]})
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log")
     yield started
     started.stop()
@@ -82,6 +83,12 @@ def test_parts_stay_inside_the_models_directory(server: HearthServer) -> None:
     assert "options vae_path" in response.json()["error"]["message"]
     assert "outside the models directory" in response.json()["error"]["message"] or \
         "'..'" in response.json()["error"]["message"]
+
+
+def test_an_option_that_is_not_a_number_says_so(server: HearthServer) -> None:
+    response = server.http().post("/v1/images/generations", json={"model": "bad-shift", "prompt": "x"})
+    error = response.json()["error"]
+    assert error["code"] == "model_load_failed" and "flow_shift: 'sideways' is not a number" in error["message"]
 
 
 def test_the_checkpoint_is_the_real_format(server: HearthServer) -> None:

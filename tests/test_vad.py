@@ -140,6 +140,9 @@ def test_samples_that_are_not_numbers(server: HearthServer) -> None:
     response = server.http().post("/v1/vad", content=b'{"model": "silero-vad", "audio": [0.1, NaN]}',
                                   headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "audio"
+    for body in (b"{not json", b"[1, 2]", b'{"model": "silero-vad", "audio": "loud"}'):
+        broken = server.http().post("/v1/vad", content=body, headers={"content-type": "application/json"})
+        assert broken.status_code == 400 and broken.json()["error"]["message"], body
     garbage = server.http().post("/v1/vad", data={"model": "silero-vad"},
                                  files={"file": ("x.wav", b"not audio at all", "audio/wav")})
     assert garbage.status_code == 400 and json.loads(garbage.content)["error"]["param"] == "file"

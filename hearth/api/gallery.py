@@ -95,7 +95,7 @@ async def entry_from_url(url: str, name: str | None, catalog: Catalog) -> Galler
     published on its own, or a base config (which reads as an entry too)."""
     try:
         location = remote_url(url, catalog.settings.github_raw_url)
-        items = read_index(await fetch_text(location, catalog.sources), url)
+        items = await asyncio.to_thread(read_index, await fetch_text(location, catalog.sources), url)
     except DownloadError as exc:
         raise InvalidRequest(f"the gallery at {url} cannot be used: {exc}", param="url") from None
     if len(items) != 1:
@@ -171,7 +171,9 @@ async def available(request: Request) -> list[dict[str, Any]]:
     engine: Engine = request.app.state.engine
     listing: Listing = await catalog_of(request).listing()
     models_dir = engine.settings.models_dir
-    return [item.view(item.entry is not None and is_installed(item.entry, models_dir)) for item in listing.items]
+    # One look at the models directory per entry (LocalAI's gallery has 1,700): off the event loop.
+    return await asyncio.to_thread(lambda: [item.view(item.entry is not None and is_installed(item.entry, models_dir))
+                                            for item in listing.items])
 
 
 @router.get("/models/galleries")

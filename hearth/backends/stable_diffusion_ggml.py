@@ -89,6 +89,10 @@ class Backend(BaseBackend):
             "sdcpp", "stable_diffusion_cpp", "stable_diffusion_cpp.stable_diffusion_cpp",
             why="stable-diffusion.cpp (its install builds it: a few minutes)")
         options = parse_options(spec.config.get("options") or [])
+        try:
+            self.flow_shift = float(options["flow_shift"]) if isinstance(options.get("flow_shift"), str) else math.inf
+        except ValueError:
+            raise ModelLoadFailed(f"options flow_shift: '{options['flow_shift']}' is not a number") from None
         arguments: dict[str, Any] = {key: spec.files[key] for key in SD_PATH_OPTIONS if spec.files.get(key)}
         arguments |= {key: _switch(options[key]) for key in SWITCHES if key in options}
         if options.get("diffusion_model"):  # the model file is the diffusion model alone; its parts come apart
@@ -107,7 +111,6 @@ class Backend(BaseBackend):
         self.cfg_scale = float(spec.config.get("cfg_scale") or 7.0)
         self.sampler = str(options.get("sampler") or spec.config.get("sampler") or "default")
         self.scheduler = str(options.get("scheduler") or spec.config.get("scheduler") or "default")
-        self.flow_shift = float(options["flow_shift"]) if isinstance(options.get("flow_shift"), str) else math.inf
         self.sizes = [str(s) for s in spec.config.get("sizes") or []]
         return ModelDescription(backend=self.name, capabilities=["image", "image_edit"], parallel=1,
                                 image_sizes=self.sizes or SUGGESTED_SIZES)

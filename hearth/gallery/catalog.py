@@ -336,13 +336,17 @@ class Catalog:
             return listing
 
     async def _build(self) -> Listing:
+        """Every gallery's entries, assessed. The CPU work (reading thousands of entries, judging each) runs in a
+        thread, off the event loop that serves the streams; only the fetches are the loop's."""
         from hearth.gallery.builtin import builtin_entries
 
+        def judge_builtin() -> list[Listed]:
+            return [Listed("builtin", n, e.name, e, assess(e.config, e.files)) for n, e in enumerate(builtin_entries())]
+
         listing = Listing()
-        builtin = builtin_entries()
-        listing.galleries.append(GalleryState(name="builtin", url="built in", entries=len(builtin),
+        listing.items += await asyncio.to_thread(judge_builtin)
+        listing.galleries.append(GalleryState(name="builtin", url="built in", entries=len(listing.items),
                                               read_at=time.time()))
-        listing.items += [Listed("builtin", n, e.name, e, assess(e.config, e.files)) for n, e in enumerate(builtin)]
         for source in self.settings.galleries:
             state = GalleryState(name=source.name, url=source.url, read_at=time.time())
             listing.galleries.append(state)
@@ -352,18 +356,14 @@ class Catalog:
                 state.error = str(exc)
                 log.warning("gallery %s (%s) cannot be used: %s", source.name, source.url, exc)
                 continue
-            parsed: list[tuple[int, Any, GalleryEntry | str]] = []
-            for index, item in enumerate(items):
-                try:
-                    parsed.append((index, item, parse_entry(item, source.name)))
-                except ValueError as exc:
-                    parsed.append((index, item, str(exc)))
+            parsed = await asyncio.to_thread(_parse_all, items, source.name)
             bases = await self._bases_of([p for _, _, p in parsed if isinstance(p, GalleryEntry)])
-            for index, item, entry in parsed:
-                listing.items.append(self._listed(source.name, index, item, entry, bases))
-            state.entries = len(parsed)
-            state.unavailable = sum(1 for item in listing.items[-len(parsed):] if not item.available) \
-                if parsed else 0
+            listed = await asyncio.to_thread(
+                lambda name=source.name, parsed=parsed, bases=bases:
+                [self._listed(name, index, item, entry, bases) for index, item, entry in parsed])
+            listing.items += listed
+            state.entries = len(listed)
+            state.unavailable = sum(1 for item in listed if not item.available)
         return listing
 
     @staticmethod
@@ -387,6 +387,17 @@ class Catalog:
         """The entry's whole config and files, its base config first (fetched now if it is not cached)."""
         base = await self.base(entry.url) if entry.url else None
         return combine(entry, base)
+
+
+def _parse_all(items: list[Any], gallery: str) -> list[tuple[int, Any, GalleryEntry | str]]:
+    """Each item as an entry, or the reason it is not one."""
+    parsed: list[tuple[int, Any, GalleryEntry | str]] = []
+    for index, item in enumerate(items):
+        try:
+            parsed.append((index, item, parse_entry(item, gallery)))
+        except ValueError as exc:
+            parsed.append((index, item, str(exc)))
+    return parsed
 
 
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
