@@ -1,6 +1,7 @@
 """A stand-in for the hosts Hearth downloads from (raw.githubusercontent.com, the Hugging Face hub), on loopback.
 
-It serves byte strings at paths (honouring Range requests, as the hub does; a path can be made to break off once),
+It serves byte strings at paths (honouring Range requests, as the hub does; a path can be made to break off once,
+or to redirect),
 the hub's JSON API for the repositories it is given, and counts every request, so a test can say what was fetched
 and how often.
 """
@@ -25,6 +26,7 @@ class StandIn:
         self.streams: dict[str, Callable[[], tuple[int, object]]] = {}  # path -> (length, iterable of chunks)
         self.hits: Counter[str] = Counter()
         self.flaky: set[str] = set()  # paths whose next whole-file answer breaks off halfway (once each)
+        self.redirects: dict[str, str] = {}  # path -> where a 302 sends the client
         self.headers: list[tuple[str, Any]] = []
         outer = self
 
@@ -38,6 +40,12 @@ class StandIn:
                 path = unquote(urlsplit(self.path).path)
                 outer.hits[path] += 1
                 outer.headers.append((path, self.headers))  # an HTTPMessage: names match in any case
+                if path in outer.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirects[path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if path in outer.streams:
                     length, chunks = outer.streams[path]()
                     self.send_response(200)
@@ -74,6 +82,15 @@ class StandIn:
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.base = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def requests(self) -> list[tuple[str, str | None]]:
+        """Every request's path and Range header, in order."""
+        return [(path, headers.get("Range")) for path, headers in self.headers]
+
+    @property
+    def authorizations(self) -> list[str | None]:
+        return [headers.get("Authorization") for _, headers in self.headers]
 
     def hub_repo(self, repo: str, files: dict[str, bytes], commit: str = "c0ffee" * 6 + "abcd", lfs_over: int = 0) -> str:
         """Serve a Hugging Face repository as the hub does: its revision and file list under /api/models, its files

@@ -6,9 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,8 @@ import yaml
 
 from hearth.gallery.download import DownloadError, target_inside
 from hearth.gallery.entry import GalleryFile
-from tests.conftest import CACHE_DIR, HearthServer, free_port, write_yaml
+from tests.conftest import CACHE_DIR, HearthServer, write_yaml
+from tests.standin import StandIn
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)  # a "model file" for the fake backend
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -24,93 +23,34 @@ FLAKY = PAYLOAD[::-1]  # other files: the blob cache must not hold them already
 HF_PAYLOAD = PAYLOAD[:1_000_003]
 
 
-class FileServer:
-    """Serves PAYLOAD at /model.bin (honouring Range) and at /flaky.bin (the first full response breaks off
-    halfway). Records every request's path and Range header."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, str | None]] = []
-        self.authorizations: list[str | None] = []
-        self.flaky_left = 1
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                byte_range = self.headers.get("Range")
-                outer.requests.append((self.path, byte_range))
-                outer.authorizations.append(self.headers.get("Authorization"))
-                if self.path == "/owner/repo/resolve/main/weights/model.bin":  # as a Hugging Face mirror serves it
-                    self.path = "/hf.bin"
-                if self.path == "/base.yaml":  # a LocalAI-style base config, as gallery entries' `url:` names
-                    body = yaml.safe_dump({"name": "base", "config_file": yaml.safe_dump({
-                        "backend": "fake", "stopwords": ["<|im_end|>"], "context_size": 1024,
-                        "template": {"chat_message": "{{.RoleName}}: {{.Content}}"},
-                        "fake": {"reply": "configured by the base"}})}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                if self.path == "/entry.yaml":  # one gallery entry, published on its own
-                    body = yaml.safe_dump({"name": "from-yaml", "config": {"backend": "fake", "fake": {
-                        "reply": "from a published entry"}}, "files": [{
-                            "filename": "from-yaml.bin", "uri": f"{outer.base}/model.bin", "sha256": SHA}]}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                if self.path not in ("/model.bin", "/flaky.bin", "/hf.bin", "/redirect"):
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if self.path == "/redirect":
-                    self.send_response(302)
-                    self.send_header("Location", f"http://127.0.0.2:{outer.port}/model.bin")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                start = int(byte_range.split("=")[1].split("-")[0]) if byte_range else 0
-                whole = {"/flaky.bin": FLAKY, "/hf.bin": HF_PAYLOAD}.get(self.path, PAYLOAD)
-                body = whole[start:]
-                self.send_response(206 if byte_range else 200)
-                self.send_header("Content-Length", str(len(body)))
-                if byte_range:
-                    self.send_header("Content-Range", f"bytes {start}-{len(whole) - 1}/{len(whole)}")
-                self.end_headers()
-                if self.path == "/flaky.bin" and not byte_range and outer.flaky_left:
-                    outer.flaky_left -= 1
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.connection.shutdown(2)  # cut off halfway
-                    return
-                self.wfile.write(body)
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.base = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def file_server() -> StandIn:
+    """PAYLOAD at /model.bin (honouring Range), at /flaky.bin (the first full answer breaks off halfway) and where a
+    Hugging Face mirror serves owner/repo's weights/model.bin; a LocalAI-style base config, an entry published on its
+    own, and a redirect to another loopback address."""
+    server = StandIn()
+    server.files.update({"/model.bin": PAYLOAD, "/flaky.bin": FLAKY,
+                         "/owner/repo/resolve/main/weights/model.bin": HF_PAYLOAD})
+    server.flaky.add("/flaky.bin")
+    server.files["/base.yaml"] = yaml.safe_dump({"name": "base", "config_file": yaml.safe_dump({
+        "backend": "fake", "stopwords": ["<|im_end|>"], "context_size": 1024,
+        "template": {"chat_message": "{{.RoleName}}: {{.Content}}"},
+        "fake": {"reply": "configured by the base"}})}).encode()
+    server.files["/entry.yaml"] = yaml.safe_dump({"name": "from-yaml", "config": {"backend": "fake", "fake": {
+        "reply": "from a published entry"}}, "files": [{
+            "filename": "from-yaml.bin", "uri": f"{server.base}/model.bin", "sha256": SHA}]}).encode()
+    server.redirects["/redirect"] = f"http://127.0.0.2:{server.port}/model.bin"
+    return server
 
 
 @pytest.fixture(scope="module")
-def files() -> Iterator[FileServer]:
-    server = FileServer()
+def files() -> Iterator[StandIn]:
+    server = file_server()
     yield server
     server.close()
 
 
 @pytest.fixture(scope="module")
-def gallery_file(tmp_path_factory: pytest.TempPathFactory, files: FileServer) -> Path:
+def gallery_file(tmp_path_factory: pytest.TempPathFactory, files: StandIn) -> Path:
     folder = tmp_path_factory.mktemp("gallery")
     entries = [
         {"name": "tiny-fake", "description": "a fake model from a local server", "license": "MIT",
@@ -140,7 +80,7 @@ def gallery_file(tmp_path_factory: pytest.TempPathFactory, files: FileServer) ->
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, gallery_file: Path, files: FileServer) -> Iterator[HearthServer]:
+def server(tmp_path_factory: pytest.TempPathFactory, gallery_file: Path, files: StandIn) -> Iterator[HearthServer]:
     models = tmp_path_factory.mktemp("gallery-models")
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log", env={
         "HEARTH_GALLERIES": str(gallery_file), "HEARTH_DOWNLOAD_ALLOW": "127.0.0.1",
@@ -173,7 +113,7 @@ def test_wrong_checksum_fails_and_leaves_nothing(server: HearthServer) -> None:
     assert not list(server.models_dir.glob("bad-sum*")) and not list(server.models_dir.glob("*.partial"))
 
 
-def test_broken_download_resumes_with_range(server: HearthServer, files: FileServer) -> None:
+def test_broken_download_resumes_with_range(server: HearthServer, files: StandIn) -> None:
     status = server.install(id="flaky")
     assert status["state"] == "done", status
     ranges = [r for path, r in files.requests if path == "/flaky.bin"]
@@ -182,7 +122,7 @@ def test_broken_download_resumes_with_range(server: HearthServer, files: FileSer
     assert (server.models_dir / "flaky.bin").read_bytes() == FLAKY
 
 
-def test_huggingface_uri_through_a_mirror_with_the_token(server: HearthServer, files: FileServer) -> None:
+def test_huggingface_uri_through_a_mirror_with_the_token(server: HearthServer, files: StandIn) -> None:
     before = len(files.requests)
     status = server.install(id="from-hf")
     assert status["state"] == "done", status
@@ -191,7 +131,7 @@ def test_huggingface_uri_through_a_mirror_with_the_token(server: HearthServer, f
     assert (server.models_dir / "hf.bin").read_bytes() == HF_PAYLOAD
 
 
-def test_apply_an_entry_published_as_yaml(server: HearthServer, files: FileServer) -> None:
+def test_apply_an_entry_published_as_yaml(server: HearthServer, files: StandIn) -> None:
     status = server.install(url=f"{files.base}/entry.yaml")
     assert status["state"] == "done", status
     reply = server.client().chat.completions.create(model="from-yaml", messages=[{"role": "user", "content": "hi"}])
@@ -209,7 +149,7 @@ def test_pypi_install_of_a_real_package(server: HearthServer) -> None:
     assert "Utilities for writing code that runs on Python 2 and 3" in (server.models_dir / "six.py").read_text()
 
 
-def test_refusals(server: HearthServer, files: FileServer) -> None:
+def test_refusals(server: HearthServer, files: StandIn) -> None:
     status = server.install(id="outside-file")
     assert status["state"] == "failed" and "allowed directories" in status["error"]
     before = len(files.requests)
@@ -259,7 +199,7 @@ def test_admin_key_guards_installs(tmp_path: Path, gallery_file: Path) -> None:
         server.stop()
 
 
-def test_cli_install_reports_the_same_numbers(tmp_path: Path, gallery_file: Path, files: FileServer) -> None:
+def test_cli_install_reports_the_same_numbers(tmp_path: Path, gallery_file: Path, files: StandIn) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_")}
     result = subprocess.run([sys.executable, "-m", "hearth", "models", "install", "tiny-fake", "--models-dir",
                              str(tmp_path), "--gallery", str(gallery_file), "--download-allow", "127.0.0.1",

@@ -15,7 +15,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from hearth.gallery.builtin import install
 from tests.conftest import ARTIFACTS, CACHE_DIR, HearthServer, install_cached, write_yaml
-from tests.test_gallery import SHA, FileServer
+from tests.standin import StandIn
+from tests.test_gallery import SHA, file_server
 from tests.test_images import build_tiny_sd
 from tests.test_vision import build_tiny_llava, png
 
@@ -43,14 +44,14 @@ def browser(server: HearthServer) -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def files() -> Iterator[FileServer]:
-    served = FileServer()
+def files() -> Iterator[StandIn]:
+    served = file_server()
     yield served
     served.close()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path, files: FileServer) -> Iterator[HearthServer]:
+def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path, files: StandIn) -> Iterator[HearthServer]:
     gallery = tmp_path_factory.mktemp("gallery") / "gallery.yaml"
     gallery.write_text(yaml.safe_dump([
         {"name": "web-fake", "description": "a fake model served by the test", "tags": ["test"],
