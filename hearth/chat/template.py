@@ -8,9 +8,13 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import TemplateSyntaxError
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+import hashlib
+import string
+from collections.abc import Iterator
+
+from jinja2 import TemplateSyntaxError, nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import SandboxedEnvironment
 
 from hearth.errors import InvalidRequest
 
@@ -27,7 +31,21 @@ def _raise_exception(message: str) -> None:
 
 def _tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False,
             ensure_ascii: bool = False) -> str:
+    if isinstance(value, Iterator):  # a filter chain (map, selectattr) hands on a generator
+        value = list(value)
     return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+
+
+class GenerationTag(Extension):
+    """Hugging Face's `{% generation %}...{% endgeneration %}` (it marks the assistant's tokens for training masks);
+    rendering, it is its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -35,8 +53,10 @@ def _strftime_now(fmt: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+def _environment() -> SandboxedEnvironment:
+    # Sandboxed (no attribute access outside data, no I/O), but lists may be appended to: templates build their own
+    # lists (Kimi's, Laguna's), and they only ever hold the copies of the request made for this render.
+    env = SandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -122,6 +142,54 @@ def normalize_messages(messages: list[dict[str, Any]], keep_parts: bool = False,
     return normalized
 
 
+def _short_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Call ids as 9 letters and digits, the same for a call and its result."""
+    def short(ident: str) -> str:
+        if len(ident) == 9 and ident.isalnum():
+            return ident
+        digest = hashlib.sha256(ident.encode()).digest()
+        alphabet = string.ascii_letters + string.digits
+        return "".join(alphabet[b % len(alphabet)] for b in digest[:9])
+
+    out = []
+    for message in messages:
+        message = dict(message)
+        if message.get("tool_calls"):
+            message["tool_calls"] = [{**c, "id": short(str(c.get("id") or ""))} for c in message["tool_calls"]]
+        if message.get("tool_call_id"):
+            message["tool_call_id"] = short(str(message["tool_call_id"]))
+        out.append(message)
+    return out
+
+
+def _system_in_user(context: dict[str, Any]) -> dict[str, Any] | None:
+    """For templates that refuse a system role (Gemma 2): the system prompt opens the first user message."""
+    messages = context["messages"]
+    if not messages or messages[0].get("role") != "system" or not isinstance(messages[0].get("content"), str):
+        return None
+    rest = [dict(m) for m in messages[1:]]
+    for message in rest:
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            message["content"] = messages[0]["content"] + "\n\n" + message["content"]
+            break
+    return {**context, "messages": rest}
+
+
+def _string_arguments(context: dict[str, Any]) -> dict[str, Any] | None:
+    """For templates that write call arguments as given (FireFunction, Functionary): arguments as JSON text."""
+    messages = []
+    changed = False
+    for message in context["messages"]:
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": [
+                {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"],
+                                                                            ensure_ascii=False)}}
+                if not isinstance(c.get("function", {}).get("arguments"), str) else c for c in message["tool_calls"]]}
+            changed = True
+        messages.append(message)
+    return {**context, "messages": messages} if changed else None
+
+
 def render_chat(
     source: str,
     messages: list[dict[str, Any]],
@@ -153,12 +221,22 @@ def render_chat(
     }
     if tools:
         context["tools"] = tools
-    try:
-        text = template.render(**context)
-    except TemplateRaised as exc:
-        raise InvalidRequest(f"the model's chat template refused these messages: {exc}", param="messages") from None
-    except Exception as exc:  # a third-party template can fail in any way on unexpected messages
-        raise InvalidRequest(f"the model's chat template failed on these messages: {exc}", param="messages") from None
+    if "length 9" in source:  # Mistral's templates take only 9-character alphanumeric call ids
+        context["messages"] = _short_call_ids(context["messages"])
+    first: Exception | None = None
+    for attempt in (context, _system_in_user(context), _string_arguments(context)):
+        if attempt is None:
+            continue
+        try:
+            text = template.render(**attempt)
+            break
+        except Exception as exc:  # a third-party template can fail in any way on unexpected messages
+            first = first or exc
+    else:
+        if isinstance(first, TemplateRaised):
+            raise InvalidRequest(f"the model's chat template refused these messages: {first}",
+                                 param="messages") from None
+        raise InvalidRequest(f"the model's chat template failed on these messages: {first}", param="messages") from None
     if strip_bos and bos_token and text.startswith(bos_token):
         text = text[len(bos_token):]
     return text
