@@ -253,7 +253,7 @@ def test_validation_errors_are_400_naming_the_field(fake_server: HearthServer, b
 def test_unsupported_parameters_refused(fake_server: HearthServer) -> None:
     client = fake_server.client()
     refused = [({"store": True}, "store"), ({"modalities": ["text", "audio"]}, "modalities"),
-               ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"), ({"reasoning_effort": "low"}, "reasoning_effort"),
+               ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"), ({"reasoning_effort": "extreme"}, "reasoning_effort"),
                ({"web_search_options": {}}, "web_search_options"), ({"top_logprobs": 2}, "top_logprobs")]
     for extra, param in refused:
         with pytest.raises(openai.BadRequestError) as caught:

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from hearth.chat.output import FAMILIES, Options, OutputReader, family_of, think_markers, thinking_open
+from hearth.chat.request import ChatRequest
+from hearth.chat.serving import Plan, template_messages
 from hearth.chat.template import render_chat
+from hearth.chat.tools import template_takes_tools
 from hearth.errors import InvalidRequest
 
 DATA = Path(__file__).parent / "data" / "llama-chat"
@@ -101,11 +104,18 @@ CONVERSATION = [
     {"role": "user", "content": "Thanks!"},
 ]
 TOOLS = [{"type": "function", "function": {"name": "get_time", "description": "The time in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string",
+                                                                                    "description": "A city"}},
                                                           "required": ["city"]}}}]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (DATA / "templates").glob("*.jinja")))
 def test_every_vendored_template_renders(name: str) -> None:
-    prompt = render_chat(template(name), CONVERSATION, tools=TOOLS, bos_token="<s>", eos_token="</s>")
+    """As a chat request renders it: a template without tools gets the calls and results spelled out."""
+    source = template(name)
+    native = template_takes_tools(source)
+    request = ChatRequest(model="m", messages=CONVERSATION, tools=[t["function"] for t in TOOLS])
+    plan = Plan(tools=request.tools, mode="auto", family=family_of(source))
+    prompt = render_chat(source, template_messages(request, plan, native), tools=TOOLS if native else None,
+                         bos_token="<s>", eos_token="</s>", enable_thinking=True)
     assert "Paris" in prompt and "14:05" in prompt

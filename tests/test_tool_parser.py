@@ -8,7 +8,9 @@ import random
 import pytest
 
 from hearth.chat.grammar import SchemaNotSupported, schema_grammar, strict_schema
-from hearth.chat.tools import ToolCallDelta, ToolCallParser, detect_format, tool_call_grammar
+from hearth.chat.output import FAMILIES, Options, OutputReader, family_of
+from hearth.chat.serving import tool_arguments
+from hearth.chat.tools import tool_call_grammar
 
 NAMES = {"get_weather", "get_time"}
 CASES = [
@@ -39,7 +41,7 @@ CASES = [
 
 
 def parse(text: str, pieces: list[int], parallel: bool = True) -> tuple[str, list[tuple[str, str]]]:
-    parser = ToolCallParser(names=NAMES, parallel=parallel)
+    parser = OutputReader(FAMILIES["json"], Options(tools={name: {} for name in NAMES}, parallel=parallel))
     events, at = [], 0
     for n in pieces:
         events += parser.feed(text[at:at + n])
@@ -48,12 +50,12 @@ def parse(text: str, pieces: list[int], parallel: bool = True) -> tuple[str, lis
     events += parser.close()
     calls: dict[int, list[str]] = {}
     for event in events:
-        if isinstance(event, ToolCallDelta):
+        if event.kind == "call":
             if event.name:
                 assert event.index not in calls and event.id and event.id.startswith("call_")
                 calls[event.index] = [event.name, ""]
-            calls[event.index][1] += event.arguments
-    return "".join(e for e in events if isinstance(e, str)), [(n, a) for n, a in calls.values()]
+            calls[event.index][1] += event.text
+    return "".join(e.text for e in events if e.kind == "content"), [(n, a) for n, a in calls.values()]
 
 
 @pytest.mark.parametrize(("text", "content", "calls"), CASES)
@@ -77,10 +79,10 @@ def test_truncated_call_keeps_its_partial_arguments() -> None:
 
 
 def test_format_detection() -> None:
-    assert detect_format("{% if tools %}<tool_call>{% endif %}") == "hermes"
-    assert detect_format("[AVAILABLE_TOOLS] [TOOL_CALLS]") == "mistral"
-    assert detect_format("<|start_header_id|>{% if tools %}<|python_tag|>") == "llama3"
-    assert detect_format("<|im_start|>{{ message.content }}") == "json"
+    assert family_of("{% if tools %}<tool_call>{% endif %}") == "hermes"
+    assert family_of("[AVAILABLE_TOOLS] [TOOL_CALLS]") == "mistral"
+    assert family_of("<|start_header_id|>{% if tools %}<|python_tag|>") == "llama3"
+    assert family_of("<|im_start|>{{ message.content }}") == "json"
 
 
 @pytest.mark.parametrize(("schema", "keyword"), [
@@ -137,9 +139,7 @@ def test_strict_schema_closes_objects_but_not_property_names() -> None:
 
 
 def test_arguments_mapping_never_raises() -> None:
-    from hearth.chat.tools import arguments_mapping
-
-    assert arguments_mapping('{"city": "Boston"}') == {"city": "Boston"}
-    assert arguments_mapping("") == {}
-    assert arguments_mapping('{"city": "Bos') == {}  # cut off by max_tokens mid-call
-    assert arguments_mapping('["a"]') == {}
+    assert tool_arguments('{"city": "Boston"}') == {"city": "Boston"}
+    assert tool_arguments("") == {}
+    assert tool_arguments('{"city": "Bos') == {}  # cut off by max_tokens mid-call
+    assert tool_arguments('["a"]') == {}

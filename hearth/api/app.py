@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Hearth", version=__version__, lifespan=lifespan)
     app.state.engine = engine
-    install_error_handlers(app)
+    install_error_handlers(app, {"/api/": ollama.error_body, "/v1/messages": anthropic.error_body})
     if settings.web:  # before Ollama's plain-text "/", which answers in its place with --no-web
         web.mount(app)
     # The gallery's /models/available and /models/jobs come before /models/{id}, which would swallow them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,23 +70,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid value for '{param}': {message}{detail}", param
 
 
-def ollama_style(request: Request) -> bool:
-    """Ollama's routes answer errors in Ollama's shape: {"error": "..."}."""
-    return request.url.path.startswith("/api/")
+ErrorShape = Callable[[int, str], dict[str, Any]]
 
 
 def shaped(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse | None:
-    """The error in Ollama's or Anthropic's shape when the route is theirs; None for OpenAI's."""
-    if ollama_style(request):
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-    if request.url.path.startswith("/v1/messages"):
-        from hearth.api.anthropic import error_body as anthropic_error
-
-        return JSONResponse(anthropic_error(status, message), status_code=status, headers=headers)
+    """The error in the shape of the API that owns the route (each API registers its encoder with
+    `install_error_handlers`); None for OpenAI's, made by the caller with its param and code."""
+    for prefix, shape in getattr(request.app.state, "error_shapes", ()):
+        if request.url.path.startswith(prefix):
+            return JSONResponse(shape(status, message), status_code=status, headers=headers)
     return None
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, shapes: dict[str, ErrorShape] | None = None) -> None:
+    """Map errors to responses; `shapes` gives the error encoder of each API that is not OpenAI's, by the prefix of
+    its routes."""
+    app.state.error_shapes = tuple((shapes or {}).items())
+
     @app.exception_handler(HearthError)
     async def _hearth(request: Request, exc: HearthError) -> JSONResponse:
         if exc.status >= 500:

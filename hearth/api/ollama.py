@@ -1,4 +1,5 @@
-"""Ollama's API over the same models: a thin adapter onto the OpenAI routes' serving code.
+"""Ollama's API over the same models: its requests mapped onto `ChatRequest` (chat, generate) and the embeddings
+serving code, chat events encoded as Ollama's NDJSON records (`message.thinking` carries the thoughts).
 
 /api/chat and /api/generate (NDJSON streams by default), /api/embed and /api/embeddings, /api/tags, /api/show,
 /api/ps, /api/version, /api/pull (through the gallery), /api/delete. Errors are {"error": "..."}.
@@ -21,12 +22,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from hearth import __version__
-from hearth.api.openai.chat import ChatCompletionRequest, chat_completion_events
-from hearth.api.openai.common import USAGE_KEY
+from hearth.api.openai.common import USAGE_KEY, SamplingRequest
 from hearth.api.openai.embeddings import EmbeddingRequest, create_embeddings
 from hearth.api.streaming import primed
 from hearth.chat.grammar import SchemaNotSupported, json_object_grammar, schema_grammar
-from hearth.chat.tools import arguments_mapping
+from hearth.chat.request import ChatRequest, Finished, Reasoning, ReasoningDelta, TextDelta
+from hearth.chat.serving import chat_events, tool_arguments
 from hearth.engine import Engine
 from hearth.errors import HearthError, InvalidRequest, NotFound
 
@@ -78,6 +79,7 @@ class ChatBody(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None
     keep_alive: float | str | None = None
+    think: bool | str | None = None  # true, false, or gpt-oss's "low" | "medium" | "high"
 
 
 class GenerateBody(BaseModel):
@@ -92,6 +94,40 @@ class GenerateBody(BaseModel):
     format: str | dict[str, Any] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     keep_alive: float | str | None = None
+    think: bool | str | None = None
+
+
+def _error(message: str) -> dict[str, str]:
+    """Ollama's error shape, for responses and in-stream records."""
+    return {"error": message}
+
+
+def error_body(status: int, message: str) -> dict[str, str]:
+    """Ollama's error response (the status travels as the HTTP status only)."""
+    return _error(message)
+
+
+def _reasoning(think: bool | str | None) -> Reasoning:
+    """Ollama's `think`: true or false, or an effort for models that take one; unset leaves the model's default."""
+    if think is None:
+        return Reasoning()
+    if think is False:
+        return Reasoning(effort="none")
+    if think is True:
+        return Reasoning()
+    if think in ("low", "medium", "high"):
+        return Reasoning(effort=think)
+    raise InvalidRequest(f"think '{think}' is not one of true, false, low, medium, high", param="think")
+
+
+def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    out = []
+    for index, tool in enumerate(tools or []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict):
+            raise InvalidRequest(f"tools[{index}] needs a 'function' object", param=f"tools[{index}]")
+        out.append({k: function[k] for k in ("name", "description", "parameters") if k in function})
+    return out
 
 
 def _sampling(options: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +137,8 @@ def _sampling(options: dict[str, Any]) -> dict[str, Any]:
             out[OPTION_NAMES[key]] = value
         elif key not in IGNORED_OPTIONS:
             raise InvalidRequest(f"option '{key}' is not supported", param=f"options.{key}")
-    return out
+    checked = SamplingRequest(model="-", **out)  # the same bounds as OpenAI's fields; a ValidationError is a 400
+    return {key: getattr(checked, key) for key in out}
 
 
 def _response_format(fmt: Any) -> dict[str, Any] | None:
@@ -123,8 +160,14 @@ def _image_part(data: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{data}"}}
 
 
-def _openai_message(message: OllamaMessage) -> dict[str, Any]:
+def _chat_message(message: OllamaMessage) -> dict[str, Any]:
+    if message.role not in ("system", "user", "assistant", "tool"):
+        raise InvalidRequest(f"message role '{message.role}' is not one of system, user, assistant, tool",
+                             param="messages")
     item: dict[str, Any] = {"role": message.role, "content": message.content}
+    thinking = (message.model_extra or {}).get("thinking")
+    if isinstance(thinking, str) and thinking and message.role == "assistant":
+        item["reasoning_content"] = thinking
     if message.images:
         item["content"] = [{"type": "text", "text": message.content}, *map(_image_part, message.images)]
     if message.tool_calls:
@@ -144,47 +187,47 @@ def _nanos(ms: float) -> int:
     return int(ms * 1_000_000)
 
 
-async def _run(engine: Engine, request: ChatCompletionRequest, model: str, keep_alive: Any,
+async def _run(engine: Engine, request: ChatRequest, model: str, keep_alive: Any,
                shape: str) -> AsyncIterator[dict[str, Any]]:
-    """Ollama's chunks (chat: `message`; generate: `response`) from the OpenAI chat events."""
+    """Ollama's records (chat: `message`; generate: `response`) from the chat events."""
     started = time.perf_counter()
-    calls: list[dict[str, Any]] = []
-    async for chunk in chat_completion_events(request, engine):
-        choice = chunk["choices"][0]
-        delta = choice["delta"]
-        for call in delta.get("tool_calls", []):
-            if "id" in call:
-                calls.append({"function": {"name": call["function"]["name"], "arguments": ""}})
-            calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
-        text = delta.get("content") or ""
-        if text:
-            body = {"role": "assistant", "content": text} if shape == "chat" else None
-            yield {"model": model, "created_at": now_iso(),
-                   **({"message": body} if shape == "chat" else {"response": text}), "done": False}
-        if choice["finish_reason"]:
-            usage, timings = chunk[USAGE_KEY], chunk.get("timings") or {}
+    async for event in chat_events(request, engine):
+        if isinstance(event, TextDelta | ReasoningDelta) and event.text:
+            field = "thinking" if isinstance(event, ReasoningDelta) else "content"
+            if shape == "chat":
+                body: dict[str, Any] = {"message": {"role": "assistant", "content": "", field: event.text}}
+            else:
+                body = {"response": "" if field == "thinking" else event.text}
+                if field == "thinking":
+                    body["thinking"] = event.text
+            yield {"model": model, "created_at": now_iso(), **body, "done": False}
+        elif isinstance(event, Finished):
+            usage, timings = event.usage, event.timings
             final: dict[str, Any] = {"model": model, "created_at": now_iso()}
             if shape == "chat":
                 message: dict[str, Any] = {"role": "assistant", "content": ""}
-                if calls:
-                    message["tool_calls"] = [{"function": {"name": c["function"]["name"],
-                                                           "arguments": arguments_mapping(c["function"]["arguments"])}}
-                                             for c in calls]
+                if event.message.tool_calls:
+                    message["tool_calls"] = [{"function": {"name": c.name, "arguments": tool_arguments(c.arguments)}}
+                                             for c in event.message.tool_calls]
                 final["message"] = message
             else:
                 final["response"] = ""
             final.update({
-                "done": True, "done_reason": "length" if choice["finish_reason"] == "length" else "stop",
+                "done": True, "done_reason": "length" if event.reason == "length" else "stop",
                 "total_duration": _nanos((time.perf_counter() - started) * 1000),
                 "load_duration": 0, "prompt_eval_count": usage.prompt_tokens,
                 "prompt_eval_cached_count": usage.cached_tokens,
                 "prompt_eval_duration": _nanos(timings.get("prompt_ms", 0.0)),
                 "eval_count": usage.completion_tokens, "eval_duration": _nanos(timings.get("predicted_ms", 0.0)),
+                FINISHED: event,
             })
             yield final
     seconds = keep_alive_seconds(keep_alive)
     if seconds is not None:
         await _keep_alive(engine, model, seconds)
+
+
+FINISHED = "_finished"  # the Finished event on the last record inside this module, for the whole answer
 
 
 async def _keep_alive(engine: Engine, name: str, seconds: float) -> None:
@@ -198,15 +241,25 @@ async def _keep_alive(engine: Engine, name: str, seconds: float) -> None:
 
 async def _respond(events: AsyncIterator[dict[str, Any]], stream: bool) -> Any:
     if not stream:
-        text, last = [], None
+        last: dict[str, Any] | None = None
+        text = []
         async for item in events:
-            text.append(item.get("response") or (item.get("message") or {}).get("content") or "")
+            text.append(item.get("response") or "")
             last = item
         assert last is not None
-        if "message" in last:
-            last["message"]["content"] = "".join(text)
-        else:
+        finished: Finished | None = last.pop(FINISHED, None)
+        if finished is None:  # a raw prompt's completion
             last["response"] = "".join(text)
+        else:
+            said = finished.message
+            if "message" in last:
+                last["message"]["content"] = said.content
+                if said.reasoning:
+                    last["message"]["thinking"] = said.reasoning
+            else:
+                last["response"] = said.content
+                if said.reasoning:
+                    last["thinking"] = said.reasoning
         return last
     first = await primed(events)  # errors before the first line stay HTTP errors
 
@@ -214,9 +267,10 @@ async def _respond(events: AsyncIterator[dict[str, Any]], stream: bool) -> Any:
         try:
             async with contextlib.aclosing(first):
                 async for item in first:
+                    item.pop(FINISHED, None)
                     yield (json.dumps(item, ensure_ascii=False) + "\n").encode()
         except HearthError as exc:
-            yield (json.dumps({"error": exc.message}) + "\n").encode()
+            yield (json.dumps(_error(exc.message)) + "\n").encode()
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
@@ -315,10 +369,11 @@ async def chat(body: ChatBody, request: Request) -> Any:
         engine.model(name)
         return {"model": body.model, "created_at": now_iso(), "message": {"role": "assistant", "content": ""},
                 "done_reason": "load", "done": True}
-    openai = ChatCompletionRequest(model=name, messages=[_openai_message(m) for m in body.messages],
-                                   response_format=_response_format(body.format), tools=body.tools,
-                                   **_sampling(body.options))
-    return await _respond(_run(engine, openai, body.model, body.keep_alive, "chat"), body.stream)
+    chat_request = ChatRequest(model=name, messages=[_chat_message(m) for m in body.messages],
+                               response_format=_response_format(body.format), tools=_tools(body.tools),
+                               reasoning=_reasoning(body.think), params={"response_format": "format"},
+                               **_sampling(body.options))
+    return await _respond(_run(engine, chat_request, body.model, body.keep_alive, "chat"), body.stream)
 
 
 @router.post("/api/generate")
@@ -341,10 +396,11 @@ async def generate(body: GenerateBody, request: Request) -> Any:
     if body.raw:
         return await _raw(engine, body, name)
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
-        _openai_message(OllamaMessage(role="user", content=body.prompt, images=body.images))]
-    openai = ChatCompletionRequest(model=name, messages=messages, response_format=_response_format(body.format),
-                                   **_sampling(body.options))
-    return await _respond(_run(engine, openai, body.model, body.keep_alive, "generate"), body.stream)
+        _chat_message(OllamaMessage(role="user", content=body.prompt, images=body.images))]
+    chat_request = ChatRequest(model=name, messages=messages, response_format=_response_format(body.format),
+                               reasoning=_reasoning(body.think), params={"response_format": "format"},
+                               **_sampling(body.options))
+    return await _respond(_run(engine, chat_request, body.model, body.keep_alive, "generate"), body.stream)
 
 
 def _raw_grammar(fmt: Any) -> str | None:
@@ -446,7 +502,7 @@ async def pull(body: NameBody, request: Request) -> Any:
                    "completed": job.transfer.done}
             await asyncio.sleep(0.5)
         if job.state != "done":
-            yield {"error": job.error or job.state}
+            yield _error(job.error or job.state)
             return
         yield {"status": "verifying sha256 digest"}
         yield {"status": "writing manifest"}

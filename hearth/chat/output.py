@@ -235,6 +235,8 @@ class JsonCalls(CallSyntax):
                 pos += len(opener)
                 if opener == "```" and text.startswith("json", pos):
                     pos += 4
+                elif opener == "```" and partial and "json".startswith(text[pos:]):
+                    return calls, len(text), False  # ```js… may yet be ```json
             elif pos == start and not (self.bare and text[pos:pos + 1] in ("{", "[")):
                 return None
             pos = self._sep.match(text, pos).end()
@@ -246,8 +248,6 @@ class JsonCalls(CallSyntax):
                 return None
             end = json_end(text, pos)
             if end is None:
-                if not partial:
-                    return None
                 inside = pos + 1 if text[pos] == "[" else pos
                 inside = self._sep.match(text, inside).end()
                 # Whole calls already written in a list, then the one being written.
@@ -263,6 +263,8 @@ class JsonCalls(CallSyntax):
                 current = _partial_json_call(text, inside) if inside < len(text) else None
                 if current is not None:
                     calls.append(current)
+                elif not partial:
+                    return None  # cut off before a call's name: not a call
                 return calls, len(text), False
             value = _loads(text[pos:end])
             items = value if isinstance(value, list) else [value]
@@ -277,6 +279,8 @@ class JsonCalls(CallSyntax):
             for close in self.closers + (("```",) if self.bare else ()):
                 if text.startswith(close, closer):
                     pos = closer + len(close)
+                    if close in self.closers:
+                        return calls, pos, True  # one block: the next opener starts a new read
                     break
                 if partial and close.startswith(text[closer:]) and closer < len(text):
                     return calls, len(text), False
@@ -327,7 +331,7 @@ class NamedCalls(CallSyntax):
                 return calls, pos + len(self.section_end), True
             if self.call and text.startswith(self.call, pos):
                 pos += len(self.call)
-            elif calls or not (self.first_call_bare or not self.call or pos == start and not self.section):
+            elif calls or not (self.first_call_bare or not self.call or (pos == start and not self.section)):
                 if pos >= len(text) or (partial and any(m.startswith(text[pos:]) for m in
                                                         (self.call, self.section_end) if m)):
                     return calls, len(text), False
@@ -414,7 +418,7 @@ class XmlCalls(CallSyntax):
                 return calls, pos, False
             match = self._function.match(text, pos)
             if match is None:
-                if partial and (self._maybe_prefix(text[pos:]) or len(text) - pos < 64 and not calls):
+                if partial and (self._maybe_prefix(text[pos:]) or (len(text) - pos < 64 and not calls)):
                     return calls, len(text), False
                 return (calls, pos, True) if calls else None
             name = match.group(1).strip()
@@ -488,7 +492,7 @@ class GemmaCalls(CallSyntax):
                 return (calls, len(text), False) if partial and len(text) - pos < 64 else None
             end = text.find("}<tool_call|>", header.end() - 1)
             if end < 0:
-                return (calls + [Call(header.group(1), "")], len(text), False) if partial else None
+                return ([*calls, Call(header.group(1), "")], len(text), False) if partial else None
             value = _gemma_json(text[header.end() - 1:end + 1])
             if not isinstance(value, dict):
                 return None
@@ -785,7 +789,7 @@ def parse(text: str, family: Family, options: Options, think: tuple[str, ...] = 
     for marker in family.unwrap:
         content = content.replace(marker, "")
     for lead in family.lead:
-        if content.startswith(lead) or partial and lead.startswith(content) and content:
+        if content.startswith(lead) or (partial and lead.startswith(content) and content):
             content = content[len(lead):]
     result.content, result.calls = content, calls
     return result
@@ -825,16 +829,17 @@ def _split_calls(text: str, family: Family, options: Options, partial: bool) -> 
             if not complete:
                 return content, calls
             continue
-        content += text[pos:start]
+        if text[pos:start].strip() or (said and not calls):
+            content += text[pos:start]  # (blanks before a first call, or between calls, go with them)
         for call in found:
             if len(calls) < MAX_PARALLEL_CALLS and (options.parallel or not calls):
                 calls.append(call)
         if not complete:
-            return (content.rstrip() if calls else content), calls
+            return content, calls
         pos = end
         if not text[pos:].strip():
             break
-    return (content.rstrip() if calls else content), calls
+    return content, calls
 
 
 # -- streaming ------------------------------------------------------------------------------------------------
@@ -909,3 +914,20 @@ class OutputReader:
                 self._call_sources[index] = arguments
                 self.calls[index].arguments = arguments
         return out
+
+    def reasoning_open(self) -> bool:
+        """Whether the output so far ends inside a thought (for a thought budget to end it)."""
+        think = self.think or self.family.think
+        if len(think) < 2 or not think[1]:
+            return False
+        opened = bool(self.options.thinking_open) or (bool(think[0]) and self.text.lstrip().startswith(think[0]))
+        return opened and not any(end in self.text for end in think[1:])
+
+    def final(self) -> Parsed:
+        """The whole output read once more as finished, with the ids its calls were given out with."""
+        parsed = parse(self.text, self.family, self.options, self.think, partial=False)
+        for index, call in enumerate(parsed.calls):
+            call.id = self.calls[index].id if index < len(self.calls) else call.id or new_call_id()
+            if not call.arguments.strip():
+                call.arguments = "{}"
+        return parsed

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import string
+from collections.abc import Iterator
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
-
-import hashlib
-import string
-from collections.abc import Iterator
 
 from jinja2 import TemplateSyntaxError, nodes
 from jinja2.ext import Extension, loopcontrols
@@ -221,6 +220,9 @@ def render_chat(
     }
     if tools:
         context["tools"] = tools
+    # FireFunction's template reads the tools as JSON text from `functions` (and needs it even without tools).
+    context.setdefault("functions", json.dumps([t.get("function", t) for t in tools or []], ensure_ascii=False))
+    context.setdefault("datetime", datetime.now().strftime("%b %d %Y"))  # and today's date from `datetime`
     if "length 9" in source:  # Mistral's templates take only 9-character alphanumeric call ids
         context["messages"] = _short_call_ids(context["messages"])
     first: Exception | None = None

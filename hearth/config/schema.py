@@ -161,11 +161,23 @@ class FunctionGrammarConfig(_Open):
 class FunctionConfig(_Open):
     """`function:` — how the model calls tools (LocalAI's block, where it maps)."""
 
-    # hermes, llama3, mistral or json; unset: chosen from the chat template.
-    tool_format: Literal["hermes", "llama3", "mistral", "json"] | None = None
+    # The output family (hermes, qwen3-coder, gpt-oss, deepseek, … see hearth/chat/output.py); unset: chosen from
+    # the chat template.
+    tool_format: str | None = None
     function_name_key: str = Field("name", min_length=1)
     function_arguments_key: str = Field("arguments", min_length=1)
     grammar: FunctionGrammarConfig = Field(default_factory=FunctionGrammarConfig)
+
+
+class ReasoningConfig(_Open):
+    """`reasoning:` — how a thinking model's thoughts are handled (llama-server's flags of the same names)."""
+
+    format: Literal["auto", "none"] = "auto"  # none: thoughts stay in the answer's text
+    budget: int | None = Field(None, ge=0, le=2**31 - 1)  # thought tokens before thinking is ended; 0: no thoughts
+    # The OpenAI chat field(s) thoughts are sent in: llama-server's reasoning_content, vLLM's and Ollama's reasoning.
+    field: Literal["both", "reasoning_content", "reasoning"] = "both"
+    # chat_template_kwargs a request may set beyond enable_thinking and reasoning_effort (which are always allowed).
+    template_kwargs: list[str] = Field(default_factory=list)
 
 
 class ModelConfig(_Open):
@@ -195,6 +207,7 @@ class ModelConfig(_Open):
     stopwords: list[str] = Field(default_factory=list)
     template: TemplateConfig = Field(default_factory=TemplateConfig)
     function: FunctionConfig = Field(default_factory=FunctionConfig)
+    reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
     alias: list[str] = Field(default_factory=list)
     disabled: bool = False
     description: str = ""

@@ -1,59 +1,50 @@
-"""POST /v1/chat/completions: request model, serving logic, route.
+"""POST /v1/chat/completions: OpenAI's request model, its mapping onto `ChatRequest`, and the encoder of chat
+events as OpenAI chunks (streamed) or one chat.completion (whole).
 
-Every OpenAI chat parameter is honoured or refused with a 400 naming it. Tools, `response_format` and LocalAI's
-`grammar` become one GBNF grammar (built here, enforced by llama.cpp's sampler in the runner); the model's text
-is parsed back into `tool_calls` as it streams.
+Every OpenAI chat parameter is honoured or refused with a 400 naming it. The model's thoughts go out as
+`reasoning_content` (llama-server's name) and `reasoning` (vLLM's and Ollama's), or one of them (the model YAML's
+`reasoning.field`).
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from hearth.api.images import ImagePolicy, load_image
 from hearth.api.openai.common import (
     INT32_MAX,
     PROMPT_KEY,
     STOP_KEY,
     USAGE_KEY,
     SamplingRequest,
-    chat_logprobs,
-    merge,
     new_id,
     now,
-    only_completion,
     refuse_unsupported,
     respond,
-    sampling_params,
-    stop_list,
-    timings_dict,
     total_usage,
-    with_seed,
 )
-from hearth.chat.grammar import GrammarBuilder, SchemaNotSupported, strict_schema
-from hearth.chat.template import arguments_object, render_chat
-from hearth.chat.tools import (
-    ToolCallDelta,
-    ToolCallParser,
-    call_text,
-    detect_format,
-    lazy_triggers,
-    system_prompt_for,
-    template_takes_tools,
-    tool_call_grammar,
+from hearth.chat.request import (
+    ChatEvent,
+    ChatRequest,
+    Finished,
+    Reasoning,
+    ReasoningDelta,
+    Started,
+    TextDelta,
+    ToolArgumentsDelta,
+    ToolCallStarted,
 )
-from hearth.config.schema import ModelConfig
+from hearth.chat.serving import chat_events, count_prompt_tokens
 from hearth.engine import Engine
 from hearth.errors import CapabilityNotSupported, InvalidRequest
-from hearth.runner import hearth_pb2 as pb
 
 MAX_TOOLS = 128
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+REASONING_FORMATS = ("auto", "none", "deepseek", "deepseek-legacy", "deepseek_legacy")
 
 
 class TextPart(BaseModel):
@@ -116,6 +107,8 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # a prior turn's thoughts (llama-server's name)
+    reasoning: str | None = None  # the same, as vLLM and Ollama name it
 
 
 class FunctionDefinition(BaseModel):
@@ -157,6 +150,13 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Thinking models (llama-server's and vLLM's fields).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    reasoning_format: str | None = None
+    reasoning_budget: int | None = Field(None, ge=-1, le=INT32_MAX)
+    reasoning_budget_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
+    thinking_budget_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
+    chat_template_kwargs: dict[str, Any] | None = None
     # Accepted because they change nothing about the answer: hints and bookkeeping.
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -167,23 +167,8 @@ class ChatCompletionRequest(SamplingRequest):
     # Refused with a clear message when set to something Hearth cannot do.
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
     web_search_options: dict[str, Any] | None = None
     verbosity: str | None = None
-
-
-@dataclass
-class Plan:
-    """What a request asks of the model, worked out (and checked) before a runner is involved."""
-
-    tools: list[dict[str, Any]] = field(default_factory=list)  # function definitions offered to the model
-    mode: str = "none"  # none, auto, required, or named
-    forced: str | None = None  # the function tool_choice names
-    parallel: bool = True
-    legacy: bool = False  # the request used functions/function_call: answer with function_call
-    fmt: str = "json"
-    grammar: str = ""
-    lazy: bool = False  # the grammar holds only once a call begins
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
@@ -192,9 +177,12 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
         raise InvalidRequest("Hearth does not store completions; leave store unset or false", param="store")
     if request.modalities and any(m != "text" for m in request.modalities):
         raise InvalidRequest("only the 'text' output modality is supported", param="modalities")
-    for name in ("audio", "reasoning_effort", "web_search_options", "verbosity"):
+    for name in ("audio", "web_search_options", "verbosity"):
         if getattr(request, name) is not None:
             raise InvalidRequest(f"'{name}' is not supported by this model", param=name)
+    if request.reasoning_format is not None and request.reasoning_format not in REASONING_FORMATS:
+        raise InvalidRequest(f"reasoning_format '{request.reasoning_format}' is not one of auto, none, deepseek",
+                             param="reasoning_format")
     if request.top_logprobs is not None and not request.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
     if request.tools is not None and request.functions is not None:
@@ -218,163 +206,47 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
                                  param=f"messages[{index}].tool_call_id")
 
 
-def _plan(request: ChatCompletionRequest, config: ModelConfig, template: str) -> Plan:
-    plan = Plan()
-    if request.functions is not None:
-        plan.legacy = True
-        plan.tools = [f.model_dump(exclude_none=True) for f in request.functions]
+def _message(message: ChatMessage) -> dict[str, Any]:
+    item = message.model_dump(exclude_none=True)
+    if message.function_call is not None:  # the legacy shape of a call
+        item.pop("function_call")
+        item["tool_calls"] = [{"id": "", "type": "function", "function": message.function_call.model_dump()}]
+    for call in item.get("tool_calls", []):
+        arguments = call["function"].get("arguments", "")
+        call["function"]["arguments"] = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return item
+
+
+def chat_request(request: ChatCompletionRequest) -> ChatRequest:
+    """The OpenAI request as Hearth's chat request (after the OpenAI-only checks)."""
+    _refuse_unsupported(request)
+    legacy = request.functions is not None
+    if legacy:
+        tools = [f.model_dump(exclude_none=True) for f in request.functions or []]
         choice: Any = request.function_call
         if isinstance(choice, dict):
             choice = {"type": "function", "function": choice}
     else:
-        plan.tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
+        tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
         choice = request.tool_choice
-    names = [t["name"] for t in plan.tools]
-    if len(set(names)) != len(names):
-        raise InvalidRequest("tool names must be unique", param="tools")
-    param = "function_call" if plan.legacy else "tool_choice"
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
-        if not isinstance(name, str):
-            raise InvalidRequest(f"{param} must be 'none', 'auto', 'required' or "
-                                 '{"type": "function", "function": {"name": ...}}', param=param)
-        if name not in names:
-            raise InvalidRequest(f"{param} names function '{name}', which is not among the tools", param=param)
-        plan.mode, plan.forced = "named", name
-    elif choice is not None and choice not in (("none", "auto") if plan.legacy else ("none", "auto", "required")):
-        raise InvalidRequest(f"{param} '{choice}' is not one of " +
-                             ("'none', 'auto' or {\"name\": ...}" if plan.legacy else
-                              "'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}"),
-                             param=param)
-    else:
-        plan.mode = choice or ("auto" if plan.tools else "none")
-    if plan.mode != "none" and not plan.tools:
-        if plan.mode == "auto":
-            plan.mode = "none"
-        else:
-            raise InvalidRequest(f"{param} '{plan.mode}' needs tools to choose from", param=param)
-    plan.parallel = request.parallel_tool_calls is not False and not plan.legacy and plan.mode != "named"
-    plan.fmt = config.function.tool_format or detect_format(template)
-    try:
-        plan.grammar = _grammar(request, config, plan)
-    except RecursionError:
-        param = "response_format" if request.response_format is not None else "tools"
-        raise InvalidRequest("the JSON schema is nested too deeply to build a grammar from it", param=param) from None
-    return plan
-
-
-def _grammar(request: ChatCompletionRequest, config: ModelConfig, plan: Plan) -> str:
-    """The one grammar this request's output must follow (empty for free text)."""
-    builder = GrammarBuilder()
-    content_rule = None
-    response_format = request.response_format
-    if response_format is not None and response_format.type != "text":
-        if request.grammar:
-            raise InvalidRequest("send either grammar or response_format, not both", param="grammar")
-        if response_format.type == "json_object":
-            content_rule = builder.primitive("object")
-        else:
-            schema_format = response_format.json_schema
-            if schema_format is None:
-                raise InvalidRequest("response_format of type 'json_schema' needs a 'json_schema' object",
-                                     param="response_format.json_schema")
-            schema = schema_format.schema_ if schema_format.schema_ is not None else {"type": "object"}
-            try:
-                content_rule = builder.schema(strict_schema(schema) if schema_format.strict else schema, "response")
-            except SchemaNotSupported as exc:
-                raise InvalidRequest(str(exc), param="response_format.json_schema.schema") from None
-    if config.function.grammar.disable:
-        return request.grammar or (builder.render(content_rule) if content_rule is not None else "")
-    forced = plan.mode in ("required", "named")
-    if forced or plan.mode == "auto":
-        if request.grammar:
-            raise InvalidRequest("a grammar cannot be combined with tools", param="grammar")
-        param = "functions" if plan.legacy else "tools"
-        for index, tool in enumerate(plan.tools):  # check each alone, so the error can say which one
-            try:
-                GrammarBuilder().schema(tool.get("parameters") or {"type": "object"}, "arguments")
-            except SchemaNotSupported as exc:
-                if plan.mode == "auto" and content_rule is None:
-                    return ""  # calls are still parsed; only forced calls must be constrained
-                where = f"{param}[{index}].parameters" if plan.legacy else f"{param}[{index}].function.parameters"
-                raise InvalidRequest(f"function '{tool['name']}': {exc}", param=where) from None
-        tools = [t for t in plan.tools if plan.forced in (None, t["name"])]
-        # tool_choice auto: free text until a call begins, then the call follows its schema (a lazy grammar);
-        # with a response_format the content has a grammar too, so the whole output does.
-        plan.lazy = plan.mode == "auto" and content_rule is None
-        return tool_call_grammar(plan.fmt, tools, plan.parallel,
-                                 content_rule=content_rule if plan.mode == "auto" else None, builder=builder,
-                                 name_key=config.function.function_name_key, arguments_key=_arguments_key(config),
-                                 lazy=plan.lazy)
-    if content_rule is not None:
-        return builder.render(content_rule)
-    return request.grammar or ""
-
-
-def _arguments_key(config: ModelConfig) -> str | None:
-    key = config.function.function_arguments_key
-    return None if key == "arguments" else key
-
-
-def _template_messages(request: ChatCompletionRequest, plan: Plan, native: bool) -> list[dict[str, Any]]:
-    """The conversation as the template gets it; calls and results are spelled out when it has no tool support."""
-    messages = []
-    names_by_id: dict[str, str] = {}
-    for message in request.messages:
-        item = message.model_dump(exclude_none=True)
-        if item["role"] == "developer":
-            item["role"] = "system"  # OpenAI's newer name; chat templates know "system"
-        if message.function_call is not None:  # the legacy shape of a call
-            item.pop("function_call")
-            item["tool_calls"] = [{"id": "", "type": "function", "function": message.function_call.model_dump()}]
-        if item["role"] == "function":
-            item["role"] = "tool"
-        for call in item.get("tool_calls", []):
-            names_by_id[call.get("id", "")] = call["function"]["name"]
-        if not native:
-            if item.get("tool_calls"):
-                calls = [{"name": c["function"]["name"], "arguments": arguments_object(c["function"]["arguments"])}
-                         for c in item.pop("tool_calls")]
-                text = item.get("content") if isinstance(item.get("content"), str) else ""
-                item["content"] = "\n".join(x for x in (text, call_text(plan.fmt, calls)) if x)
-            if item["role"] == "tool":
-                name = item.get("name") or names_by_id.get(item.get("tool_call_id", ""), "the function")
-                content = item.get("content")
-                text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content or [])
-                item = {"role": "user", "content": f"Result of {name}: {text}"}
-        messages.append(item)
-    if plan.mode != "none" and not native:
-        instructions = system_prompt_for(plan.tools, plan.parallel)
-        if messages and messages[0]["role"] == "system" and isinstance(messages[0].get("content"), str):
-            messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + instructions}
-        else:
-            messages.insert(0, {"role": "system", "content": instructions})
-    return messages
-
-
-def _image_urls(request: ChatCompletionRequest) -> list[tuple[str, str]]:
-    """(url, param) of every image part, in conversation order."""
-    found = []
-    for index, message in enumerate(request.messages):
-        if isinstance(message.content, list):
-            for number, part in enumerate(message.content):
-                if isinstance(part, ImagePart):
-                    found.append((part.image_url.url, f"messages[{index}].content[{number}].image_url.url"))
-    return found
-
-
-async def _images(request: ChatCompletionRequest, engine: Engine, capabilities: list[str]) -> list[bytes]:
-    """The request's images, loaded before the runner sees anything; a 400 if the model takes none."""
-    urls = _image_urls(request)
-    if not urls:
-        return []
-    if "vision" not in capabilities:
-        takes = sorted(c.name for c in engine.registry.models() if "vision" in c.usecases)
-        where = (f"; installed models that do: {', '.join(takes)}" if takes else
-                 "; no installed model takes images (a vision-language model is needed)")
-        raise CapabilityNotSupported(f"model '{request.model}' does not accept images{where}", param="messages")
-    policy = ImagePolicy.from_settings(engine.settings)
-    return list(await asyncio.gather(*(load_image(url, policy, param) for url, param in urls)))
+    budget = next((b for b in (request.reasoning_budget_tokens, request.thinking_budget_tokens,
+                               request.reasoning_budget) if b is not None), None)
+    split = None if request.reasoning_format is None else request.reasoning_format != "none"
+    sampling = {name: getattr(request, name) for name in (
+        "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repeat_penalty",
+        "typical_p", "repeat_last_n", "logit_bias", "stop", "grammar")}
+    return ChatRequest(
+        model=request.model, messages=[_message(m) for m in request.messages], tools=tools, tool_choice=choice,
+        parallel_tool_calls=request.parallel_tool_calls, legacy_functions=legacy,
+        response_format=request.response_format.model_dump(by_alias=True, exclude_none=True)
+        if request.response_format else None,
+        reasoning=Reasoning(effort=request.reasoning_effort, budget=None if budget is None or budget < 0 else budget,
+                            split=split),
+        template_kwargs=dict(request.chat_template_kwargs or {}),
+        max_tokens=request.max_completion_tokens or request.max_tokens, n=request.n or 1,
+        logprobs=bool(request.logprobs), top_logprobs=request.top_logprobs, ignore_eos=request.ignore_eos,
+        params={"tool_choice": "function_call" if legacy else "tool_choice",
+                "tools": "functions" if legacy else "tools"}, **sampling)
 
 
 def _chunk(request_id: str, created: int, model: str, index: int, delta: dict[str, Any],
@@ -393,175 +265,101 @@ def _chunk(request_id: str, created: int, model: str, index: int, delta: dict[st
     }
 
 
-def _call_delta(item: ToolCallDelta, legacy: bool) -> dict[str, Any]:
-    if legacy:
-        function = {"name": item.name, "arguments": ""} if item.name else {"arguments": item.arguments}
-        return {"function_call": function}
-    if item.name:
-        return {"tool_calls": [{"index": item.index, "id": item.id, "type": "function",
-                                "function": {"name": item.name, "arguments": item.arguments}}]}
-    return {"tool_calls": [{"index": item.index, "function": {"arguments": item.arguments}}]}
-
-
-async def prepare(request: ChatCompletionRequest, engine: Engine, config: ModelConfig,
-                  runner: Any) -> tuple[str, Plan, list[bytes]]:
-    """The rendered prompt, the tool/format plan and the loaded images of a chat request, for a ready runner."""
-    info = runner.info
-    assert info is not None
-    template = config.template.chat or info.chat_template
-    if not template:
-        raise CapabilityNotSupported(
-            f"model '{request.model}' has no chat template, so it cannot chat; use /v1/completions with a "
-            f"prompt, or set template.chat (Jinja) in its YAML ({config.source_file})", param="model")
-    plan = _plan(request, config, template)
-    images = await _images(request, engine, list(info.capabilities))
-    native = template_takes_tools(template)
-    tools = [{"type": "function", "function": t} for t in plan.tools] if native and plan.mode != "none" else None
-    prompt = render_chat(template, _template_messages(request, plan, native), bos_token=info.bos_token,
-                         eos_token=info.eos_token, strip_bos=info.add_bos, tools=tools,
-                         keep_parts="vision" in info.capabilities,
-                         media_marker=info.metadata.get("media_marker", "") if images else "")
-    return prompt, plan, images
-
-
-async def count_prompt_tokens(request: ChatCompletionRequest, engine: Engine) -> int:
-    """How many tokens the chat request's prompt is, as the model reads it (template and tools included)."""
-    _refuse_unsupported(request)
-    config = engine.model(request.model)
-    async with engine.runner(config, "generate") as runner:
-        prompt = (await prepare(request, engine, config, runner))[0]
-        tokens = await runner.call("tokenize", prompt, add_special=True, parse_special=True)
-    return len(tokens)
+def _reasoning_fields(text: str, which: str) -> dict[str, str]:
+    return {name: text for name in ("reasoning_content", "reasoning") if which in ("both", name)}
 
 
 async def chat_completion_events(request: ChatCompletionRequest, engine: Engine) -> AsyncIterator[dict[str, Any]]:
     """The chat completion as OpenAI stream chunks; the first arrives only once generation has begun."""
-    _refuse_unsupported(request)
-    config = engine.model(request.model)
-    stops = stop_list(request, config)
-    sampling = sampling_params(request, config)
-    max_tokens = request.max_completion_tokens or request.max_tokens or config.parameters.max_tokens or 0
-    n = request.n or 1
+    chat = chat_request(request)
+    which = engine.model(request.model).reasoning.field
     request_id, created = new_id("chatcmpl"), now()
+    legacy = chat.legacy_functions
 
-    async with engine.runner(config, "generate") as runner:
-        prompt, plan, images = await prepare(request, engine, config, runner)
-        sampling.grammar = plan.grammar
-        if plan.lazy:
-            sampling.grammar_triggers.extend(lazy_triggers(plan.fmt, [t["name"] for t in plan.tools],
-                                                           config.function.function_name_key))
-        if plan.grammar and request.ignore_eos:
-            raise InvalidRequest("ignore_eos cannot be combined with a grammar, tools or response_format",
-                                 param="ignore_eos")
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None,
+              logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return _chunk(request_id, created, request.model, index, delta, finish, logprobs)
 
-        async def choice(index: int) -> AsyncIterator[dict[str, Any]]:
-            generate = pb.GenerateRequest(
-                prompt=prompt, parse_special=True, add_special=True, max_tokens=max_tokens, stop=stops,
-                sampling=with_seed(sampling, index), request_id=request_id, ignore_eos=request.ignore_eos,
-                logprobs=bool(request.logprobs), top_logprobs=request.top_logprobs or 0, images=images)
-            parser = None
-            if plan.mode != "none":
-                parser = ToolCallParser(names={t["name"] for t in plan.tools}, parallel=plan.parallel,
-                                        name_key=config.function.function_name_key,
-                                        arguments_key=config.function.function_arguments_key)
+    event: ChatEvent
+    async for event in chat_events(chat, engine):
+        if isinstance(event, Started):
+            opening = chunk(event.choice, {"role": "assistant", "content": ""})
+            if event.prompt is not None:
+                opening[PROMPT_KEY] = event.prompt
+            yield opening
+        elif isinstance(event, TextDelta):
+            yield chunk(event.choice, {"content": event.text} if event.text else {}, logprobs=event.logprobs)
+        elif isinstance(event, ReasoningDelta):
+            yield chunk(event.choice, _reasoning_fields(event.text, which))
+        elif isinstance(event, ToolCallStarted):
+            if legacy:
+                yield chunk(event.choice, {"function_call": {"name": event.name, "arguments": ""}})
+            else:
+                yield chunk(event.choice, {"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                                           "function": {"name": event.name, "arguments": ""}}]})
+        elif isinstance(event, ToolArgumentsDelta):
+            if legacy:
+                yield chunk(event.choice, {"function_call": {"arguments": event.text}})
+            else:
+                yield chunk(event.choice, {"tool_calls": [{"index": event.index,
+                                                           "function": {"arguments": event.text}}]})
+        elif isinstance(event, Finished):
+            reason = "function_call" if legacy and event.reason == "tool_calls" else event.reason
+            final = chunk(event.choice, {}, reason)
+            final["timings"] = event.timings
+            final[USAGE_KEY] = event.usage
+            final[STOP_KEY] = event.stop_sequence
+            final[FINISHED_KEY] = event
+            yield final
 
-            def chunk(delta: dict[str, Any], finish: str | None = None,
-                      logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-                return _chunk(request_id, created, request.model, index, delta, finish, logprobs)
 
-            def deltas(events: list[Any]) -> list[dict[str, Any]]:
-                return [{"content": e} if isinstance(e, str) else _call_delta(e, plan.legacy) for e in events]
+FINISHED_KEY = "_finished"  # the Finished event on a choice's last chunk, for the whole response
 
-            first = True
-            async for reply in runner.generate(generate):
-                if first:
-                    opening = chunk({"role": "assistant", "content": ""})
-                    if reply.HasField("usage") and not reply.finish_reason:
-                        opening[PROMPT_KEY] = reply.usage
-                    yield opening
-                    first = False
-                out = []
-                if reply.text:
-                    out = deltas(parser.feed(reply.text)) if parser else [{"content": reply.text}]
-                # A token's logprob rides on the first chunk of its step (text may be held back, e.g. a stop
-                # string's start or a call's markup, and arrive later or never).
-                logprobs = chat_logprobs(reply.logprobs) if request.logprobs and reply.logprobs else None
-                if logprobs and not out:
-                    out = [{}]
-                for i, delta in enumerate(out):
-                    yield chunk(delta, logprobs=logprobs if i == 0 else None)
-                if reply.finish_reason:
-                    for delta in deltas(parser.close()) if parser else []:
-                        yield chunk(delta)
-                    finish = reply.finish_reason
-                    if parser is not None and parser.calls and finish == "stop":
-                        finish = "function_call" if plan.legacy else "tool_calls"
-                    final = chunk({}, finish)
-                    final["timings"] = timings_dict(reply.timings)
-                    final[USAGE_KEY] = reply.usage if index == 0 else only_completion(reply.usage)
-                    final[STOP_KEY] = reply.stop_sequence
-                    yield final
 
-        if n == 1:
-            async for item in choice(0):
-                yield item
-        else:
-            async for item in merge([choice(i) for i in range(n)]):
-                yield item
+def _message_of(event: Finished, legacy: bool, which: str) -> dict[str, Any]:
+    message = event.message
+    calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+             for c in message.tool_calls]
+    result: dict[str, Any] = {"role": "assistant", "content": message.content or None if calls else message.content,
+                              "refusal": None}
+    if message.reasoning:
+        result.update(_reasoning_fields(message.reasoning, which))
+    if calls and legacy:
+        result["function_call"] = calls[0]["function"]
+    elif calls:
+        result["tool_calls"] = calls
+    return result
 
 
 async def create_chat_completion(request: ChatCompletionRequest, engine: Engine) -> dict[str, Any]:
-    """The whole (non-streaming) chat completion response, assembled from the same chunks a stream gets."""
-    choices: dict[int, dict[str, Any]] = {}
+    """The whole (non-streaming) chat completion response, from each choice's Finished event."""
     finals: list[dict[str, Any]] = []
-    request_id, created, timings = "", 0, None
-    legacy = request.functions is not None
+    request_id, created = "", 0
     async for chunk in chat_completion_events(request, engine):
         request_id, created = chunk["id"], chunk["created"]
-        item = chunk["choices"][0]
-        state = choices.setdefault(item["index"], {"content": [], "calls": [], "logprobs": [], "finish": "stop"})
-        delta = item["delta"]
-        state["content"].append(delta.get("content") or "")
-        for call in delta.get("tool_calls", []):
-            if "id" in call:
-                state["calls"].append({"id": call["id"], "type": "function",
-                                       "function": {"name": call["function"]["name"], "arguments": ""}})
-            state["calls"][call["index"]]["function"]["arguments"] += call["function"]["arguments"]
-        if "function_call" in delta:
-            if "name" in delta["function_call"]:
-                state["calls"].append({"function": {"name": delta["function_call"]["name"], "arguments": ""}})
-            state["calls"][-1]["function"]["arguments"] += delta["function_call"]["arguments"]
-        if item["logprobs"] is not None:
-            state["logprobs"].extend(item["logprobs"]["content"])
-        if item["finish_reason"]:
-            state["finish"] = item["finish_reason"]
+        if FINISHED_KEY in chunk:
             finals.append(chunk)
-            timings = chunk["timings"]
-
-    def message(state: dict[str, Any]) -> dict[str, Any]:
-        content = "".join(state["content"])
-        result: dict[str, Any] = {"role": "assistant", "content": content or None if state["calls"] else content,
-                                  "refusal": None}
-        if state["calls"] and legacy:
-            result["function_call"] = state["calls"][0]["function"]
-        elif state["calls"]:
-            result["tool_calls"] = state["calls"]
-        return result
-
+    finals.sort(key=lambda c: c[FINISHED_KEY].choice)
+    which = engine.model(request.model).reasoning.field
+    legacy = request.functions is not None
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": created,
         "model": request.model,
         "choices": [{
-            "index": index,
-            "message": message(state),
-            "logprobs": {"content": state["logprobs"], "refusal": None} if request.logprobs else None,
-            "finish_reason": state["finish"],
-        } for index, state in sorted(choices.items())],
+            "index": c[FINISHED_KEY].choice,
+            "message": _message_of(c[FINISHED_KEY], legacy, which),
+            "logprobs": {"content": c[FINISHED_KEY].message.logprobs, "refusal": None} if request.logprobs else None,
+            "finish_reason": c["choices"][0]["finish_reason"],
+        } for c in finals],
         "usage": total_usage(finals),
-        "timings": timings,
+        "timings": finals[-1]["timings"] if finals else None,
     }
+
+
+async def count_tokens(request: ChatCompletionRequest, engine: Engine) -> int:
+    return await count_prompt_tokens(chat_request(request), engine)
 
 
 router = APIRouter()

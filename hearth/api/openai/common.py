@@ -183,29 +183,15 @@ def only_completion(usage: pb.Usage) -> pb.Usage:
     return pb.Usage(completion_tokens=usage.completion_tokens)
 
 
-def chat_logprobs(entries: Any) -> list[dict[str, Any]]:
-    """Runner logprobs in chat's `logprobs.content` shape."""
-    return [{
-        "token": e.text,
-        "logprob": e.logprob,
-        "bytes": list(e.bytes),
-        "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.bytes)} for t in e.top],
-    } for e in entries]
-
-
-def usage_dict(usage: pb.Usage) -> dict[str, Any]:
+def usage_dict(usage: Any) -> dict[str, Any]:
+    """OpenAI's usage from a runner's pb.Usage or a chat Usage (which also counts thought tokens)."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": getattr(usage, "reasoning_tokens", 0)},
     }
-
-
-def add_usage(total: pb.Usage, more: pb.Usage) -> None:
-    total.prompt_tokens += more.prompt_tokens
-    total.completion_tokens += more.completion_tokens
-    total.cached_tokens += more.cached_tokens
 
 
 def timings_dict(timings: pb.Timings) -> dict[str, Any]:
@@ -230,9 +216,13 @@ STOP_KEY = "_stop_sequence"  # and the stop string that ended it, if one did (fo
 
 def total_usage(finals: list[dict[str, Any]]) -> dict[str, Any]:
     """Usage summed over the last chunk of every choice."""
-    total = pb.Usage()
+    from hearth.chat.request import Usage
+
+    total = Usage()
     for chunk in finals:
-        add_usage(total, chunk[USAGE_KEY])
+        more = chunk[USAGE_KEY]
+        total.add(Usage(more.prompt_tokens, more.completion_tokens, more.cached_tokens,
+                        getattr(more, "reasoning_tokens", 0)))
     return usage_dict(total)
 
 
@@ -244,8 +234,8 @@ async def public_stream(events: AsyncIterator[dict[str, Any]], include_usage: bo
         async for chunk in events:
             if USAGE_KEY in chunk:
                 finals.append(chunk)
-            if USAGE_KEY in chunk or PROMPT_KEY in chunk:
-                chunk = {key: value for key, value in chunk.items() if key not in (USAGE_KEY, STOP_KEY, PROMPT_KEY)}
+            if any(key.startswith("_") for key in chunk):  # the serving layer's own keys (USAGE_KEY, …)
+                chunk = {key: value for key, value in chunk.items() if not key.startswith("_")}
             if include_usage:
                 chunk["usage"] = None
             last = chunk

@@ -1,7 +1,8 @@
-"""OpenAI's Responses API over the same models: a thin adapter onto the chat serving code.
+"""OpenAI's Responses API over the same models: its request mapped onto `ChatRequest`, chat events encoded as
+Responses events (reasoning items with `response.reasoning_text.delta`, messages, function calls).
 
 POST /v1/responses (string or item input with input_text / input_image, instructions, function tools, text.format,
-streaming events with sequence numbers, previous_response_id), GET and DELETE /v1/responses/{id}. Responses are
+reasoning.effort, streaming events with sequence numbers, previous_response_id), GET and DELETE /v1/responses/{id}. Responses are
 kept in memory for `responses_ttl_minutes` so a conversation can continue from one, the oldest forgotten first
 beyond `responses_max_stored` of them or `responses_max_bytes` of conversation.
 """
@@ -20,9 +21,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from hearth.api.openai.chat import ChatCompletionRequest, chat_completion_events
-from hearth.api.openai.common import USAGE_KEY, refuse_unknown
+from hearth.api.openai.common import SamplingRequest, refuse_unknown
 from hearth.api.streaming import SSE_HEADERS, primed
+from hearth.chat.request import (
+    ChatRequest,
+    Finished,
+    Reasoning,
+    ReasoningDelta,
+    TextDelta,
+    ToolArgumentsDelta,
+    ToolCallStarted,
+)
+from hearth.chat.serving import chat_events
 from hearth.engine import Engine
 from hearth.errors import HearthError, InvalidRequest, NotFound
 
@@ -46,6 +56,7 @@ class ResponsesBody(BaseModel):
     store: bool = True
     metadata: dict[str, str] | None = None
     user: str | None = None
+    reasoning: dict[str, Any] | None = None  # {"effort": "none" | "minimal" | "low" | "medium" | "high"}
 
 
 @dataclass
@@ -113,6 +124,10 @@ def chat_messages(body: ResponsesBody) -> list[dict[str, Any]]:
             messages.append({"role": "assistant", "content": None, "tool_calls": [{
                 "id": item.get("call_id", ""), "type": "function",
                 "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "{}")}}]})
+        elif kind == "reasoning":  # an earlier turn's thoughts, given back
+            text = "".join(str(p.get("text", "")) for p in item.get("content") or item.get("summary") or []
+                           if isinstance(p, dict))
+            messages.append({"role": "assistant", "content": None, "reasoning_content": text})
         elif kind == "function_call_output":
             output = item.get("output", "")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id", "") or "call",
@@ -122,7 +137,7 @@ def chat_messages(body: ResponsesBody) -> list[dict[str, Any]]:
     return messages
 
 
-def _chat_request(body: ResponsesBody, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
+def _chat_request(body: ResponsesBody, messages: list[dict[str, Any]]) -> ChatRequest:
     extra: dict[str, Any] = {}
     if body.tools:
         tools = []
@@ -130,8 +145,7 @@ def _chat_request(body: ResponsesBody, messages: list[dict[str, Any]]) -> ChatCo
             if tool.get("type") != "function":
                 raise InvalidRequest(f"tools[{index}]: only function tools are supported, not '{tool.get('type')}'",
                                      param=f"tools[{index}].type")
-            function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
-            tools.append({"type": "function", "function": function})
+            tools.append({k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool})
         extra["tools"] = tools
         choice = body.tool_choice
         if isinstance(choice, dict) and choice.get("type") == "function":
@@ -152,7 +166,27 @@ def _chat_request(body: ResponsesBody, messages: list[dict[str, Any]]) -> ChatCo
             extra[name] = getattr(body, name)
     if body.max_output_tokens:
         extra["max_tokens"] = body.max_output_tokens
-    return ChatCompletionRequest(model=body.model, messages=messages, **extra)
+    SamplingRequest(model=body.model, **{k: extra[k] for k in ("temperature", "top_p") if k in extra})
+    effort = (body.reasoning or {}).get("effort")
+    if effort is not None and effort not in ("none", "minimal", "low", "medium", "high"):
+        raise InvalidRequest(f"reasoning.effort '{effort}' is not one of none, minimal, low, medium, high",
+                             param="reasoning.effort")
+    return ChatRequest(model=body.model, messages=_merge_thoughts(messages), reasoning=Reasoning(effort=effort),
+                       params={"response_format": "text.format"}, **extra)
+
+
+def _merge_thoughts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A reasoning item given back goes with the assistant turn that follows it, as templates expect."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        previous = out[-1] if out else None
+        if previous is not None and previous["role"] == "assistant" and set(previous) == {"role", "content",
+                                                                                        "reasoning_content"} \
+                and previous["content"] is None and message["role"] == "assistant":
+            out[-1] = {**message, "reasoning_content": previous["reasoning_content"]}
+        else:
+            out.append(message)
+    return out
 
 
 def _shell(response_id: str, body: ResponsesBody, status: str) -> dict[str, Any]:
@@ -183,39 +217,56 @@ async def _events(body: ResponsesBody, request: Request) -> AsyncIterator[tuple[
     yield "response.created", {"response": dict(response)}
     yield "response.in_progress", {"response": dict(response)}
     text_item: dict[str, Any] | None = None
+    thought_item: dict[str, Any] | None = None
     calls: dict[int, dict[str, Any]] = {}
     outputs: list[dict[str, Any]] = []
-    async for chunk in chat_completion_events(_chat_request(body, messages), engine):
-        choice = chunk["choices"][0]
-        delta = choice["delta"]
-        if delta.get("content"):
+
+    def add(item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        outputs.append(item)
+        return "response.output_item.added", {"output_index": len(outputs) - 1, "item": dict(item)}
+
+    async for event in chat_events(_chat_request(body, messages), engine):
+        if isinstance(event, ReasoningDelta):
+            if thought_item is None:
+                thought_item = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "summary": [],
+                                "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
+                yield add(thought_item)
+            thought_item["content"][0]["text"] += event.text
+            yield "response.reasoning_text.delta", {"item_id": thought_item["id"],
+                                                    "output_index": outputs.index(thought_item), "content_index": 0,
+                                                    "delta": event.text}
+        elif isinstance(event, TextDelta) and event.text:
             if text_item is None:
                 text_item = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": "in_progress",
                              "role": "assistant", "content": []}
-                outputs.append(text_item)
-                yield "response.output_item.added", {"output_index": len(outputs) - 1, "item": dict(text_item)}
+                yield add(text_item)
                 part = {"type": "output_text", "text": "", "annotations": []}
                 text_item["content"].append(part)
                 yield "response.content_part.added", {"item_id": text_item["id"], "output_index": len(outputs) - 1,
                                                       "content_index": 0, "part": dict(part)}
-            text_item["content"][0]["text"] += delta["content"]
+            text_item["content"][0]["text"] += event.text
             yield "response.output_text.delta", {"item_id": text_item["id"], "output_index": outputs.index(text_item),
-                                                 "content_index": 0, "delta": delta["content"]}
-        for call in delta.get("tool_calls", []):
-            if "id" in call:
-                item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": call["id"],
-                        "name": call["function"]["name"], "arguments": "", "status": "in_progress"}
-                calls[call["index"]] = item
-                outputs.append(item)
-                yield "response.output_item.added", {"output_index": len(outputs) - 1, "item": dict(item)}
-            item = calls[call["index"]]
-            if call["function"].get("arguments"):
-                item["arguments"] += call["function"]["arguments"]
-                yield "response.function_call_arguments.delta", {"item_id": item["id"],
-                                                                 "output_index": outputs.index(item),
-                                                                 "delta": call["function"]["arguments"]}
-        if choice["finish_reason"]:
-            usage = chunk[USAGE_KEY]
+                                                 "content_index": 0, "delta": event.text}
+        elif isinstance(event, ToolCallStarted):
+            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": event.id,
+                    "name": event.name, "arguments": "", "status": "in_progress"}
+            calls[event.index] = item
+            yield add(item)
+        elif isinstance(event, ToolArgumentsDelta):
+            item = calls[event.index]
+            yield "response.function_call_arguments.delta", {"item_id": item["id"], "output_index": outputs.index(item),
+                                                             "delta": event.text}
+        elif isinstance(event, Finished):
+            said = event.message
+            usage = event.usage
+            # The whole answer, as read once at the end, is what the done events and the stored response hold.
+            if thought_item is not None:
+                thought_item["content"][0]["text"] = said.reasoning
+            if text_item is not None:
+                text_item["content"][0]["text"] = said.content
+            for index, call in enumerate(said.tool_calls):
+                if index in calls:
+                    calls[index]["arguments"] = call.arguments
             for index, item in enumerate(outputs):
                 item["status"] = "completed"
                 if item["type"] == "message":
@@ -224,27 +275,30 @@ async def _events(body: ResponsesBody, request: Request) -> AsyncIterator[tuple[
                                                         "content_index": 0, "text": text}
                     yield "response.content_part.done", {"item_id": item["id"], "output_index": index,
                                                          "content_index": 0, "part": item["content"][0]}
+                elif item["type"] == "reasoning":
+                    yield "response.reasoning_text.done", {"item_id": item["id"], "output_index": index,
+                                                           "content_index": 0, "text": item["content"][0]["text"]}
                 else:
                     yield "response.function_call_arguments.done", {"item_id": item["id"], "output_index": index,
                                                                     "arguments": item["arguments"]}
                 yield "response.output_item.done", {"output_index": index, "item": item}
-            incomplete = choice["finish_reason"] == "length"
+            incomplete = event.reason == "length"
             response.update(
                 status="incomplete" if incomplete else "completed", output=outputs,
                 incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
                 usage={"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
                        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
                        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
-                       "output_tokens_details": {"reasoning_tokens": 0}})
+                       "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}})
             if body.store:
-                said: list[dict[str, Any]] = []
-                if text_item is not None:
-                    said.append({"role": "assistant", "content": text_item["content"][0]["text"]})
-                if calls:
-                    said.append({"role": "assistant", "content": None, "tool_calls": [
-                        {"id": c["call_id"], "type": "function",
-                         "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls.values()]})
-                kept = messages + said
+                turn: dict[str, Any] = {"role": "assistant", "content": said.content or None}
+                if said.reasoning:
+                    turn["reasoning_content"] = said.reasoning
+                if said.tool_calls:
+                    turn["tool_calls"] = [{"id": c.id, "type": "function",
+                                           "function": {"name": c.name, "arguments": c.arguments}}
+                                          for c in said.tool_calls]
+                kept = [*messages, turn]
                 size = len(json.dumps(kept)) + len(json.dumps(response))
                 if size <= engine.settings.responses_max_bytes:  # larger than the whole budget: not kept at all
                     store[response_id] = Stored(response=response, messages=kept, at=time.time(), size=size)
