@@ -72,6 +72,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path, files: 
     write_yaml(models, "tiny-sd", {"name": "tiny-sd", "backend": "diffusers", "parameters": {"model": "tiny-sd"},
                                    "step": 2})
     write_yaml(models, "fake-chat", {"name": "fake-chat", "backend": "fake"})
+    qwen3 = (Path(__file__).parent / "data" / "llama-chat" / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
+    write_yaml(models, "fake-thinker", {"name": "fake-thinker", "backend": "fake", "fake": {
+        "chat_template": qwen3, "reply": "<think>\nThe user says hello.\n</think>\n\nHello **there**!"}})
     write_yaml(models, "fake-short", {"name": "fake-short", "backend": "fake", "context_size": 200})
     build_tiny_llava(models / "tiny-llava")
     write_yaml(models, "tiny-llava", {"name": "tiny-llava", "backend": "transformers",
@@ -119,6 +122,21 @@ def test_chat_streams_an_answer_from_smollm2(page: Page) -> None:
     # The conversation survives a reload (local storage).
     page.reload()
     expect(page.locator(".msg.assistant .md").last).to_have_text(answer.locator(".md").inner_text())
+
+
+def test_a_thinking_models_thoughts_fold_away_above_its_answer(page: Page) -> None:
+    page.select_option("#chat-model", "fake-thinker")
+    page.fill("#chat-temperature", "0")  # the fake backend's fixed reply is its greedy one
+    page.fill("#chat-input", "hello")
+    page.click("#chat-send")
+    answer = page.locator(".msg.assistant").last
+    expect(answer.locator(".meta")).to_contain_text("tokens", timeout=30_000)
+    expect(answer.locator(".md")).to_have_text("Hello there!")
+    expect(answer.locator(".thoughts")).to_be_visible()
+    expect(answer.locator(".thoughts .thinking")).to_be_hidden()  # folded until opened
+    answer.locator(".thoughts summary").click()
+    expect(answer.locator(".thoughts .thinking")).to_have_text("The user says hello.")
+    shot(page, "chat-thoughts")
 
 
 def test_chat_renders_markdown_and_escapes_html(page: Page) -> None:

@@ -48,29 +48,26 @@ class Options:
 # -- JSON helpers ------------------------------------------------------------------------------------------
 
 
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]"]')  # (a string's body unrolled: no backtracking)
+
+
 def json_end(text: str, start: int = 0) -> int | None:
-    """The index just past the JSON value (object, array or string) opening at `start`, or None if it is cut off."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-                if depth == 0:
-                    return i + 1
-            continue
-        if ch == '"':
-            in_string = True
-        elif ch in "{[":
+    """The index just past the JSON value (object, array or string) opening at `start`, or None if it is cut off.
+    (A regex steps over strings whole: output is re-read at every step of a stream, so this must be quick.)"""
+    depth = 0
+    for match in _JSON_TOKEN.finditer(text, start):
+        token = match.group()
+        if token[0] == '"':
+            if len(token) == 1:
+                return None  # a string that is not closed yet
+            if depth == 0:
+                return match.end()
+        elif token in "{[":
             depth += 1
-        elif ch in "}]":
+        else:
             depth -= 1
             if depth <= 0:
-                return i + 1
+                return match.end()
     return None
 
 
@@ -316,8 +313,10 @@ class NamedCalls(CallSyntax):
     def find(self, text: str, at: int, said: bool) -> int | None:
         if self.first_call_bare and not said and at == 0:
             match = self._name.match(text)
-            if match and text[match.end():match.end() + 1] in ("{", "["):
+            if match and text[match.end():match.end() + 1] in ("{", "[", ""):
                 return 0
+            if re.fullmatch(r"[A-Za-z0-9_.\-]+\n?", text):
+                return 0  # perhaps a function's name, its arguments not written yet
         return super().find(text, at, said)
 
     def read(self, text: str, start: int, options: Options, partial: bool) -> tuple[list[Call], int, bool] | None:
@@ -349,7 +348,9 @@ class NamedCalls(CallSyntax):
             if end is None:
                 if not partial:
                     return None
-                calls.append(Call(name, text[lead:].rstrip(), ident or ""))
+                # Arguments not begun yet (the name's pattern may still grow, as DeepSeek's "\n```json"): none.
+                written = text[lead:].rstrip() if text[lead:lead + 1] in "{[" else ""
+                calls.append(Call(name, written, ident or ""))
                 return calls, len(text), False
             calls.append(Call(name, text[lead:end], ident or ""))
             pos = end
@@ -617,7 +618,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("glm", ("<think>", "</think>"),
            XmlCalls(section="", function=r"<tool_call>\s*([^<\n]+?)\s*(?=<arg_key>|</tool_call>|\n)",
                     function_end="</tool_call>", parameter=r"<arg_key>([^<]*)</arg_key>\s*<arg_value>",
-                    parameter_end="</arg_value>", strip_values=False)),
+                    parameter_end="</arg_value>", strip_values=False), unwrap=("<|role_end|>",)),
     Family("minimax-m2", ("<think>", "</think>"),
            XmlCalls(section="<minimax:tool_call>", section_end="</minimax:tool_call>",
                     function=r'<invoke name="([^"]+)">', function_end="</invoke>",
@@ -648,7 +649,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("command-r7b", ("<|START_THINKING|>", "<|END_THINKING|>"),
            JsonCalls(openers=("<|START_ACTION|>",), closers=("<|END_ACTION|>",)),
            unwrap=("<|START_RESPONSE|>", "<|END_RESPONSE|>", "<|START_TEXT|>", "<|END_TEXT|>")),
-    Family("command-r-plus", (), JsonCalls(openers=("Action:\n```json",), closers=("```",))),
+    Family("command-r-plus", (), JsonCalls(openers=("Action:\n```json",), closers=("```",)),
+           unwrap=("<|CHATBOT_TOKEN|>", "<|END_OF_TURN_TOKEN|>")),
     Family("lfm2", ("<think>", "</think>"), PythonicCalls()),
     Family("apertus", ("<|inner_prefix|>", "<|inner_suffix|>"),
            JsonCalls(openers=("<|tools_prefix|>",), closers=("<|tools_suffix|>",))),
@@ -768,8 +770,12 @@ def parse(text: str, family: Family, options: Options, think: tuple[str, ...] = 
             rest = lead[len(next(c for c in closers if lead.startswith(c))):]  # an empty thought, opener unsaid
         if inside:
             ends = [(i, m) for m in closers if (i := rest.find(m)) >= 0]
-            if family.calls is not None and options.tools:  # a call ends a thought left open
+            if not ends and family.calls is not None and options.tools:  # a call ends a thought never closed
                 begins = family.calls.find(rest, 0, True)
+                if begins is not None and partial:
+                    # A call written while thinking is thought if the thought closes later: wait to know.
+                    result.reasoning = rest[:begins].strip()
+                    return result
                 if begins is not None:
                     ends.append((begins, ""))
             if ends:

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hearth.api.images import ImagePolicy, load_image
 from hearth.chat.grammar import GrammarBuilder, SchemaNotSupported, literal, strict_schema
+from hearth.chat.images import ImagePolicy, load_image
 from hearth.chat.output import FAMILIES, Options, OutputReader, family_of, think_markers, thinking_open
 from hearth.chat.request import (
     REASONING_EFFORTS,
@@ -43,6 +43,7 @@ from hearth.chat.tools import (
 from hearth.config.schema import ModelConfig
 from hearth.engine import Engine
 from hearth.errors import CapabilityNotSupported, InvalidRequest
+from hearth.generation import merge, sampling_params, stop_list, timings_dict, with_seed
 from hearth.runner import hearth_pb2 as pb
 
 FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -341,24 +342,11 @@ def _usage(usage: pb.Usage) -> Usage:
                  cached_tokens=usage.cached_tokens)
 
 
-def _timings(timings: pb.Timings) -> dict[str, Any]:
-    """The prompt and generation speed, in llama-server's `timings` shape."""
-    def per_second(n: int, ms: float) -> float:
-        return round(n / (ms / 1000), 2) if ms > 0 else 0.0
-
-    return {"prompt_n": timings.prompt_n, "prompt_ms": round(timings.prompt_ms, 3),
-            "prompt_per_second": per_second(timings.prompt_n, timings.prompt_ms),
-            "predicted_n": timings.predicted_n, "predicted_ms": round(timings.predicted_ms, 3),
-            "predicted_per_second": per_second(timings.predicted_n, timings.predicted_ms)}
-
-
 async def chat_events(request: ChatRequest, engine: Engine) -> AsyncIterator[ChatEvent]:
     """The chat as typed events, every choice's interleaved; the first arrives once generation has begun."""
-    from hearth.api.openai.common import merge, sampling_params, stop_list, with_seed
-
     config = engine.model(request.model)
-    stops = stop_list(request, config)  # type: ignore[arg-type]
-    sampling = sampling_params(request, config)  # type: ignore[arg-type]
+    stops = stop_list(request, config)
+    sampling = sampling_params(request, config)
     max_tokens = request.max_tokens or config.parameters.max_tokens or 0
     request_id = f"chat-{id(request):x}"
 
@@ -456,7 +444,7 @@ async def chat_events(request: ChatRequest, engine: Engine) -> AsyncIterator[Cha
             final = reader.final()
             message = Message(content=final.content, reasoning=final.reasoning, logprobs=logprobs,
                               tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in final.calls])
-            yield Finished(index, finish, usage, _timings(reply.timings) if reply is not None else {},
+            yield Finished(index, finish, usage, timings_dict(reply.timings) if reply is not None else {},
                            reply.stop_sequence if reply is not None else "", message)
 
         if request.n == 1:

@@ -168,6 +168,15 @@ class FunctionConfig(_Open):
     function_arguments_key: str = Field("arguments", min_length=1)
     grammar: FunctionGrammarConfig = Field(default_factory=FunctionGrammarConfig)
 
+    @field_validator("tool_format")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        from hearth.chat.output import FAMILIES
+
+        if value is not None and value not in FAMILIES:
+            raise ValueError(f"'{value}' is not an output format Hearth reads; one of: {', '.join(sorted(FAMILIES))}")
+        return value
+
 
 class ReasoningConfig(_Open):
     """`reasoning:` — how a thinking model's thoughts are handled (llama-server's flags of the same names)."""

@@ -309,6 +309,12 @@
     div.className = "msg " + message.role;
     div.append(Object.assign(document.createElement("div"), { className: "who", textContent: message.role === "user" ? "You" : message.model || "Assistant" }));
     for (const url of message.images || []) div.append(Object.assign(document.createElement("img"), { src: url, alt: "attached image" }));
+    // A thinking model's thoughts (reasoning_content), folded away above its answer.
+    const thoughts = Object.assign(document.createElement("details"), { className: "thoughts" });
+    thoughts.append(Object.assign(document.createElement("summary"), { textContent: "Thoughts" }),
+      Object.assign(document.createElement("div"), { className: "thinking", textContent: message.thinking || "" }));
+    thoughts.hidden = !message.thinking;
+    div.append(thoughts);
     const body = document.createElement("div");
     body.className = "md";
     if (message.role === "user") body.textContent = message.content; else body.innerHTML = md().render(message.content || "");
@@ -381,11 +387,17 @@
     const element = $("chat-log").lastElementChild;
     const body = element.querySelector(".md");
     const meta = element.querySelector(".meta");
+    const thoughts = element.querySelector(".thoughts");
     controller = new AbortController();
     $("chat-stop").disabled = false;
     $("chat-send").disabled = true;
     let first = 0, pieces = 0, usage = null, finish = "", pending = false;
-    const paint = () => { pending = false; body.innerHTML = md().render(reply.content); };
+    const paint = () => {
+      pending = false;
+      body.innerHTML = md().render(reply.content);
+      thoughts.hidden = !reply.thinking;
+      thoughts.querySelector(".thinking").textContent = reply.thinking || "";
+    };
     try {
       const response = await api("/v1/chat/completions", { json: request, signal: controller.signal });
       await readEvents(response, (chunk) => {
@@ -395,10 +407,12 @@
         if (!choice) return;
         if (choice.finish_reason) finish = choice.finish_reason;
         const piece = choice.delta && choice.delta.content;
-        if (piece) {
+        const thought = choice.delta && choice.delta.reasoning_content;
+        if (piece || thought) {
           if (!first) first = performance.now();
           pieces += 1;
-          reply.content += piece;
+          if (piece) reply.content += piece;
+          if (thought) reply.thinking = (reply.thinking || "") + thought;
           if (!pending) { pending = true; requestAnimationFrame(paint); }
         }
       });

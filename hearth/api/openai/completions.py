@@ -9,23 +9,18 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from hearth.api.openai.common import (
-    INT32_MAX,
     USAGE_KEY,
     SamplingRequest,
-    merge,
     new_id,
     now,
     only_completion,
     refuse_unsupported,
     respond,
-    sampling_params,
-    stop_list,
-    timings_dict,
     total_usage,
-    with_seed,
 )
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest
+from hearth.generation import INT32_MAX, merge, sampling_params, stop_list, timings_dict, with_seed
 from hearth.runner import hearth_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint

@@ -19,9 +19,9 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from hearth.api.images import check_image_async
 from hearth.api.openai.common import read_form, refuse_unknown
 from hearth.api.streaming import until_disconnect
+from hearth.chat.images import check_image_async
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest, NotFound
 from hearth.runner import hearth_pb2 as pb

@@ -231,7 +231,6 @@ async def _events(body: ResponsesBody, request: Request) -> AsyncIterator[tuple[
                 thought_item = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "summary": [],
                                 "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
                 yield add(thought_item)
-            thought_item["content"][0]["text"] += event.text
             yield "response.reasoning_text.delta", {"item_id": thought_item["id"],
                                                     "output_index": outputs.index(thought_item), "content_index": 0,
                                                     "delta": event.text}
@@ -244,7 +243,6 @@ async def _events(body: ResponsesBody, request: Request) -> AsyncIterator[tuple[
                 text_item["content"].append(part)
                 yield "response.content_part.added", {"item_id": text_item["id"], "output_index": len(outputs) - 1,
                                                       "content_index": 0, "part": dict(part)}
-            text_item["content"][0]["text"] += event.text
             yield "response.output_text.delta", {"item_id": text_item["id"], "output_index": outputs.index(text_item),
                                                  "content_index": 0, "delta": event.text}
         elif isinstance(event, ToolCallStarted):
