@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hearth.chat.output import FAMILIES, Options, OutputReader, family_of, think_markers, thinking_open
+from hearth.chat.output import FAMILIES, Options, OutputReader, family_of, parse, think_markers, thinking_open
 from hearth.chat.request import ChatRequest
 from hearth.chat.serving import Plan, template_messages
 from hearth.chat.template import render_chat
@@ -28,7 +28,8 @@ def template(name: str) -> str:
     return (DATA / "templates" / name).read_text()
 
 
-def read(case: dict) -> dict:
+def reading(case: dict) -> tuple[str, Options, tuple[str, ...]]:
+    """The case's family, reading options and thought markers, as a request for it would have them."""
     source = template(case["template"])
     options = case["options"]
     tools = options.get("tools") or []
@@ -41,10 +42,14 @@ def read(case: dict) -> dict:
                              enable_thinking=options.get("enable_thinking", True))
     except InvalidRequest:
         prompt = ""  # (Functionary v3.2's template wants its own `functions` variable with tools)
-    reader = OutputReader(FAMILIES[family], Options(
+    return family, Options(
         tools={t["name"]: t["parameters"] for t in tools}, parallel=options.get("parallel_tool_calls", False),
-        reasoning=options.get("reasoning_format", "none") != "none", thinking_open=thinking_open(prompt, think)),
-        think)
+        reasoning=options.get("reasoning_format", "none") != "none", thinking_open=thinking_open(prompt, think)), think
+
+
+def read(case: dict) -> dict:
+    family, options, think = reading(case)
+    reader = OutputReader(FAMILIES[family], options, think)
     deltas = [d for ch in case["input"] for d in reader.feed(ch)]
     if not case["partial"]:
         deltas += reader.close()
@@ -91,6 +96,19 @@ def test_ported_llama_cpp_cases() -> None:
     rate = 1 - len(failing) / len(cases)
     assert rate >= PASS_RATE, f"{rate:.1%} of {len(cases)} pass"
     assert set(failing) <= set(KNOWN), f"newly failing: {sorted(set(failing) - set(KNOWN))}"
+
+
+def test_an_output_cut_off_anywhere_leaves_no_call_markup_in_the_answer() -> None:
+    """As max_tokens cuts a reply: every prefix of every case with calls, read as finished."""
+    cases = json.loads((DATA / "cases.json").read_text())["cases"]
+    for case in cases:
+        if not case["expect"]["tool_calls"] or key(case) in KNOWN:
+            continue
+        family, options, think = reading(case)
+        markers = [m for m in FAMILIES[family].calls.markers() if len(m) > 3]
+        for n in range(1, len(case["input"])):
+            content = parse(case["input"][:n], FAMILIES[family], options, think).content
+            assert not any(m in content for m in markers), (key(case), case["input"][:n], content)
 
 
 CONVERSATION = [

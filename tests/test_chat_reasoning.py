@@ -218,3 +218,21 @@ def test_prior_thoughts_reach_templates_that_take_them(server: HearthServer) -> 
     prompt = render_chat(source, template_messages(request, Plan(tools=request.tools, mode="auto"), True),
                          tools=[WEATHER])
     assert "<|channel|>analysis<|message|>Earlier thought." in prompt
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_call_cut_off_by_max_tokens_ends_the_stream_cleanly(server: HearthServer, family: str) -> None:
+    """Whatever step the reply is cut at, no marker reaches the answer and the stream ends with `length`."""
+    client = server.client()
+    for max_tokens in range(1, 12):
+        content, finish = "", None
+        for chunk in client.chat.completions.create(model=f"{family}-caller", messages=MESSAGES, tools=[WEATHER],
+                                                    max_tokens=max_tokens, stream=True):
+            if chunk.choices:
+                content += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        assert finish in ("length", "tool_calls"), (max_tokens, finish)
+        clean(content)
+        whole = client.chat.completions.create(model=f"{family}-caller", messages=MESSAGES, tools=[WEATHER],
+                                               max_tokens=max_tokens)
+        clean(whole.choices[0].message.content)

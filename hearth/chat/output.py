@@ -337,7 +337,8 @@ class NamedCalls(CallSyntax):
                 return (calls, pos, True) if calls else None
             match = self._name.match(text, pos)
             if not match or match.end() >= len(text):
-                if partial and (match is None or match.end() >= len(text)):
+                if partial or self.section:
+                    # Still being written, or cut off (by max_tokens) inside the section its marker opened.
                     return calls, len(text), False
                 return None
             name = match.group("name")
@@ -346,7 +347,7 @@ class NamedCalls(CallSyntax):
             lead = len(text) - len(text[pos:].lstrip())
             end = json_end(text, lead) if text[lead:lead + 1] in "{[" else None
             if end is None:
-                if not partial:
+                if not partial and not self.section and text[lead:lead + 1] not in ("{", "["):
                     return None
                 # Arguments not begun yet (the name's pattern may still grow, as DeepSeek's "\n```json"): none.
                 written = text[lead:].rstrip() if text[lead:lead + 1] in "{[" else ""
@@ -362,6 +363,22 @@ class NamedCalls(CallSyntax):
                     return calls, len(text), False
             if not self.call and not self.section_end:
                 return calls, pos, True
+
+
+def _literal_prefix(pattern: str) -> str:
+    """The literal text a regex begins with (`<\\|open\\|>call tool="(…` gives `<|open|>call tool="`)."""
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+            out.append(pattern[i + 1])
+            i += 2
+        elif ch in "\\()[].*+?{}|^$":
+            break
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
 
 
 @dataclass
@@ -394,8 +411,8 @@ class XmlCalls(CallSyntax):
         return min(found) if found else None
 
     def markers(self) -> list[str]:
-        literal = re.match(r"[^\\(\[.*+?]+", self.function)
-        return [m for m in (self.section, literal.group(0) if literal else "") if m]
+        literal = _literal_prefix(self.function)
+        return [m for m in (self.section, literal if len(literal) >= 3 else "") if m]
 
     def read(self, text: str, start: int, options: Options, partial: bool) -> tuple[list[Call], int, bool] | None:
         pos = start + len(self.section) if self.section and text.startswith(self.section, start) else start
@@ -433,15 +450,14 @@ class XmlCalls(CallSyntax):
                     break
                 param = self._parameter.match(text, lead)
                 if param is None:
-                    if partial and (lead >= len(text) or self._maybe_prefix(text[lead:], param_too=True)):
+                    # Still being written, or cut off (by max_tokens): the parameters read so far.
+                    if lead >= len(text) or self._maybe_prefix(text[lead:], param_too=True):
                         calls.append(Call(name, "{" + ", ".join(values)))
                         return calls, len(text), False
                     return None
                 key = param.group(1).strip()
                 end = text.find(self.parameter_end.replace("{key}", key), param.end())
                 if end < 0:
-                    if not partial:
-                        return None
                     calls.append(Call(name, "{" + ", ".join(values)))
                     return calls, len(text), False
                 raw = text[param.end():end]
@@ -456,8 +472,7 @@ class XmlCalls(CallSyntax):
         """Whether `rest` may still grow into a call opener (or a parameter, or an end marker)."""
         literals = [self.function_end, self.section_end, *self.markers()]
         if param_too:
-            literal = re.match(r"[^\\(\[.*+?]+", self.parameter)
-            literals.append(literal.group(0) if literal else "")
+            literals.append(_literal_prefix(self.parameter))
         return any(m and (m.startswith(rest) or rest.startswith(m)) for m in literals)
 
 
@@ -570,8 +585,8 @@ def _harmony(text: str, options: Options, partial: bool) -> Parsed:
                                                        "<|message|>", "<|channel|>"])]
         head, sep, body = piece.partition("<|message|>")
         if not sep:
-            if not head.strip() or (partial and last):
-                continue
+            if not head.strip() or (partial and last) or "<|channel|>" in head or "to=" in head:
+                continue  # nothing, or a message's header whose body never came (cut off)
             body, head = head, ""
         channel = re.search(r"<\|channel\|>\s*(\w+)", head)
         recipient = re.findall(r"to=([\w.\-]+)", head)
@@ -637,7 +652,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                       r"<\|tool_call_argument_begin\|>", after_arguments=r"\s*<\|tool_call_end\|>")),
     Family("deepseek", ("<think>", "</think>"),
            NamedCalls(section="<｜tool▁calls▁begin｜>", section_end="<｜tool▁calls▁end｜>", call="<｜tool▁call▁begin｜>",
-                      name=r"(?:function<｜tool▁sep｜>)?(?P<name>[^<\n]+?)(?:<｜tool▁sep｜>|\n```(?:json)?\s*)",
+                      name=r"(?:function<｜tool▁sep｜>)?+(?P<name>[^<\n]+?)(?:<｜tool▁sep｜>|\n```(?:json)?\s*)",
                       after_arguments=r"\s*(?:```)?\s*<｜tool▁call▁end｜>")),
     Family("mistral-args", ("[THINK]", "[/THINK]"),
            NamedCalls(call="[TOOL_CALLS]", name=r"(?P<name>[A-Za-z0-9_.\-]+)(?:\[CALL_ID\](?P<id>[A-Za-z0-9]+))?\[ARGS\]")),
@@ -753,8 +768,7 @@ def parse(text: str, family: Family, options: Options, think: tuple[str, ...] = 
     think = think or family.think
     if family.noise:
         text = text.replace(family.noise, "")
-        if partial:
-            text = text[: len(text) - _held(text, [family.noise])]
+        text = text[: len(text) - _held(text, [family.noise])]  # (one cut in half is noise too)
     result = Parsed()
     rest = text
     call_markers = family.calls.markers() if family.calls is not None and options.tools else []
@@ -812,19 +826,29 @@ def _split_calls(text: str, family: Family, options: Options, partial: bool) -> 
         if start is None:
             tail = text[pos:]
             keep = _held(tail, syntax.markers()) if partial else 0
-            for marker in syntax.markers() if partial else ():
+            for marker in syntax.markers():
                 at = tail.rfind(marker)
-                if at >= 0 and len(tail) - at < 64:  # an opener whose call is not readable yet
+                if marker != "```" and at >= 0 and len(tail) - at < 64 and "\n\n" not in tail[at:]:
+                    # An opener whose call is not readable yet: held back while generating, dropped when the
+                    # output ends there (cut off by max_tokens).
                     keep = max(keep, len(tail) - at)
             if partial and not said and not tail.strip():
                 keep = len(tail)  # blank so far: a bare call may follow
             return content + tail[: len(tail) - keep], calls
         read = syntax.read(text, start, options, partial)
+        if read is None and not partial and any(text.startswith(m, start) for m in syntax.markers() if m != "```"):
+            # The output ends inside a section its marker opened, where more text would have made a call (cut off
+            # by max_tokens): the calls it had, and no markup in the answer.
+            cut = syntax.read(text, start, options, True)
+            if cut is not None and not cut[2]:
+                read = cut
         if read is None:  # not a call after all: its first character is content, and reading goes on after it
             content += text[pos:start + 1]
             pos = start + 1
             continue
         found, end, complete = read
+        if not complete and not partial:
+            found = [c for c in found if c.name in options.tools]  # cut off at the end: the calls it had
         known = [c for c in found if c.name in options.tools or (not complete and c is found[-1] and c.name == "")]
         if len(known) < len(found):
             if not complete and partial and all(c.name in options.tools for c in found[:-1]):

@@ -19,7 +19,7 @@ class Reasoning:
     """What the client asked of the model's thinking."""
 
     effort: str | None = None  # one of REASONING_EFFORTS; "none" turns thinking off where the template can
-    budget: int | None = None  # thought tokens before the end-of-thinking marker is forced; 0: no thoughts
+    budget: int | None = None  # thought tokens before the end-of-thinking marker is forced; 0: none; -1: no limit
     split: bool | None = None  # reasoning_format: False keeps thoughts in the answer; None: the model YAML's
 
 

@@ -66,6 +66,7 @@ class Plan:
     answer_grammar: str = ""  # the grammar without the thoughts before it (once thinking has been ended)
     lazy: bool = False
     thinking: bool = True  # the model may think (not turned off by reasoning_effort none or a budget of 0)
+    budget: int | None = None  # thought tokens before the end of thinking is forced (None: no limit)
     split: bool = True  # thoughts are read out of the answer
 
 
@@ -111,8 +112,10 @@ def _plan(request: ChatRequest, config: ModelConfig, template: str) -> Plan:
     if reasoning.effort is not None and reasoning.effort not in REASONING_EFFORTS:
         raise InvalidRequest(f"reasoning_effort '{reasoning.effort}' is not one of {', '.join(REASONING_EFFORTS)}",
                              param=request.param("reasoning_effort"))
-    budget = reasoning.budget if reasoning.budget is not None else config.reasoning.budget
-    plan.thinking = reasoning.effort != "none" and budget != 0
+    plan.budget = reasoning.budget if reasoning.budget is not None else config.reasoning.budget
+    if plan.budget is not None and plan.budget < 0:
+        plan.budget = None  # -1: no limit, whatever the YAML says
+    plan.thinking = reasoning.effort != "none" and plan.budget != 0
     plan.split = reasoning.split if reasoning.split is not None else config.reasoning.format != "none"
     return plan
 
@@ -361,7 +364,7 @@ async def chat_events(request: ChatRequest, engine: Engine) -> AsyncIterator[Cha
         if plan.grammar and request.ignore_eos:
             raise InvalidRequest("ignore_eos cannot be combined with a grammar, tools or response_format",
                                  param=request.param("ignore_eos"))
-        budget = request.reasoning.budget if request.reasoning.budget is not None else config.reasoning.budget
+        budget = plan.budget
         reading = Options(tools={t["name"]: t.get("parameters") or {} for t in plan.tools} if plan.mode != "none"
                           else {}, parallel=plan.parallel, reasoning=plan.split, thinking_open=ready.open_marker)
 

@@ -240,7 +240,7 @@ def chat_request(request: ChatCompletionRequest) -> ChatRequest:
         parallel_tool_calls=request.parallel_tool_calls, legacy_functions=legacy,
         response_format=request.response_format.model_dump(by_alias=True, exclude_none=True)
         if request.response_format else None,
-        reasoning=Reasoning(effort=request.reasoning_effort, budget=None if budget is None or budget < 0 else budget,
+        reasoning=Reasoning(effort=request.reasoning_effort, budget=budget,
                             split=split),
         template_kwargs=dict(request.chat_template_kwargs or {}),
         max_tokens=request.max_completion_tokens or request.max_tokens, n=request.n or 1,
