@@ -61,6 +61,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HearthServer]:
     write_yaml(models, "qwen3-one-field", {"name": "qwen3-one-field", "backend": "fake", "reasoning": {
         "field": "reasoning"}, "fake": {"chat_template": (TEMPLATES / FAMILIES["qwen3"][0]).read_text(),
                                          "reply": FAMILIES["qwen3"][1]}})
+    write_yaml(models, "qwen3-no-thoughts", {"name": "qwen3-no-thoughts", "backend": "fake", "reasoning_budget": 0,
+                                             "fake": {"chat_template": (TEMPLATES / FAMILIES["qwen3"][0]).read_text(),
+                                                      "echo_prompt": True}})
     write_yaml(models, "qwen3-kept", {"name": "qwen3-kept", "backend": "fake", "reasoning": {"format": "none"},
                                       "fake": {"chat_template": (TEMPLATES / FAMILIES["qwen3"][0]).read_text(),
                                                "reply": FAMILIES["qwen3"][1]}})
@@ -114,7 +117,7 @@ def test_openai_tool_calls_after_thoughts(server: HearthServer, family: str) -> 
     assert names == ["get_weather"] and json.loads(arguments) == {"city": "Paris"} and clean(content) == ""
 
 
-@pytest.mark.parametrize("family", ["gpt-oss", "qwen3", "deepseek-r1"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_anthropic_thinking_blocks(server: HearthServer, family: str) -> None:
     client = anthropic.Anthropic(base_url=server.base_url, api_key="unused")
     message = client.messages.create(model=family, max_tokens=200, messages=MESSAGES)
@@ -135,7 +138,7 @@ def test_anthropic_thinking_blocks(server: HearthServer, family: str) -> None:
     assert called.content[1].input == {"city": "Paris"}
 
 
-@pytest.mark.parametrize("family", ["gpt-oss", "qwen3", "deepseek-r1", "qwen3-coder"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_ollama_thinking_and_tools(server: HearthServer, family: str) -> None:
     client = ollama.Client(host=server.base_url)
     reply = client.chat(model=family, messages=MESSAGES, think=True)
@@ -188,6 +191,11 @@ def test_thinking_switches_reach_the_template(server: HearthServer) -> None:
     assert empty in prompt(reasoning_effort="none")
     assert empty in prompt(reasoning_budget=0)
     assert empty in prompt(chat_template_kwargs={"enable_thinking": False})
+    from_yaml = client.chat.completions.create(model="qwen3-no-thoughts", messages=MESSAGES)
+    assert empty in (from_yaml.choices[0].message.content or "")  # the YAML's reasoning_budget: 0
+    unlimited = client.chat.completions.create(model="qwen3-no-thoughts", messages=MESSAGES,
+                                               extra_body={"reasoning_budget": -1})
+    assert empty not in (unlimited.choices[0].message.content or "")  # -1 lifts the YAML's budget
     assert empty in ollama.Client(host=server.base_url).chat(model="qwen3-echo", messages=MESSAGES,
                                                              think=False).message.content
     said = anthropic.Anthropic(base_url=server.base_url, api_key="unused").messages.create(

@@ -217,6 +217,7 @@ class ModelConfig(_Open):
     template: TemplateConfig = Field(default_factory=TemplateConfig)
     function: FunctionConfig = Field(default_factory=FunctionConfig)
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
+    reasoning_budget: int | None = Field(None, ge=-1, le=2**31 - 1)  # llama-server's name for reasoning.budget
     alias: list[str] = Field(default_factory=list)
     disabled: bool = False
     description: str = ""
@@ -263,6 +264,12 @@ class ModelConfig(_Open):
     @property
     def option_map(self) -> dict[str, str | bool]:
         return parse_options(self.options)
+
+    @model_validator(mode="after")
+    def _budget_alias(self) -> ModelConfig:
+        if self.reasoning_budget is not None and self.reasoning.budget is None:
+            self.reasoning.budget = None if self.reasoning_budget < 0 else self.reasoning_budget
+        return self
 
     @model_validator(mode="after")
     def _speculative_numbers(self) -> ModelConfig:
