@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from hearth.chat.output import FAMILIES, Options, OutputReader, family_of, parse, think_markers, thinking_open
+from hearth.chat.output import (
+    FAMILIES,
+    Options,
+    OutputReader,
+    family_of,
+    markup,
+    parse,
+    think_markers,
+    thinking_open,
+)
 from hearth.chat.request import ChatRequest
 from hearth.chat.serving import Plan, template_messages
 from hearth.chat.template import render_chat
@@ -105,7 +114,7 @@ def test_an_output_cut_off_anywhere_leaves_no_call_markup_in_the_answer() -> Non
         if not case["expect"]["tool_calls"] or key(case) in KNOWN:
             continue
         family, options, think = reading(case)
-        markers = [m for m in FAMILIES[family].calls.markers() if len(m) > 3]
+        markers = markup(FAMILIES[family])
         for n in range(1, len(case["input"])):
             content = parse(case["input"][:n], FAMILIES[family], options, think).content
             assert not any(m in content for m in markers), (key(case), case["input"][:n], content)

@@ -199,7 +199,9 @@ async def _events(body: MessagesBody, engine: Engine) -> AsyncIterator[tuple[str
                                             "content_block": content_block}))
         return out
 
-    async for event in chat_events(_request(body), engine):
+    chat = _request(body)
+    chat.request_id = message_id
+    async for event in chat_events(chat, engine):
         if isinstance(event, Started):
             yield "message_start", {"type": "message_start", "message": {
                 "id": message_id, "type": "message", "role": "assistant", "model": body.model, "content": [],

@@ -568,7 +568,15 @@ class Family:
     special: Callable[[str, Options, bool], Parsed] | None = None  # a format read whole (gpt-oss's channels)
     unwrap: tuple[str, ...] = ()  # markers around the answer, not part of it (Command R's <|START_RESPONSE|>)
     lead: tuple[str, ...] = ()  # words that may open the answer and are not part of it (Functionary's "all")
+    special_markers: tuple[str, ...] = ()  # a whole-output format's markup (gpt-oss's)
     noise: str = ""  # a separator the model writes between its markup, read as nothing (MiniMax M3)
+
+
+def markup(family: Family) -> list[str]:
+    """The markers of a family's calls that must never reach an answer."""
+    if family.calls is None:
+        return list(family.special_markers)
+    return [m for m in family.calls.markers() if len(m) > 3]
 
 
 def _harmony(text: str, options: Options, partial: bool) -> Parsed:
@@ -611,7 +619,8 @@ def _harmony(text: str, options: Options, partial: bool) -> Parsed:
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
-    Family("gpt-oss", special=_harmony),
+    Family("gpt-oss", special=_harmony,
+           special_markers=("<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|call|>", "<|constrain|>")),
     Family("gemma4", ("<|channel>thought", "<channel|>"), GemmaCalls(), unwrap=("<|channel>thought", "<channel|>",
                                                                               "<|channel>")),
     Family("minimax-m3", ("<mm:think>", "</mm:think>"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -351,7 +352,7 @@ async def chat_events(request: ChatRequest, engine: Engine) -> AsyncIterator[Cha
     stops = stop_list(request, config)
     sampling = sampling_params(request, config)
     max_tokens = request.max_tokens or config.parameters.max_tokens or 0
-    request_id = f"chat-{id(request):x}"
+    request_id = request.request_id or f"chat-{uuid.uuid4().hex[:24]}"
 
     async with engine.runner(config, "generate") as runner:
         ready = await prepare(request, engine, config, runner)

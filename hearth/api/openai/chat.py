@@ -274,6 +274,7 @@ async def chat_completion_events(request: ChatCompletionRequest, engine: Engine)
     chat = chat_request(request)
     which = engine.model(request.model).reasoning.field
     request_id, created = new_id("chatcmpl"), now()
+    chat.request_id = request_id
     legacy = chat.legacy_functions
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None,

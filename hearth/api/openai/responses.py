@@ -213,6 +213,10 @@ async def _events(body: ResponsesBody, request: Request) -> AsyncIterator[tuple[
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages = system + history + new
     response_id = f"resp_{uuid.uuid4().hex}"
+    chat = _chat_request(body, messages)
+    chat.request_id = response_id
+    # Generation has begun before the response is announced: an error before it stays an HTTP error.
+    events = await primed(chat_events(chat, engine))
     response = _shell(response_id, body, "in_progress")
     yield "response.created", {"response": dict(response)}
     yield "response.in_progress", {"response": dict(response)}
@@ -225,86 +229,90 @@ async def _events(body: ResponsesBody, request: Request) -> AsyncIterator[tuple[
         outputs.append(item)
         return "response.output_item.added", {"output_index": len(outputs) - 1, "item": dict(item)}
 
-    async for event in chat_events(_chat_request(body, messages), engine):
-        if isinstance(event, ReasoningDelta):
-            if thought_item is None:
-                thought_item = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "summary": [],
-                                "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
-                yield add(thought_item)
-            yield "response.reasoning_text.delta", {"item_id": thought_item["id"],
-                                                    "output_index": outputs.index(thought_item), "content_index": 0,
-                                                    "delta": event.text}
-        elif isinstance(event, TextDelta) and event.text:
-            if text_item is None:
-                text_item = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": "in_progress",
-                             "role": "assistant", "content": []}
-                yield add(text_item)
-                part = {"type": "output_text", "text": "", "annotations": []}
-                text_item["content"].append(part)
-                yield "response.content_part.added", {"item_id": text_item["id"], "output_index": len(outputs) - 1,
-                                                      "content_index": 0, "part": dict(part)}
-            yield "response.output_text.delta", {"item_id": text_item["id"], "output_index": outputs.index(text_item),
-                                                 "content_index": 0, "delta": event.text}
-        elif isinstance(event, ToolCallStarted):
-            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": event.id,
-                    "name": event.name, "arguments": "", "status": "in_progress"}
-            calls[event.index] = item
-            yield add(item)
-        elif isinstance(event, ToolArgumentsDelta):
-            item = calls[event.index]
-            yield "response.function_call_arguments.delta", {"item_id": item["id"], "output_index": outputs.index(item),
-                                                             "delta": event.text}
-        elif isinstance(event, Finished):
-            said = event.message
-            usage = event.usage
-            # The whole answer, as read once at the end, is what the done events and the stored response hold.
-            if thought_item is not None:
-                thought_item["content"][0]["text"] = said.reasoning
-            if text_item is not None:
-                text_item["content"][0]["text"] = said.content
-            for index, call in enumerate(said.tool_calls):
-                if index in calls:
-                    calls[index]["arguments"] = call.arguments
-            for index, item in enumerate(outputs):
-                item["status"] = "completed"
-                if item["type"] == "message":
-                    text = item["content"][0]["text"]
-                    yield "response.output_text.done", {"item_id": item["id"], "output_index": index,
-                                                        "content_index": 0, "text": text}
-                    yield "response.content_part.done", {"item_id": item["id"], "output_index": index,
-                                                         "content_index": 0, "part": item["content"][0]}
-                elif item["type"] == "reasoning":
-                    yield "response.reasoning_text.done", {"item_id": item["id"], "output_index": index,
-                                                           "content_index": 0, "text": item["content"][0]["text"]}
-                else:
-                    yield "response.function_call_arguments.done", {"item_id": item["id"], "output_index": index,
-                                                                    "arguments": item["arguments"]}
-                yield "response.output_item.done", {"output_index": index, "item": item}
-            incomplete = event.reason == "length"
-            response.update(
-                status="incomplete" if incomplete else "completed", output=outputs,
-                incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
-                usage={"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
-                       "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                       "input_tokens_details": {"cached_tokens": usage.cached_tokens},
-                       "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}})
-            if body.store:
-                turn: dict[str, Any] = {"role": "assistant", "content": said.content or None}
-                if said.reasoning:
-                    turn["reasoning_content"] = said.reasoning
-                if said.tool_calls:
-                    turn["tool_calls"] = [{"id": c.id, "type": "function",
-                                           "function": {"name": c.name, "arguments": c.arguments}}
-                                          for c in said.tool_calls]
-                kept = [*messages, turn]
-                size = len(json.dumps(kept)) + len(json.dumps(response))
-                if size <= engine.settings.responses_max_bytes:  # larger than the whole budget: not kept at all
-                    store[response_id] = Stored(response=response, messages=kept, at=time.time(), size=size)
-                    _trim(store, engine.settings.responses_max_stored, engine.settings.responses_max_bytes)
-                else:
-                    log.warning("response %s not stored: its conversation (%d bytes) is larger than "
-                                "responses_max_bytes", response_id, size)
-            yield ("response.incomplete" if incomplete else "response.completed"), {"response": response}
+    try:
+        async for event in events:
+            if isinstance(event, ReasoningDelta):
+                if thought_item is None:
+                    thought_item = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "summary": [],
+                                    "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
+                    yield add(thought_item)
+                yield "response.reasoning_text.delta", {"item_id": thought_item["id"],
+                                                        "output_index": outputs.index(thought_item), "content_index": 0,
+                                                        "delta": event.text}
+            elif isinstance(event, TextDelta) and event.text:
+                if text_item is None:
+                    text_item = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": "in_progress",
+                                 "role": "assistant", "content": []}
+                    yield add(text_item)
+                    part = {"type": "output_text", "text": "", "annotations": []}
+                    text_item["content"].append(part)
+                    yield "response.content_part.added", {"item_id": text_item["id"], "output_index": len(outputs) - 1,
+                                                          "content_index": 0, "part": dict(part)}
+                yield "response.output_text.delta", {"item_id": text_item["id"], "output_index": outputs.index(text_item),
+                                                     "content_index": 0, "delta": event.text}
+            elif isinstance(event, ToolCallStarted):
+                item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": event.id,
+                        "name": event.name, "arguments": "", "status": "in_progress"}
+                calls[event.index] = item
+                yield add(item)
+            elif isinstance(event, ToolArgumentsDelta):
+                item = calls[event.index]
+                yield "response.function_call_arguments.delta", {"item_id": item["id"], "output_index": outputs.index(item),
+                                                                 "delta": event.text}
+            elif isinstance(event, Finished):
+                said = event.message
+                usage = event.usage
+                # The whole answer, as read once at the end, is what the done events and the stored response hold.
+                if thought_item is not None:
+                    thought_item["content"][0]["text"] = said.reasoning
+                if text_item is not None:
+                    text_item["content"][0]["text"] = said.content
+                for index, call in enumerate(said.tool_calls):
+                    if index in calls:
+                        calls[index]["arguments"] = call.arguments
+                for index, item in enumerate(outputs):
+                    item["status"] = "completed"
+                    if item["type"] == "message":
+                        text = item["content"][0]["text"]
+                        yield "response.output_text.done", {"item_id": item["id"], "output_index": index,
+                                                            "content_index": 0, "text": text}
+                        yield "response.content_part.done", {"item_id": item["id"], "output_index": index,
+                                                             "content_index": 0, "part": item["content"][0]}
+                    elif item["type"] == "reasoning":
+                        yield "response.reasoning_text.done", {"item_id": item["id"], "output_index": index,
+                                                               "content_index": 0, "text": item["content"][0]["text"]}
+                    else:
+                        yield "response.function_call_arguments.done", {"item_id": item["id"], "output_index": index,
+                                                                        "arguments": item["arguments"]}
+                    yield "response.output_item.done", {"output_index": index, "item": item}
+                incomplete = event.reason == "length"
+                response.update(
+                    status="incomplete" if incomplete else "completed", output=outputs,
+                    incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
+                    usage={"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
+                           "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                           "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+                           "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}})
+                if body.store:
+                    turn: dict[str, Any] = {"role": "assistant", "content": said.content or None}
+                    if said.reasoning:
+                        turn["reasoning_content"] = said.reasoning
+                    if said.tool_calls:
+                        turn["tool_calls"] = [{"id": c.id, "type": "function",
+                                               "function": {"name": c.name, "arguments": c.arguments}}
+                                              for c in said.tool_calls]
+                    kept = [*messages, turn]
+                    size = len(json.dumps(kept)) + len(json.dumps(response))
+                    if size <= engine.settings.responses_max_bytes:  # larger than the whole budget: not kept at all
+                        store[response_id] = Stored(response=response, messages=kept, at=time.time(), size=size)
+                        _trim(store, engine.settings.responses_max_stored, engine.settings.responses_max_bytes)
+                    else:
+                        log.warning("response %s not stored: its conversation (%d bytes) is larger than "
+                                    "responses_max_bytes", response_id, size)
+                yield ("response.incomplete" if incomplete else "response.completed"), {"response": response}
+
+    finally:
+        await events.aclose()  # the client went away: generation stops
 
 
 router = APIRouter()
