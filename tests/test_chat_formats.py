@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hearth.chat.output import (
-    FAMILIES,
-    Options,
-    OutputReader,
-    family_of,
-    markup,
-    parse,
-    think_markers,
-    thinking_open,
-)
+from hearth.chat.calls import Options
+from hearth.chat.families import FAMILIES, family_of, markup, think_markers, thinking_open
+from hearth.chat.output import OutputReader, parse
 from hearth.chat.request import ChatRequest
 from hearth.chat.serving import Plan, template_messages
 from hearth.chat.template import render_chat

@@ -7,8 +7,10 @@ import random
 
 import pytest
 
+from hearth.chat.calls import Options
+from hearth.chat.families import FAMILIES, family_of
 from hearth.chat.grammar import SchemaNotSupported, schema_grammar, strict_schema
-from hearth.chat.output import FAMILIES, Options, OutputReader, family_of
+from hearth.chat.output import OutputReader
 from hearth.chat.serving import tool_arguments
 from hearth.chat.tools import tool_call_grammar
 

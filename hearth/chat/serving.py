@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from hearth.chat.calls import Options
+from hearth.chat.families import FAMILIES, family_of, think_markers, thinking_open
 from hearth.chat.grammar import GrammarBuilder, SchemaNotSupported, literal, strict_schema
 from hearth.chat.images import ImagePolicy, load_image
-from hearth.chat.output import FAMILIES, Options, OutputReader, family_of, think_markers, thinking_open
+from hearth.chat.output import OutputReader
 from hearth.chat.request import (
     REASONING_EFFORTS,
     ChatEvent,
@@ -371,18 +373,16 @@ async def chat_events(request: ChatRequest, engine: Engine) -> AsyncIterator[Cha
 
         async def choice(index: int) -> AsyncIterator[ChatEvent]:
             reader = OutputReader(FAMILIES[plan.family], reading, plan.think)
-            usage, text, steps, thought_steps = Usage(), "", 0, 0
+            usage, text, thought_steps = Usage(), "", 0
             logprobs: list[dict[str, Any]] = []
             prompt, limit, forced_end = ready.prompt, max_tokens, False
             started = False
             reply: Any = None
             while True:
-                # With a thought budget the first pass stops at the budget; a thought still open then is ended by
-                # writing its end marker after it, and generation goes on from there (the prompt cache keeps it
-                # cheap).
-                # A budget splits generation in two: the thoughts (stopped at their end marker or at the budget),
-                # then the answer after the end marker. (With a grammar, only where the prompt opened the thought:
-                # an answer's grammar cannot be picked up again halfway.)
+                # A budget splits generation in two passes: the thoughts, stopped at their end marker or at the
+                # budget (a thought still open then is ended by writing its end marker after it), then the answer,
+                # under the answer's own grammar, the prompt cache keeping the second pass cheap. (With a grammar,
+                # only where the prompt opened the thought: an answer's grammar cannot be picked up halfway.)
                 budgeted = budget is not None and budget > 0 and not forced_end and plan.thinking and \
                     len(plan.think) > 1 and bool(plan.think[1]) and (bool(ready.open_marker) or not plan.grammar)
                 this_limit = min(x for x in (budget, limit) if x) if budgeted else limit
@@ -409,7 +409,6 @@ async def chat_events(request: ChatRequest, engine: Engine) -> AsyncIterator[Cha
                     said_text = False
                     if reply.text:
                         text += reply.text
-                        steps += 1
                         thought = False
                         for delta in reader.feed(reply.text):
                             for event in _event(index, delta, entries if not said_text else None):

@@ -161,7 +161,7 @@ class FunctionGrammarConfig(_Open):
 class FunctionConfig(_Open):
     """`function:` — how the model calls tools (LocalAI's block, where it maps)."""
 
-    # The output family (hermes, qwen3-coder, gpt-oss, deepseek, … see hearth/chat/output.py); unset: chosen from
+    # The output family (hermes, qwen3-coder, gpt-oss, deepseek, … see hearth/chat/families.py); unset: chosen from
     # the chat template.
     tool_format: str | None = None
     function_name_key: str = Field("name", min_length=1)
@@ -171,7 +171,7 @@ class FunctionConfig(_Open):
     @field_validator("tool_format")
     @classmethod
     def _known_format(cls, value: str | None) -> str | None:
-        from hearth.chat.output import FAMILIES
+        from hearth.chat.families import FAMILIES
 
         if value is not None and value not in FAMILIES:
             raise ValueError(f"'{value}' is not an output format Hearth reads; one of: {', '.join(sorted(FAMILIES))}")
