@@ -373,7 +373,7 @@ async def chat_events(request: ChatRequest, engine: Engine) -> AsyncIterator[Cha
 
         async def choice(index: int) -> AsyncIterator[ChatEvent]:
             reader = OutputReader(FAMILIES[plan.family], reading, plan.think)
-            usage, text, thought_steps = Usage(), "", 0
+            usage, text, thought_tokens = Usage(), "", 0
             logprobs: list[dict[str, Any]] = []
             prompt, limit, forced_end = ready.prompt, max_tokens, False
             started = False
@@ -409,13 +409,22 @@ async def chat_events(request: ChatRequest, engine: Engine) -> AsyncIterator[Cha
                     said_text = False
                     if reply.text:
                         text += reply.text
-                        thought = False
+                        thought_chars = answer_chars = 0
                         for delta in reader.feed(reply.text):
                             for event in _event(index, delta, entries if not said_text else None):
                                 said_text = said_text or isinstance(event, TextDelta)
-                                thought = thought or isinstance(event, ReasoningDelta)
+                                if isinstance(event, ReasoningDelta):
+                                    thought_chars += len(event.text)
+                                elif isinstance(event, TextDelta | ToolArgumentsDelta):
+                                    answer_chars += len(event.text)
                                 yield event
-                        thought_steps += thought
+                        # The reply's tokens are thought in the share of its text that was (text held back inside
+                        # an open thought counts as thought).
+                        tokens = reply.token_count or 1
+                        if thought_chars + answer_chars:
+                            thought_tokens += round(tokens * thought_chars / (thought_chars + answer_chars))
+                        elif reader.reasoning_open():
+                            thought_tokens += tokens
                     if entries and not said_text:
                         yield TextDelta(index, "", entries)
                     if reply.finish_reason:
@@ -441,7 +450,7 @@ async def chat_events(request: ChatRequest, engine: Engine) -> AsyncIterator[Cha
                     yield event
             if reader.calls and finish == "stop":
                 finish = "tool_calls"
-            usage.reasoning_tokens = min(thought_steps, usage.completion_tokens)
+            usage.reasoning_tokens = min(thought_tokens, usage.completion_tokens)
             if index:
                 usage.prompt_tokens = usage.cached_tokens = 0  # the prompt is counted once, with the first choice
             final = reader.final()
