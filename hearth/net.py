@@ -48,6 +48,35 @@ class AddressPolicy:
         return any(address in network for network in self.allow_networks)
 
 
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))  # RFC 6052, RFC 8215
+
+
+def embedded_ipv4(address: Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries and may reach: IPv4-mapped, IPv4-compatible, NAT64 (which a network
+    with a NAT64 gateway routes to that IPv4 address), 6to4 and Teredo's client."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if (address in _IPV4_COMPATIBLE and int(address) > 1) or any(address in net for net in _NAT64):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def _kind(address: Address) -> str | None:
+    """Why an address is not fetched by default, or None for a public one."""
+    if address.is_global and not address.is_multicast:
+        return None
+    return ("loopback" if address.is_loopback else "private" if address.is_private else
+            "link-local" if address.is_link_local else "multicast" if address.is_multicast else
+            "reserved" if address.is_reserved else "non-public")
+
+
 async def resolve_checked(host: str, port: int, policy: AddressPolicy) -> str:
     """The one address to connect to: every address the name has must pass, or the host is allowed by name."""
     try:
@@ -64,15 +93,17 @@ async def resolve_checked(host: str, port: int, policy: AddressPolicy) -> str:
             raise FetchRefused(f"the host {host} has no address")
     by_name = host.lower().rstrip(".") in policy.allow_hosts
     for address in addresses:
-        mapped = getattr(address, "ipv4_mapped", None) or address
-        if by_name or policy.allowed(mapped) or policy.allowed(address):
+        inner = embedded_ipv4(address)
+        if by_name or policy.allowed(address) or (inner is not None and policy.allowed(inner)):
             continue
-        if not mapped.is_global or mapped.is_multicast:
-            kind = ("loopback" if mapped.is_loopback else "private" if mapped.is_private else
-                    "link-local" if mapped.is_link_local else "multicast" if mapped.is_multicast else
-                    "reserved" if mapped.is_reserved else "non-public")
-            raise FetchRefused(f"{host} resolves to {address}, a {kind} address; only public addresses are "
-                               f"fetched unless the allow-list setting names it")
+        # An address that carries an IPv4 one is judged by it too: ::7f00:1 or 64:ff9b::a00:1 reach 127.0.0.1 and
+        # 10.0.0.1 as surely as those addresses do.
+        for judged in (address, inner) if inner is not None else (address,):
+            kind = _kind(judged)
+            if kind is not None:
+                carried = f" (it carries {judged})" if judged is not address else ""
+                raise FetchRefused(f"{host} resolves to {address}, a {kind} address{carried}; only public addresses "
+                                   f"are fetched unless the allow-list setting names it")
     return str(addresses[0])
 
 

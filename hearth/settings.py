@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     image_fetch_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="hosts, IPs or CIDR ranges that may be fetched although private/loopback")
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # Images are judged by their pixels before they are decoded (a small PNG can hold a huge picture), and decoding
+    # them in the API process draws on one memory budget: requests beyond it wait their turn.
+    image_max_megapixels: float = Field(50.0, gt=0, description="larger images are refused (400) before decoding")
+    image_decode_memory_mb: int = Field(1024, ge=16, description="memory decoding images may hold at once")
     image_fetch_timeout: float = Field(10.0, gt=0)
     # The model gallery: more gallery indexes (files or URLs), where downloads may come from, who may install.
     galleries: Annotated[list[GallerySource], NoDecode] = Field(default_factory=list)

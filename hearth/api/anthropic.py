@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from hearth.api.routing import HearthRoute
 from hearth.api.streaming import SSE_HEADERS, primed
 from hearth.chat.request import (
     ChatRequest,
@@ -273,7 +274,7 @@ async def _whole(body: MessagesBody, engine: Engine) -> dict[str, Any]:
     return message
 
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.post("/v1/messages")

@@ -19,6 +19,7 @@ from hearth.api.middleware import (
     OllamaJsonMiddleware,
 )
 from hearth.api.openai import audio, chat, completions, embeddings, images, models, responses
+from hearth.chat.images import configure_image_limits
 from hearth.engine import Engine
 from hearth.settings import Settings
 
@@ -27,6 +28,7 @@ log = logging.getLogger("hearth.api")
 
 def create_app(settings: Settings) -> FastAPI:
     engine = Engine(settings)
+    configure_image_limits(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

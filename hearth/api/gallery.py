@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from hearth.api.routing import HearthRoute
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest, NotFound, Unauthorized
 from hearth.gallery.catalog import Catalog, Listing, fetch_text, parse_entry, read_index, remote_url
@@ -162,7 +163,7 @@ class ApplyRequest(BaseModel):
     tags: list[str] | None = None
 
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.get("/models/available")

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from hearth import __version__
+from hearth.api.routing import HearthRoute
 from hearth.engine import Engine
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.get("/healthz")

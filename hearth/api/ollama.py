@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hearth import __version__
 from hearth.api.openai.common import USAGE_KEY, SamplingRequest
 from hearth.api.openai.embeddings import EmbeddingRequest, create_embeddings
+from hearth.api.routing import HearthRoute
 from hearth.api.streaming import primed
 from hearth.chat.grammar import SchemaNotSupported, json_object_grammar, schema_grammar
 from hearth.chat.request import ChatRequest, Finished, Reasoning, ReasoningDelta, TextDelta
@@ -275,7 +276,7 @@ async def _respond(events: AsyncIterator[dict[str, Any]], stream: bool) -> Any:
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)

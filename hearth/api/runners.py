@@ -7,9 +7,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from hearth.api.routing import HearthRoute
 from hearth.engine import Engine
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 class ModelRef(BaseModel):

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.datastructures import UploadFile
 
 from hearth.api.openai.common import read_form
+from hearth.api.routing import HearthRoute
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest
 from hearth.runner import hearth_pb2 as pb
@@ -70,7 +71,7 @@ async def _body(request: Request) -> tuple[VadRequest, bytes]:
     return VadRequest.model_validate(fields), audio
 
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.post("/v1/vad")

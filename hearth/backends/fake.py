@@ -10,6 +10,7 @@ and seed, so tests can assert on exact text. Options come from the model YAML's 
       fail_load: "reason"    # make loading fail with this reason
       chat_template: "..."   # a Jinja chat template; default is ChatML; "" for none
       echo_prompt: true      # reply with the prompt text itself (to check what a template rendered)
+      vision: true           # accept images in chat (they are loaded and checked by the server, then ignored)
 
 Logprobs are made up but fixed (each token is its own most likely choice). Grammars are not enforced: tests of
 constrained output run on a real model.
@@ -60,7 +61,8 @@ class Backend(BaseBackend):
         template = self.options.get("chat_template", CHATML)
         return ModelDescription(
             backend=self.name,
-            capabilities=["generate", "chat", "tokenize"] if template else ["generate", "tokenize"],
+            capabilities=(["generate", "chat", "tokenize"] if template else ["generate", "tokenize"]) +
+            (["vision"] if self.options.get("vision") else []),
             context_size=self.context_size,
             train_context_size=self.context_size,
             chat_template=template or "",

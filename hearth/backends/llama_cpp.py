@@ -104,8 +104,8 @@ def _check_gguf(path: Path, what: str) -> None:
         raise ModelLoadFailed(f"{what} {path.name} is not a file")
     with path.open("rb") as handle:
         magic = handle.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadFailed(f"{path.name} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    if magic != b"GGUF":  # (the message never quotes the file's bytes: they may be anything, a secret too)
+        raise ModelLoadFailed(f"{path.name} is not a GGUF file (it does not start with GGUF's magic bytes)")
 
 
 def sequences_that_fit(wanted: int, kv_per_sequence: int, available: int | None) -> int:

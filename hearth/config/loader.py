@@ -153,9 +153,14 @@ class ModelRegistry:
                     referenced.update(Path(f) for f in cfg.file_paths)
         for path in files:
             if path.suffix.lower() in LOOSE_SUFFIXES and path.resolve() not in referenced:
+                try:  # the rule of YAML paths: a link that leaves the models directory is not followed
+                    model_path = resolve_inside(self.models_dir, path.name, what="model")
+                except ConfigError as exc:
+                    table.errors.append(ConfigError(exc.reason, file=str(path)))
+                    continue
                 cfg = ModelConfig(name=path.stem, backend="llama-cpp", alias=[path.name])
                 cfg.parameters.model = path.name
-                cfg.model_path = str(path.resolve())
+                cfg.model_path = str(model_path)
                 cfg.source_file = str(path)
                 self._add(table, cfg, loose=True)
         self._vision_aliases(table)

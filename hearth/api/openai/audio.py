@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from hearth.api.openai.common import read_form, refuse_unknown
+from hearth.api.routing import HearthRoute
 from hearth.api.streaming import primed, sse_response, until_disconnect
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest
@@ -206,11 +207,15 @@ async def speech(body: SpeechRequest, engine: Engine) -> StreamingResponse:
     if len(body.input) > MAX_SPEECH_CHARACTERS:
         raise InvalidRequest(f"input is {len(body.input)} characters; the limit is {MAX_SPEECH_CHARACTERS}",
                              param="input")
+    if "\x00" in body.input:  # voices read their text as a C string
+        raise InvalidRequest("input must not contain NUL characters", param="input")
     if body.instructions:
         raise InvalidRequest("instructions are not supported by this voice model", param="instructions")
     if body.stream_format == "sse":
         raise InvalidRequest("stream_format 'sse' is not supported; the audio itself is streamed", param="stream_format")
     voice = body.voice if isinstance(body.voice, str) else str(body.voice.get("id", ""))
+    if "\x00" in voice:
+        raise InvalidRequest("voice must not contain NUL characters", param="voice")
     config = engine.model(body.model)
     request = pb.SpeakRequest(text=body.input, voice=voice, speed=body.speed, response_format=body.response_format)
 
@@ -231,7 +236,7 @@ async def speech(body: SpeechRequest, engine: Engine) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache"})
 
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.post("/v1/audio/transcriptions")

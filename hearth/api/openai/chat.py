@@ -27,6 +27,7 @@ from hearth.api.openai.common import (
     respond,
     total_usage,
 )
+from hearth.api.routing import HearthRoute
 from hearth.chat.request import (
     ChatEvent,
     ChatRequest,
@@ -363,7 +364,7 @@ async def count_tokens(request: ChatCompletionRequest, engine: Engine) -> int:
     return await count_prompt_tokens(chat_request(request), engine)
 
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.post("/v1/chat/completions")

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from hearth.api.streaming import primed, sse_response, until_disconnect
 from hearth.errors import InvalidRequest
@@ -72,6 +73,8 @@ async def read_form(request: Request, known: set[str], needs: str) -> Any:
     """A multipart form whose fields are all known; a 400 naming the first unknown one, or when it is no form."""
     try:
         form = await request.form()
+    except HTTPException:
+        raise  # the body limit's 413, met while reading the form
     except Exception as exc:  # malformed multipart bodies raise several types
         raise InvalidRequest(f"the request must be multipart/form-data with {needs}: {exc}") from None
     for key in form:

@@ -18,6 +18,7 @@ from hearth.api.openai.common import (
     respond,
     total_usage,
 )
+from hearth.api.routing import HearthRoute
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest
 from hearth.generation import INT32_MAX, merge, sampling_params, stop_list, timings_dict, with_seed
@@ -179,7 +180,7 @@ async def create_completion(request: CompletionRequest, engine: Engine) -> dict[
     }
 
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.post("/v1/completions")

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from hearth.api.openai.common import INT32_MAX, refuse_unknown
+from hearth.api.routing import HearthRoute
 from hearth.api.streaming import until_disconnect
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest
@@ -164,7 +165,7 @@ async def detokenize(request: DetokenizeRequest, engine: Engine) -> dict[str, An
     return {"content": content}
 
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.post("/v1/embeddings")

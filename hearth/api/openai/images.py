@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from hearth.api.openai.common import read_form, refuse_unknown
+from hearth.api.routing import HearthRoute
 from hearth.api.streaming import until_disconnect
 from hearth.chat.images import check_image_async
 from hearth.engine import Engine
@@ -206,7 +207,7 @@ async def edits(request: Request, variation: bool) -> dict[str, Any]:
     return await _generate(engine, request, model, message, response_format)
 
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.post("/v1/images/generations")

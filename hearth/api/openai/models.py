@@ -7,11 +7,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from hearth.api.routing import HearthRoute
 from hearth.config.schema import ModelConfig
 from hearth.engine import Engine
 from hearth.errors import ModelNotFound
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 def _created(config: ModelConfig) -> int:

@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from hearth.api.openai.common import SamplingRequest, refuse_unknown
+from hearth.api.routing import HearthRoute
 from hearth.api.streaming import SSE_HEADERS, primed
 from hearth.chat.request import (
     ChatRequest,
@@ -315,7 +316,7 @@ async def _events(body: ResponsesBody, request: Request) -> AsyncIterator[tuple[
         await events.aclose()  # the client went away: generation stops
 
 
-router = APIRouter()
+router = APIRouter(route_class=HearthRoute)
 
 
 @router.post("/v1/responses")

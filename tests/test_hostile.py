@@ -1,0 +1,197 @@
+"""Hostile but fair input: each reproducer of issue 26 gets its 4xx (or a clean end), in the client's protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import HearthServer, write_yaml
+
+from hearth.net import AddressPolicy, FetchRefused, resolve_checked
+
+SURROGATE = "a\\ud800b"  # as JSON spells it: a lone high surrogate
+ROUTES = {
+    "/v1/chat/completions": ('{"model":"fake-model","messages":[{"role":"user","content":"%s"}]}',
+                             "messages[0].content"),
+    "/v1/completions": ('{"model":"fake-model","prompt":"%s"}', "prompt"),
+    "/v1/tokenize": ('{"model":"fake-model","content":"%s"}', "content"),
+    "/v1/embeddings": ('{"model":"fake-model","input":"%s"}', "input"),
+    "/v1/messages": ('{"model":"fake-model","max_tokens":5,"messages":[{"role":"user","content":"%s"}]}',
+                     "messages[0].content"),
+    "/v1/messages/count_tokens": ('{"model":"fake-model","messages":[{"role":"user","content":"%s"}]}',
+                                  "messages[0].content"),
+    "/v1/responses": ('{"model":"fake-model","input":"%s"}', "input"),
+    "/api/chat": ('{"model":"fake-model","stream":false,"messages":[{"role":"user","content":"%s"}]}',
+                  "messages[0].content"),
+    "/api/generate": ('{"model":"fake-model","stream":false,"prompt":"%s"}', "prompt"),
+    "/api/embed": ('{"model":"fake-model","input":"%s"}', "input"),
+    "/v1/audio/speech": ('{"model":"fake-model","input":"%s","voice":"x"}', "input"),
+    "/v1/chat/completions?stop": ('{"model":"fake-model","messages":[{"role":"user","content":"hi"}],"stop":["%s"]}',
+                                  "stop[0]"),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_lone_surrogate_is_a_400_naming_the_field(fake_server: HearthServer, route: str) -> None:
+    body, field = ROUTES[route]
+    reply = httpx.post(fake_server.base_url + route.split("?")[0], content=body % SURROGATE,
+                       headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()
+    if route.startswith("/api/"):
+        message = error["error"]  # Ollama's shape
+    elif route.startswith("/v1/messages"):
+        assert error["type"] == "error"  # Anthropic's shape
+        message = error["error"]["message"]
+    else:
+        assert error["error"]["param"] == field
+        message = error["error"]["message"]
+    assert field in message and "surrogate" in message
+    # A surrogate pair (an emoji spelled as JSON's two escapes) is fine.
+    paired = httpx.post(fake_server.base_url + "/v1/chat/completions", headers={"content-type": "application/json"},
+                        content=ROUTES["/v1/chat/completions"][0] % "\\ud83d\\ude00", timeout=30)
+    assert paired.status_code == 200
+    assert "Traceback" not in fake_server.log()
+
+
+def test_nul_in_speech_input_is_a_400(fake_server: HearthServer) -> None:
+    for field in ("input", "voice"):
+        body = {"model": "fake-model", "input": "hello", "voice": "x", field: "a\x00b"}
+        reply = httpx.post(fake_server.base_url + "/v1/audio/speech", json=body, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == field
+
+
+def multipart_chunks(size: int) -> Iterator[bytes]:
+    yield (b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nfake-model\r\n--B\r\n'
+           b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n')
+    for _ in range(size // 10_000):
+        yield b"\0" * 10_000
+    yield b"\r\n--B--\r\n"
+
+
+def test_an_oversized_chunked_upload_is_a_413(start_server, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    write_yaml(models, "fake", {"name": "fake-model", "backend": "fake"})
+    server = start_server(models, env={"HEARTH_MAX_BODY_BYTES": "100000"})
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits", "/v1/vad"):
+        reply = httpx.post(server.base_url + path, content=multipart_chunks(500_000),
+                           headers={"content-type": "multipart/form-data; boundary=B"}, timeout=30)
+        assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large", (path, reply.text)
+
+
+def test_loose_model_files_follow_the_symlink_rule(start_server, tmp_path: Path) -> None:
+    models, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    models.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "secret.gguf").write_text("SECRET-TOKEN=abc\n")
+    (models / "out.gguf").symlink_to(elsewhere / "secret.gguf")
+    (models / "notes.gguf").write_text("Private notes\n")  # inside, but no GGUF
+    server = start_server(models)
+    names = [m.id for m in server.client().models.list().data]
+    assert "out" not in names and "notes" in names
+    assert "outside the models directory" in server.log()
+    reply = server.http().post("/v1/chat/completions", json={"model": "notes", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert "not a GGUF file" in reply.json()["error"]["message"]
+    assert "Priv" not in reply.text and "SECRET" not in server.log()
+
+
+@pytest.mark.parametrize(("host", "allowed"), [
+    ("::7f00:1", False),            # IPv4-compatible 127.0.0.1
+    ("64:ff9b::7f00:1", False),     # NAT64 (RFC 6052) of 127.0.0.1
+    ("64:ff9b::a00:1", False),      # NAT64 of 10.0.0.1
+    ("64:ff9b:1::a00:1", False),    # local-use NAT64 (RFC 8215)
+    ("::ffff:127.0.0.1", False),    # IPv4-mapped
+    ("2002:7f00:1::", False),       # 6to4 of 127.0.0.1
+    ("2002:a00:1::1", False),       # 6to4 of 10.0.0.1
+    ("64:ff9b::808:808", True),     # NAT64 of a public address
+    ("2002:808:808::1", True),
+    ("8.8.8.8", True),
+])
+def test_ipv6_forms_are_judged_by_the_ipv4_address_they_carry(host: str, allowed: bool) -> None:
+    async def check() -> bool:
+        try:
+            await resolve_checked(host, 80, AddressPolicy())
+        except FetchRefused:
+            return False
+        return True
+
+    assert asyncio.run(check()) is allowed
+
+
+@pytest.fixture(scope="module")
+def bomb() -> str:
+    """A 12000x12000 PNG of one colour: about 440 KB, 144 megapixels (576 MB once decoded)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (12000, 12000), (200, 10, 10)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _rss_mb(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) // 1024
+
+
+def _eight_at_once(server: HearthServer, url: str) -> tuple[list[int], int, int, int]:
+    body = {"model": "seer", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+    server.http().post("/v1/chat/completions", json={"model": "seer", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "warm up"}]})
+    time.sleep(0.5)
+    idle = peak = _rss_mb(server.process.pid)
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_mb(server.process.pid))
+            time.sleep(0.02)
+
+    def send() -> None:
+        statuses.append(httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=300).status_code)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    senders = [threading.Thread(target=send) for _ in range(8)]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join()
+    time.sleep(1)
+    done.set()
+    watcher.join()
+    return statuses, idle, peak, _rss_mb(server.process.pid)
+
+
+def test_image_bombs_are_refused_by_their_pixels_before_decoding(start_server, tmp_path: Path, bomb: str) -> None:
+    write_yaml(tmp_path, "seer", {"name": "seer", "backend": "fake", "fake": {"vision": True}})
+    server = start_server(tmp_path)
+    statuses, idle, peak, after = _eight_at_once(server, bomb)
+    assert statuses == [400] * 8
+    assert peak - idle < 100 and after - idle < 16, (idle, peak, after)
+    reply = server.http().post("/v1/chat/completions", json={"model": "seer", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": bomb}}]}]}).json()
+    assert "megapixels" in reply["error"]["message"] and "image_max_megapixels" in reply["error"]["message"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the API process's memory from /proc")
+def test_large_images_within_the_limit_stay_in_the_memory_budget(start_server, tmp_path: Path, bomb: str) -> None:
+    """With the pixel limit raised to let them in, eight at once decode within the budget (1 GB by default) and the
+    process's memory comes back afterwards."""
+    write_yaml(tmp_path, "seer", {"name": "seer", "backend": "fake", "fake": {"vision": True}})
+    server = start_server(tmp_path, env={"HEARTH_IMAGE_MAX_MEGAPIXELS": "150"})
+    statuses, idle, peak, after = _eight_at_once(server, bomb)
+    assert statuses == [200] * 8
+    assert peak - idle < 1024 + 64, (idle, peak)
+    assert after - idle < max(idle * 0.1, 16), (idle, after)
