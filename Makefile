@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench proto clean
+.PHONY: run test fuzz lint format bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,16 +22,20 @@ $(CHROMIUM):
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium
 
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/ruff check hearth tests benchmarks
+	$(BIN)/ruff check hearth tests benchmarks scripts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fuzz suite for longer: many more generated requests per route than `make test` sends.
+fuzz: $(STAMP)
+	HEARTH_FUZZ_EXAMPLES=$${HEARTH_FUZZ_EXAMPLES:-300} $(BIN)/python -m pytest tests/test_fuzz.py tests/test_hostile.py $(PYTEST_ARGS)
 
 # The code is laid out by hand (120 columns, continuation lines aligned); `ruff format` would rewrite most files,
 # so lint and format stop at ruff's checks and its safe fixes (import order and the like).
 lint: $(STAMP)
-	$(BIN)/ruff check hearth tests benchmarks
+	$(BIN)/ruff check hearth tests benchmarks scripts
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix hearth tests benchmarks
+	$(BIN)/ruff check --fix hearth tests benchmarks scripts
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/single_stream.py

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from hearth import __version__
-from hearth.api import anthropic, gallery, health, ollama, runners, vad, web
+from hearth.api import anthropic, gallery, health, ollama, openapi, runners, vad, web
 from hearth.api.errors import install_error_handlers
 from hearth.api.middleware import (
     ApiKeyMiddleware,
@@ -55,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
                    audio.router, vad.router, images.router, runners.router, ollama.router, anthropic.router,
                    responses.router):
         app.include_router(router)
+    openapi.install(app)
     # Outermost first: refuse unauthenticated requests before reading their bodies.
     app.add_middleware(OllamaJsonMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)

@@ -285,12 +285,14 @@ async def root() -> Response:
     return Response("Hearth is running\n", media_type="text/plain")
 
 
-@router.api_route("/api/version", methods=["GET", "HEAD"])
+@router.get("/api/version")
+@router.head("/api/version", include_in_schema=False)
 async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.api_route("/api/tags", methods=["GET", "HEAD"])
+@router.get("/api/tags")
+@router.head("/api/tags", include_in_schema=False)
 async def tags(request: Request) -> dict[str, Any]:
     engine: Engine = request.app.state.engine
     models = []
@@ -349,7 +351,8 @@ def _ollama_capabilities(usecases: list[str]) -> list[str]:
     return found
 
 
-@router.api_route("/api/ps", methods=["GET", "HEAD"])
+@router.get("/api/ps")
+@router.head("/api/ps", include_in_schema=False)
 async def ps(request: Request) -> dict[str, Any]:
     engine: Engine = request.app.state.engine
     return {"models": [{"name": status["name"], "model": status["name"], "size": 0, "digest": "",

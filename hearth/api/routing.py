@@ -47,6 +47,8 @@ def _unencodable(value: Any, path: tuple[Any, ...] = ()) -> tuple[Any, ...] | No
 def _param(path: tuple[Any, ...]) -> str:
     text = ""
     for part in path:
+        if isinstance(part, str):  # a key may be the bad text itself: spelled with escapes
+            part = part.encode("utf-8", "backslashreplace").decode("utf-8")
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
 
