@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -73,8 +75,22 @@ def serve(settings: Settings) -> None:
     # make that handler a plain exit, so a clean shutdown exits 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=10)
+    from hearth.api.drain import DRAIN
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, which on SIGTERM first starts Hearth's drain (503 for new requests, a grace for
+        running ones, then their protocol's error); uvicorn's own wait is longer, so the drain ends them first."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not DRAIN.begun and self.config.loaded:
+                with contextlib.suppress(RuntimeError):  # (no loop yet: nothing is running to drain)
+                    asyncio.get_event_loop().call_soon_threadsafe(DRAIN.begin, settings.shutdown_grace_seconds)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5)
+    Server(config).run()
 
 
 def install_defaults(settings: Settings) -> None:

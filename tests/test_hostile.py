@@ -195,3 +195,60 @@ def test_large_images_within_the_limit_stay_in_the_memory_budget(start_server, t
     assert statuses == [200] * 8
     assert peak - idle < 1024 + 64, (idle, peak)
     assert after - idle < max(idle * 0.1, 16), (idle, after)
+
+
+def test_sigterm_drains_streams_and_queued_requests(start_server, tmp_path: Path) -> None:
+    """Eight streams running and two requests waiting (for a model that is still loading) when SIGTERM comes: the
+    waiting ones get 503, the streams their protocol's error and end after the grace, and no runner is left."""
+    import signal
+    import subprocess
+
+    write_yaml(tmp_path, "slow", {"name": "slow", "backend": "fake",
+                                  "fake": {"token_delay": 0.1, "reply": " ".join(["word"] * 400)}})
+    write_yaml(tmp_path, "loading", {"name": "loading", "backend": "fake", "fake": {"load_delay": 60}})
+    server = start_server(tmp_path, env={"HEARTH_SHUTDOWN_GRACE_SECONDS": "2"})
+    results: dict[str, list[str]] = {}
+
+    def stream(key: str, path: str, body: dict) -> None:
+        lines: list[str] = []
+        try:
+            with httpx.stream("POST", server.base_url + path, json=body, timeout=60) as reply:
+                lines.append(str(reply.status_code))
+                for line in reply.iter_lines():
+                    if line:
+                        lines.append(line)
+        except httpx.HTTPError as exc:  # a cut connection is what this test must never see
+            lines.append(f"broken: {exc!r}")
+        results[key] = lines
+
+    chat = {"model": "slow", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    jobs = [(f"openai-{i}", "/v1/chat/completions", chat) for i in range(5)]
+    jobs += [("anthropic", "/v1/messages", {**chat, "max_tokens": 1000}), ("ollama", "/api/chat", chat),
+             ("responses", "/v1/responses", {"model": "slow", "stream": True, "input": "hi"})]
+    jobs += [(f"queued-{i}", "/v1/chat/completions", {**chat, "model": "loading"}) for i in range(2)]
+    threads = [threading.Thread(target=stream, args=job) for job in jobs]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)  # the streams are running, the queued requests wait for the load
+    runners = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(runners) >= 2  # the slow model's runner and the loading one's
+    server.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert server.process.wait(timeout=30) == 0
+    for key, lines in results.items():
+        assert not any(line.startswith("broken") for line in lines), (key, lines)
+        if key.startswith("queued"):
+            assert lines[0] == "503", (key, lines)
+            continue
+        assert lines[0] == "200", (key, lines)
+        last = lines[-1]
+        if key.startswith("openai") or key == "responses":
+            assert last == "data: [DONE]" or '"error"' in last, (key, lines[-3:])
+            assert any("shutting down" in line for line in lines), (key, lines[-3:])
+        elif key == "anthropic":
+            assert "event: error" in lines[-2] or '"type":"error"' in last.replace(" ", ""), (key, lines[-3:])
+        else:
+            assert '"error"' in last and "shutting down" in last, (key, lines[-3:])
+    alive = [pid for pid in runners if Path(f"/proc/{pid}").exists()]
+    assert not alive, f"runner processes left: {alive}"

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from hearth import __version__
 from hearth.api import anthropic, gallery, health, ollama, openapi, runners, vad, web
+from hearth.api.drain import DrainMiddleware
 from hearth.api.errors import install_error_handlers
 from hearth.api.middleware import (
     ApiKeyMiddleware,
@@ -64,5 +65,6 @@ def create_app(settings: Settings) -> FastAPI:
         else settings.api_keys
     app.add_middleware(ApiKeyMiddleware, keys=keys, open_prefixes=("/web/",) if settings.web else (),
                        open_paths=("/", "/ui") if settings.web else ())
+    app.add_middleware(DrainMiddleware)  # on SIGTERM: 503 for new requests, a grace for running ones
     app.add_middleware(MetricsMiddleware, metrics=engine.runners.metrics)  # outermost: refusals count too
     return app

@@ -73,13 +73,18 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 ErrorShape = Callable[[int, str], dict[str, Any]]
 
 
-def shaped(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse | None:
-    """The error in the shape of the API that owns the route (each API registers its encoder with
-    `install_error_handlers`); None for OpenAI's, made by the caller with its param and code."""
-    for prefix, shape in getattr(request.app.state, "error_shapes", ()):
-        if request.url.path.startswith(prefix):
-            return JSONResponse(shape(status, message), status_code=status, headers=headers)
+def shape_for(app: Any, path: str, status: int, message: str) -> dict[str, Any] | None:
+    """The error body in the shape of the API that owns `path` (each API registers its encoder with
+    `install_error_handlers`); None for OpenAI's, which the caller makes with its param and code."""
+    for prefix, shape in getattr(app.state, "error_shapes", ()):
+        if path.startswith(prefix):
+            return shape(status, message)
     return None
+
+
+def shaped(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse | None:
+    body = shape_for(request.app, request.url.path, status, message)
+    return JSONResponse(body, status_code=status, headers=headers) if body is not None else None
 
 
 def install_error_handlers(app: FastAPI, shapes: dict[str, ErrorShape] | None = None) -> None:

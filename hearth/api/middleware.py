@@ -10,33 +10,30 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hearth.api.errors import error_body
+from hearth.api.errors import error_body, shape_for
 from hearth.metrics import Metrics
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _for_path(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI-shaped error body in the shape of the API the path belongs to (Ollama's, Anthropic's)."""
-    message = body["error"]["message"]
-    if path.startswith("/api/"):
-        return {"error": message}
-    if path.startswith("/v1/messages"):
-        from hearth.api.anthropic import error_body as anthropic_error
-
-        return anthropic_error(status, message)
-    return body
-
-
 async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None,
-                     path: str = "") -> None:
-    body = _for_path(path, status, body)
+                     scope: Scope | None = None) -> None:
+    """An OpenAI-shaped error, sent in the shape of the API the path belongs to (its registered encoder)."""
+    if scope is not None and "app" in scope:
+        body = shape_for(scope["app"], scope["path"], status, body["error"]["message"]) or body
     payload = json.dumps(body).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+async def send_error(send: Send, scope: Scope, status: int, message: str, *, headers: dict[str, str] | None = None,
+                     code: str | None = None) -> None:
+    """An error answered by middleware, in the shape of the route's API."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    await _send_json(send, status, error_body(message, type=kind, code=code), headers, scope=scope)
 
 
 def _presented_key(scope: Scope) -> str | None:
@@ -79,7 +76,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         await _send_json(send, 401, error_body(message, type="authentication_error", code="invalid_api_key"),
-                         {"WWW-Authenticate": "Bearer"}, path=scope["path"])
+                         {"WWW-Authenticate": "Bearer"}, scope=scope)
 
 
 class BodyLimitMiddleware:
@@ -104,7 +101,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = 0
                 if declared > self.limit:
-                    await _send_json(send, 413, self._too_large(), path=scope["path"])
+                    await _send_json(send, 413, self._too_large(), scope=scope)
                     return
         received = 0
         started = False
@@ -128,7 +125,7 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await _send_json(send, 413, self._too_large(), path=scope["path"])
+                await _send_json(send, 413, self._too_large(), scope=scope)
 
 
 class _BodyTooLarge(HTTPException):

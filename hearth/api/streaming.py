@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from hearth.api.drain import DRAIN
 from hearth.api.errors import error_body
 from hearth.errors import HearthError, ServiceUnavailable
 
@@ -36,7 +37,11 @@ async def primed(events: AsyncIterator[T]) -> AsyncIterator[T]:
     async def rest() -> AsyncIterator[T]:
         async with contextlib.aclosing(events):
             yield first
-            async for event in events:
+            while True:  # each event races the end of a shutdown's grace period (then: a 503 error event)
+                try:
+                    event = await DRAIN.until_expired(anext(events))
+                except StopAsyncIteration:
+                    return
                 yield event
 
     return rest()

@@ -381,6 +381,10 @@ async def _serve(address: str, parent_pid: int | None, cores_board: Path | None)
     if address.startswith("unix:"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address.removeprefix("unix:"))
+    # A model still loading (a native call nothing can interrupt) would keep the process alive until it is done,
+    # as asyncio.run waits for its worker threads: with the server stopped and the socket gone, leave now.
+    logging.shutdown()
+    os._exit(0)
 
 
 def serve(address: str, *, parent_pid: int | None = None, cores_board: Path | None = None) -> None:
