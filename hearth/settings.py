@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     runner_start_timeout: float = Field(60.0, gt=0)
     load_timeout: float = Field(600.0, gt=0)
+    runner_watchdog_seconds: float = Field(60.0, ge=0, description="a runner with requests in flight that does not "
+                                           "answer a health check this long is killed (0: no watchdog)")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long running requests may finish")
     log_level: str = "info"
     # Images in chat requests: http(s) URLs are fetched by the server, with these limits.

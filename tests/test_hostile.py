@@ -252,3 +252,43 @@ def test_sigterm_drains_streams_and_queued_requests(start_server, tmp_path: Path
             assert '"error"' in last and "shutting down" in last, (key, lines[-3:])
     alive = [pid for pid in runners if Path(f"/proc/{pid}").exists()]
     assert not alive, f"runner processes left: {alive}"
+
+
+def test_a_stopped_runner_is_caught_by_the_watchdog(start_server, tmp_path: Path) -> None:
+    """A runner under SIGSTOP answers nothing: its stream and the request beside it end with a clear error within
+    the watchdog's time, and the next request gets a fresh runner."""
+    import signal
+    import subprocess
+
+    write_yaml(tmp_path, "slow", {"name": "slow", "backend": "fake",
+                                  "fake": {"token_delay": 0.1, "reply": " ".join(["word"] * 400)}})
+    server = start_server(tmp_path, env={"HEARTH_RUNNER_WATCHDOG_SECONDS": "2"})
+    chat = {"model": "slow", "messages": [{"role": "user", "content": "hi"}]}
+    results: dict[str, object] = {}
+
+    def streamed() -> None:
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**chat, "stream": True},
+                          timeout=60) as reply:
+            results["stream"] = [line for line in reply.iter_lines() if line]
+
+    def whole() -> None:
+        results["whole"] = httpx.post(server.base_url + "/v1/chat/completions", json=chat, timeout=60)
+
+    threads = [threading.Thread(target=streamed), threading.Thread(target=whole)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    runner = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(runner) == 1
+    os.kill(int(runner[0]), signal.SIGSTOP)
+    started = time.monotonic()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert time.monotonic() - started < 15
+    lines = results["stream"]
+    assert isinstance(lines, list) and "made no progress" in lines[-2] and lines[-1] == "data: [DONE]", lines[-2:]
+    reply = results["whole"]
+    assert isinstance(reply, httpx.Response) and reply.status_code == 503
+    assert "made no progress for 2 s" in reply.json()["error"]["message"]
+    again = httpx.post(server.base_url + "/v1/chat/completions", json={**chat, "max_tokens": 3}, timeout=60)
+    assert again.status_code == 200

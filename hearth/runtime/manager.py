@@ -44,6 +44,7 @@ class Runner:
     last_used: float = field(default_factory=time.monotonic)
     keep_alive: float | None = None  # seconds idle before unloading (Ollama's keep_alive); None: the server setting
     started_wall: float = field(default_factory=time.time)
+    stuck: str = ""  # why the watchdog killed it, when it did
 
     @property
     def alive(self) -> bool:
@@ -56,6 +57,9 @@ class Runner:
             if self.state != "dead" and self.metrics is not None:
                 self.metrics.inc("hearth_runner_crashes_total", model=self.name)
             self.state = "dead"
+            if self.stuck:
+                return RunnerCrashed(f"the runner for model '{self.name}' {self.stuck} while {what}; it was stopped "
+                                     f"and will be restarted on the next request")
             return RunnerCrashed(
                 f"the runner for model '{self.name}' stopped ({self.process.exit_description()}) while {what}; "
                 f"it will be restarted on the next request")
@@ -130,6 +134,7 @@ class RunnerManager:
         self._socket_dir: Path | None = None
         self._counter = 0
         self._reaper: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
         self._closing = False
         self.board: Board | None = None
         self.metrics = Metrics()
@@ -140,6 +145,7 @@ class RunnerManager:
         self._socket_dir.chmod(0o700)
         self.board = Board(self._socket_dir / "cores", create=True)
         self._reaper = asyncio.create_task(self._reap_idle())
+        self._watchdog = asyncio.create_task(self._watch())
 
     # -- using a model ---------------------------------------------------------------------------------
 
@@ -325,15 +331,41 @@ class RunnerManager:
                     log.info("unloading '%s': idle for %.0f s", runner.name, now - runner.last_used)
                     await self._forget(runner)
 
+    async def _watch(self) -> None:
+        """The watchdog: a runner with requests in flight must answer a health check within
+        `runner_watchdog_seconds`. One that does not (stopped, or hung in a call that holds its interpreter) is
+        killed: its requests end with an error that says so, and the next request starts a fresh runner. A runner
+        busy in a long computation still answers (its event loop runs beside the work)."""
+        limit = self.settings.runner_watchdog_seconds
+        if not limit:
+            return
+        while True:
+            await asyncio.sleep(min(5.0, limit / 2))
+            watched = [r for r in self.runners.values() if r.state == "ready" and r.active and r.client is not None
+                       and isinstance(r.process, RunnerProcess)]
+            await asyncio.gather(*(self._check(runner, limit) for runner in watched))
+
+    async def _check(self, runner: Runner, limit: float) -> None:
+        assert runner.client is not None
+        try:
+            await runner.client.health(timeout=limit)
+        except Exception:  # no answer in time (or the connection is gone: the crash handling takes that)
+            if runner.state == "ready" and runner.process.returncode is None:
+                log.error("the runner for '%s' (pid %s) did not answer for %g s with requests in flight; killing it",
+                          runner.name, runner.process.pid, limit)
+                runner.stuck = f"made no progress for {limit:g} s"
+                runner.process.kill()
+
     def status(self) -> list[dict[str, Any]]:
         return [runner.status() for runner in self.runners.values()]
 
     async def shutdown(self) -> None:
         self._closing = True
-        if self._reaper:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._watchdog):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await asyncio.gather(*(self._forget(r) for r in list(self.runners.values())), return_exceptions=True)
         if self.board is not None:
             self.board.close()

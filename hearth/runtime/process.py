@@ -122,6 +122,12 @@ class RunnerProcess:
         except TimeoutError:
             return False
 
+    def kill(self) -> None:
+        """SIGKILL at once (it ends a stopped or hung process too)."""
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+
     async def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds; the socket file is removed either way."""
         if self.process is not None and self.process.returncode is None:
