@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -64,8 +62,6 @@ def _configure_logging(level: str) -> None:
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
     from hearth.api.app import create_app
 
     _configure_logging(settings.log_level)
@@ -75,22 +71,9 @@ def serve(settings: Settings) -> None:
     # make that handler a plain exit, so a clean shutdown exits 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-    from hearth.api.drain import DRAIN
+    from hearth.server import run
 
-    class Server(uvicorn.Server):
-        """uvicorn's server, which on SIGTERM first starts Hearth's drain (503 for new requests, a grace for
-        running ones, then their protocol's error); uvicorn's own wait is longer, so the drain ends them first."""
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            if not DRAIN.begun and self.config.loaded:
-                with contextlib.suppress(RuntimeError):  # (no loop yet: nothing is running to drain)
-                    asyncio.get_event_loop().call_soon_threadsafe(DRAIN.begin, settings.shutdown_grace_seconds)
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5)
-    Server(config).run()
+    run(create_app(settings), settings)
 
 
 def install_defaults(settings: Settings) -> None:

@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     load_timeout: float = Field(600.0, gt=0)
     runner_watchdog_seconds: float = Field(60.0, ge=0, description="a runner with requests in flight that does not "
                                            "answer a health check this long is killed (0: no watchdog)")
+    header_timeout_seconds: float = Field(10.0, ge=0, description="a request's headers must arrive within this")
+    body_timeout_seconds: float = Field(30.0, ge=0, description="a request's body may pause no longer than this")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long running requests may finish")
     log_level: str = "info"
     # Images in chat requests: http(s) URLs are fetched by the server, with these limits.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import threading
 import time
@@ -292,3 +293,43 @@ def test_a_stopped_runner_is_caught_by_the_watchdog(start_server, tmp_path: Path
     assert "made no progress for 2 s" in reply.json()["error"]["message"]
     again = httpx.post(server.base_url + "/v1/chat/completions", json={**chat, "max_tokens": 3}, timeout=60)
     assert again.status_code == 200
+
+
+def test_slow_headers_and_bodies_are_timed_out(start_server, tmp_path: Path) -> None:
+    """A client that trickles its headers, or stops in the middle of its body, gets 408 and its connection closed;
+    a stream that outlasts both timeouts is untouched."""
+    import socket
+
+    write_yaml(tmp_path, "slow", {"name": "slow", "backend": "fake",
+                                  "fake": {"token_delay": 0.05, "reply": " ".join(["word"] * 60)}})
+    server = start_server(tmp_path, env={"HEARTH_HEADER_TIMEOUT_SECONDS": "1", "HEARTH_BODY_TIMEOUT_SECONDS": "1"})
+    port = int(server.base_url.rsplit(":", 1)[1])
+
+    def hold(first: bytes) -> tuple[float, bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(first)
+            started, answer = time.monotonic(), b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return time.monotonic() - started, answer
+                answer += chunk
+
+    many = [threading.Thread(target=hold, args=(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n",)) for _ in range(20)]
+    for thread in many:
+        thread.start()
+    waited, answer = hold(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+    assert waited < 5 and answer.startswith(b"HTTP/1.1 408"), answer[:80]
+    waited, answer = hold(b"")  # connected, and nothing sent at all
+    assert waited < 5 and answer.startswith(b"HTTP/1.1 408")
+    body = json.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    waited, answer = hold(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+    assert waited < 5 and b"408" in answer.split(b"\r\n")[0], answer[:80]
+    for thread in many:
+        thread.join(timeout=10)
+    # A stream of about three seconds, well past both timeouts, arrives whole.
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=30,
+                      json={"model": "slow", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and len(lines) > 50
