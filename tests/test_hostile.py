@@ -333,3 +333,24 @@ def test_slow_headers_and_bodies_are_timed_out(start_server, tmp_path: Path) -> 
                       json={"model": "slow", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as reply:
         lines = [line for line in reply.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and len(lines) > 50
+
+
+def test_the_openapi_document_says_what_the_server_answers(fake_server: HearthServer) -> None:
+    document = httpx.get(fake_server.base_url + "/openapi.json", timeout=30).json()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "422" not in responses, (method, path)  # invalid bodies are 400s
+            for status in ("400", "401", "404", "413", "429", "503"):
+                schema = responses[status]["content"]["application/json"]["schema"]["$ref"]
+                expected = "OllamaError" if path.startswith("/api/") else \
+                    "AnthropicError" if path.startswith("/v1/messages") else "Error"
+                assert schema.endswith("/" + expected), (method, path, status)
+    paths = document["paths"]
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits", "/v1/images/variations",
+                 "/v1/vad"):
+        form = paths[path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert form["required"] and form["properties"], path
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert "text/event-stream" in paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert "application/x-ndjson" in paths["/api/chat"]["post"]["responses"]["200"]["content"]

@@ -78,6 +78,7 @@ class ImageLimits:
 _limits = ImageLimits(max_pixels=50_000_000, budget=DecodeBudget(1024 * 2**20))
 BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2}  # others are held as 4 bytes a pixel by Pillow
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+DECODE_SIDE = 2048
 
 
 def configure_image_limits(settings: Settings) -> None:
@@ -100,10 +101,12 @@ def _return_large_blocks() -> None:
 
 
 def _decode(data: bytes) -> None:
-    """Decode the whole image (so a broken one is found here, not in the runner), keeping nothing of it."""
+    """Decode the whole image (so a broken one is found here, not in the runner), keeping nothing of it; a JPEG is
+    decoded at a reduced scale no smaller than DECODE_SIDE, which no vision model's input exceeds."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (DECODE_SIDE, DECODE_SIDE))  # (a no-op for formats without reduced decoding)
         image.load()
 
 
@@ -116,12 +119,17 @@ def check_image(data: bytes, param: str) -> bytes:
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            mode = image.mode
+            mode, fmt = image.mode, image.format
             image.verify()
         pixels = width * height
         if pixels > limits.max_pixels:
             raise _refuse(param, f"the image is {width}x{height}, {pixels / 1e6:.1f} megapixels; the limit is "
                                  f"{limits.max_pixels / 1e6:g} (the server's image_max_megapixels setting)")
+        if fmt == "JPEG":  # decoded at 1/2, 1/4 or 1/8 scale down to DECODE_SIDE (Pillow's draft)
+            scale = 1
+            while scale < 8 and min(width, height) // (scale * 2) >= DECODE_SIDE:
+                scale *= 2
+            pixels //= scale * scale
         with limits.budget.reserve(pixels * BYTES_PER_PIXEL.get(mode, 4)):
             _decode(data)
     except Image.DecompressionBombError:  # Pillow's guard, at twice the limit, fires as the header is read
