@@ -74,10 +74,17 @@ def wait_http(base: str, process: subprocess.Popen, path: str = "/healthz", time
     raise SystemExit(f"{base} did not become ready")
 
 
+# `python -m hearth` from the checkout in HEARTH_CHECKOUT (a baseline), past the editable install's finder.
+FROM_CHECKOUT = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+                 "sys.path.insert(0, sys.argv.pop(1)); runpy.run_module('hearth', run_name='__main__', alter_sys=True)")
+
+
 def start_hearth(models_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    checkout = os.environ.get("HEARTH_CHECKOUT")
+    start = [sys.executable, "-c", FROM_CHECKOUT, checkout] if checkout else [sys.executable, "-m", "hearth"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "hearth", "serve", "--models-dir", str(models_dir), "--port", str(port),
+        [*start, "serve", "--models-dir", str(models_dir), "--port", str(port),
          "--threads", str(threads), "--log-level", "warning"], cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     wait_http(base, process)

@@ -17,9 +17,14 @@ fix their threads when they load: their runners are marked on the board all the 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import mmap
 import os
+import time
 from pathlib import Path
+
+log = logging.getLogger("hearth.cores")
 
 SLOTS = 256  # runners a board can follow; more than that are simply not counted
 
@@ -59,21 +64,110 @@ class Board:
         self._map.close()
 
 
+def _run_delay() -> int | None:
+    """Nanoseconds this process's threads have spent runnable but waiting for a core, all together (Linux's
+    schedstat): the computing threads wait while another process has their core, and the partner of a preempted
+    thread spins (running, not waiting), so only the sum over every thread tells."""
+    total = 0
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/schedstat", "rb") as stats:
+                total += int(stats.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
+class OutsideLoad:
+    """Load this server did not start, seen from the runner that computes, and the threads it leaves us.
+
+    llama.cpp's threads (and torch's) wait for one another after every operation, spinning: when another process
+    takes one of the cores, the partner of the preempted thread spins through its time, and a step that took 15 ms
+    takes hundreds (Qwen2.5-Coder 0.5B on 2 cores, 2 threads: 65 tokens/s quiet, 1 to 3 beside one busy loop at nice 0
+    or even 19; with 1 thread, 50 either way). So the runner watches how long its threads wait for a core: over a
+    window in which they spent more than WAITING of their runnable time waiting, one thread is given up. Every
+    PROBE seconds one is tried again for a window; if the waiting comes back, it is given up again and the next try
+    waits twice as long (up to MAX_PROBE).
+    """
+
+    WINDOW = 0.1  # seconds between judgements (of computing, per thread: idle time does not count)
+    WAITING = 0.2  # share of the threads' runnable time spent waiting for a core that means the cores are taken
+    PROBE = 1.0
+    MAX_PROBE = 4.0
+
+    def __init__(self, cores: int) -> None:
+        self.cores = cores
+        self.cap: int | None = None  # threads allowed now; None: no limit of its own
+        self._window = 0.0
+        self._delay: int | None = None  # the process's threads' waiting for a core (ns) at the window's start
+        self._cpu = 0.0  # and their running time (s)
+        self._probe_at = 0.0
+        self._probe_every = self.PROBE
+        self._probing = False
+
+    def limit(self, threads: int) -> int:
+        """The threads to compute with, given `threads` otherwise; judged once a window of computing."""
+        using = self._allowed(threads)
+        now = time.monotonic()
+        if now - self._window < self.WINDOW:
+            return using
+        delay, cpu = _run_delay(), time.process_time()
+        if delay is None:
+            return using
+        if self._delay is None:
+            self._window, self._delay, self._cpu = now, delay, cpu
+            return using
+        waiting, running = (delay - self._delay) / 1e9, cpu - self._cpu
+        if waiting + running < self.WINDOW * using:
+            return using  # mostly idle since the last look (between requests): too little to judge by
+        self._window, self._delay, self._cpu = now, delay, cpu
+        waited = waiting / (waiting + running)
+        if waited > self.WAITING and using > 1:
+            self.cap = using - 1
+            self._probe_every = min(self.MAX_PROBE, self._probe_every * 2) if self._probing else self.PROBE
+            if not self._probing:
+                self._say(f"computing with {self.cap} of {threads} threads: other processes keep this runner's "
+                          f"threads waiting for a core ({waited:.0%} of their time)")
+            self._probe_at, self._probing = now + self._probe_every, False
+        elif self._probing:
+            self._probing, self._probe_every = False, self.PROBE  # the thread tried again is kept
+            if self.cap is None:
+                self._say(f"computing with all {threads} threads again: the cores are free")
+        elif self.cap is not None and now >= self._probe_at:
+            self.cap = self.cap + 1 if self.cap + 1 < threads else None
+            self._probing = True
+        return self._allowed(threads)
+
+    def _allowed(self, threads: int) -> int:
+        return min(threads, self.cap) if self.cap else threads
+
+    def _say(self, message: str) -> None:
+        """Said once when the runner leaves the threads it was configured with, and once when it is back to them
+        (the probes between are not told)."""
+        log.info(message)
+
+
+def adapting() -> bool:
+    """Whether runners adapt their threads to outside load (HEARTH_ADAPT_THREADS, on unless 0/false/no)."""
+    return os.environ.get("HEARTH_ADAPT_THREADS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 class Share:
-    """How many threads a runner computes with right now; asked before each step."""
+    """How many threads a runner computes with right now; asked before each step, by the thread that computes."""
 
     def __init__(self, threads: int, board: Board | None = None, cores: int | None = None) -> None:
         self.configured = max(1, threads)
         self.board = board
         self.cores = cores or machine_cores()
+        self.outside = OutsideLoad(self.cores) if adapting() and self.configured > 1 else None
 
     def threads(self) -> int:
-        if self.board is None:
-            return self.configured
-        busy = self.board.busy()
-        if busy <= 1:
-            return self.configured
-        return max(1, min(self.configured, self.cores // busy))
+        threads = self.configured
+        if self.board is not None:
+            busy = self.board.busy()
+            if busy > 1:
+                threads = max(1, min(self.configured, self.cores // busy))
+        return self.outside.limit(threads) if self.outside is not None else threads
 
 
 def follow_in_torch(share: Share, torch: object) -> int:
