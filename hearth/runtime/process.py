@@ -67,7 +67,7 @@ class RunnerProcess:
             "--log-level", self.log_level, "--name", self.name,
             *(["--cores-board", str(self.cores_board)] if self.cores_board else []),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=env, preexec_fn=os.setpgrp,  # a process group of its own, in the server's session
+            env=env,  # (the runner puts itself in a process group of its own: hearth/runner/__main__.py)
         )
         self._readers = [asyncio.create_task(self._pump(self.process.stdout, logging.DEBUG)),
                          asyncio.create_task(self._pump(self.process.stderr, logging.INFO))]
