@@ -209,6 +209,7 @@ def test_sigterm_drains_streams_and_queued_requests(start_server, tmp_path: Path
     write_yaml(tmp_path, "loading", {"name": "loading", "backend": "fake", "fake": {"load_delay": 60}})
     server = start_server(tmp_path, env={"HEARTH_SHUTDOWN_GRACE_SECONDS": "2"})
     results: dict[str, list[str]] = {}
+    begun: set[str] = set()  # streams whose first event has arrived
 
     def stream(key: str, path: str, body: dict) -> None:
         lines: list[str] = []
@@ -218,6 +219,7 @@ def test_sigterm_drains_streams_and_queued_requests(start_server, tmp_path: Path
                 for line in reply.iter_lines():
                     if line:
                         lines.append(line)
+                        begun.add(key)
         except httpx.HTTPError as exc:  # a cut connection is what this test must never see
             lines.append(f"broken: {exc!r}")
         results[key] = lines
@@ -230,7 +232,10 @@ def test_sigterm_drains_streams_and_queued_requests(start_server, tmp_path: Path
     threads = [threading.Thread(target=stream, args=job) for job in jobs]
     for thread in threads:
         thread.start()
-    time.sleep(3)  # the streams are running, the queued requests wait for the load
+    deadline = time.monotonic() + 60  # every stream running (the queued requests wait for their load)
+    while time.monotonic() < deadline and len({k for k in begun if not k.startswith("queued")}) < 8:
+        time.sleep(0.1)
+    time.sleep(0.5)
     runners = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
     assert len(runners) >= 2  # the slow model's runner and the loading one's
     server.process.send_signal(signal.SIGTERM)
