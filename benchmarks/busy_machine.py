@@ -8,8 +8,9 @@ sum over the streams' wall time).
 
     python benchmarks/busy_machine.py --llama-cpp-bin /tmp/lcpbuild/bin [--model qwen2.5-coder-0.5b-instruct]
 
-`--baseline DIR` runs the API process from another checkout of Hearth (the code before this work) and its runners
-with HEARTH_ADAPT_THREADS=0 (runners always come from this checkout), for a before-and-after in one run.
+`--baseline DIR` adds a third server, asked in the same rounds: the API process from another checkout of Hearth (the
+code before this work) with its runners under HEARTH_ADAPT_THREADS=0 (runners always come from this checkout), for
+a before-and-after in one run.
 """
 
 from __future__ import annotations
@@ -69,40 +70,38 @@ def main() -> None:
     models = Path(tempfile.mkdtemp())
     path = install(models, args.model, parallel=4, context_size=4096)
     print(machine_line(model=args.model, threads=args.threads, tokens=args.tokens, rounds=args.rounds))
+    servers = {"Hearth": start_hearth(models, args.threads)}
     if args.baseline:
-        os.environ["HEARTH_ADAPT_THREADS"] = "0"
-        os.environ["HEARTH_CHECKOUT"] = args.baseline
-    hearth, hearth_base = start_hearth(models, args.threads)
-    server, server_base = start_llama_server(args.llama_cpp_bin / "llama-server", path, args.threads)
+        os.environ.update(HEARTH_ADAPT_THREADS="0", HEARTH_CHECKOUT=args.baseline)
+        servers["baseline"] = start_hearth(models, args.threads)
+        del os.environ["HEARTH_ADAPT_THREADS"], os.environ["HEARTH_CHECKOUT"]
+    servers["llama-server"] = start_llama_server(args.llama_cpp_bin / "llama-server", path, args.threads)
     try:
-        for base in (hearth_base, server_base):  # warm both
+        for _, base in servers.values():  # warm each
             measure(base, args.model, 8, 1)
-        print("| load | streams | Hearth streamed | llama-server streamed | Hearth whole | llama-server whole |")
-        print("|---|---|---|---|---|---|")
+        names = list(servers)
+        print("| load | streams | " + " | ".join(f"{n} {kind}" for kind in ("streamed", "whole") for n in names)
+              + " |")
+        print("|---|---|" + "---|" * 2 * len(names))
         for load in args.loads:
             for streams in args.streams:
-                rates: dict[str, list[tuple[float, float]]] = {"hearth": [], "server": []}
+                rates: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
                 for round_ in range(args.rounds):
-                    order = [("hearth", hearth_base), ("server", server_base)]
-                    if round_ % 2:
-                        order.reverse()
-                    for name, base in order:
+                    shift = round_ % len(names)  # each server goes first in turn
+                    for name in names[shift:] + names[:shift]:
                         others = start_load(LOADS[load])
                         time.sleep(0.5)
                         try:
-                            rates[name].append(measure(base, args.model, args.tokens, streams))
+                            rates[name].append(measure(servers[name][1], args.model, args.tokens, streams))
                         finally:
                             for process in others:
                                 process.kill()
                                 process.wait()
-
-                medians = {(name, i): statistics.median(r[i] for r in rows) for name, rows in rates.items()
-                           for i in (0, 1)}
-                print(f"| {load} | {streams} | {medians['hearth', 0]:.1f} | {medians['server', 0]:.1f} | "
-                      f"{medians['hearth', 1]:.1f} | {medians['server', 1]:.1f} |", flush=True)
+                cells = [statistics.median(r[i] for r in rates[name]) for i in (0, 1) for name in names]
+                print(f"| {load} | {streams} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
     finally:
-        stop(hearth)
-        stop(server)
+        for process, _ in servers.values():
+            stop(process)
 
 
 if __name__ == "__main__":

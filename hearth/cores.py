@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("hearth.cores")
@@ -78,6 +79,32 @@ def _run_delay() -> int | None:
     return total
 
 
+def _idle_seconds(cpus: frozenset[int]) -> float | None:
+    """Seconds the CPUs this process may run on have been idle since boot (Linux's /proc/stat, in clock ticks)."""
+    total = 0
+    try:
+        with open("/proc/stat", "rb") as stat:
+            for line in stat:
+                if not line.startswith(b"cpu"):
+                    break
+                name, *fields = line.split()
+                if name != b"cpu" and int(name[3:]) in cpus:
+                    total += int(fields[3]) + int(fields[4])  # idle and iowait
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / _TICKS
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpus() -> frozenset[int]:
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return frozenset(range(os.cpu_count() or 1))
+
+
 class OutsideLoad:
     """Load this server did not start, seen from the runner that computes, and the threads it leaves us.
 
@@ -85,42 +112,53 @@ class OutsideLoad:
     takes one of the cores, the partner of the preempted thread spins through its time, and a step that took 15 ms
     takes hundreds (Qwen2.5-Coder 0.5B on 2 cores, 2 threads: 65 tokens/s quiet, 1 to 3 beside one busy loop at nice 0
     or even 19; with 1 thread, 50 either way). So the runner watches how long its threads wait for a core: over a
-    window in which they spent more than WAITING of their runnable time waiting, one thread is given up. Every
-    PROBE seconds one is tried again for a window; if the waiting comes back, it is given up again and the next try
-    waits twice as long (up to MAX_PROBE).
+    window in which they spent more than WAITING of their runnable time waiting, one thread is given up. It is taken
+    back after a window in which the machine's cores stood idle for at least IDLE of a core (a bursty load that
+    paused, a build that ended); and, since a low-priority process (nice 19) keeps a core busy that it would give
+    up, every PROBE seconds one is tried again for a window anyway; if the waiting comes back, it is given up again
+    and the next blind try waits twice as long (up to MAX_PROBE).
     """
 
     WINDOW = 0.1  # seconds between judgements (of computing, per thread: idle time does not count)
     WAITING = 0.2  # share of the threads' runnable time spent waiting for a core that means the cores are taken
+    IDLE = 0.25  # cores' worth of idle time over a window that means one is free
     PROBE = 1.0
     MAX_PROBE = 4.0
+    QUIET = 60.0
 
-    def __init__(self, cores: int) -> None:
+    def __init__(self, cores: int, read: Callable[[], tuple[int | None, float, float | None]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cores = cores
+        self._read = read or self._readings
+        self._clock = clock
         self.cap: int | None = None  # threads allowed now; None: no limit of its own
         self._window = 0.0
         self._delay: int | None = None  # the process's threads' waiting for a core (ns) at the window's start
         self._cpu = 0.0  # and their running time (s)
+        self._cpus = _cpus()
+        self._idle = 0.0  # the machine's idle time (s) at the window's start
         self._probe_at = 0.0
         self._probe_every = self.PROBE
         self._probing = False
+        self._said: dict[str, float] = {}
 
     def limit(self, threads: int) -> int:
         """The threads to compute with, given `threads` otherwise; judged once a window of computing."""
         using = self._allowed(threads)
-        now = time.monotonic()
+        now = self._clock()
         if now - self._window < self.WINDOW:
             return using
-        delay, cpu = _run_delay(), time.process_time()
+        delay, cpu, idle = self._read()
         if delay is None:
             return using
         if self._delay is None:
-            self._window, self._delay, self._cpu = now, delay, cpu
+            self._window, self._delay, self._cpu, self._idle = now, delay, cpu, idle or 0.0
             return using
         waiting, running = (delay - self._delay) / 1e9, cpu - self._cpu
         if waiting + running < self.WINDOW * using:
             return using  # mostly idle since the last look (between requests): too little to judge by
-        self._window, self._delay, self._cpu = now, delay, cpu
+        free = (idle - self._idle) / (now - self._window) if idle is not None else 0.0  # cores standing idle
+        self._window, self._delay, self._cpu, self._idle = now, delay, cpu, idle or 0.0
         waited = waiting / (waiting + running)
         if waited > self.WAITING and using > 1:
             self.cap = using - 1
@@ -133,18 +171,26 @@ class OutsideLoad:
             self._probing, self._probe_every = False, self.PROBE  # the thread tried again is kept
             if self.cap is None:
                 self._say(f"computing with all {threads} threads again: the cores are free")
-        elif self.cap is not None and now >= self._probe_at:
+        elif self.cap is not None and (now >= self._probe_at or free >= self.IDLE):
             self.cap = self.cap + 1 if self.cap + 1 < threads else None
             self._probing = True
         return self._allowed(threads)
+
+    def _readings(self) -> tuple[int | None, float, float | None]:
+        """This process's threads' waiting for a core (ns), their computing (s), the machine's idle time (s)."""
+        return _run_delay(), time.process_time(), _idle_seconds(self._cpus)
 
     def _allowed(self, threads: int) -> int:
         return min(threads, self.cap) if self.cap else threads
 
     def _say(self, message: str) -> None:
-        """Said once when the runner leaves the threads it was configured with, and once when it is back to them
-        (the probes between are not told)."""
-        log.info(message)
+        """Said when the runner leaves the threads it was configured with, and when it is back to them (the probes
+        between are not told); under a load that comes and goes, each at most once every QUIET seconds."""
+        kind = message.split(":")[0]
+        now = self._clock()
+        if now - self._said.get(kind, -self.QUIET) >= self.QUIET:
+            self._said[kind] = now
+            log.info(message)
 
 
 def adapting() -> bool:

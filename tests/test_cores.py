@@ -1,0 +1,84 @@
+"""How a runner judges outside load from what the kernel reports: the decisions of `OutsideLoad`, fed scripted
+readings (the real readings, on a real runner under real busy loops, are tested in tests/test_busy_machine.py)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+
+from hearth.cores import OutsideLoad, _idle_seconds, _run_delay
+
+
+class Machine:
+    """Scripted readings: each `step` advances the clock by `seconds` of computing with `threads` threads, of
+    which `waiting` is the share spent waiting for a core, while `idle` cores stood idle."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.delay = 0
+        self.cpu = 0.0
+        self.idle = 0.0
+        self.load = OutsideLoad(2, read=lambda: (self.delay, self.cpu, self.idle), clock=lambda: self.now)
+
+    def step(self, threads: int, waiting: float = 0.0, idle: float = 0.0, seconds: float = 0.11) -> int:
+        self.now += seconds
+        runnable = threads * seconds
+        self.delay += int(runnable * waiting * 1e9)
+        self.cpu += runnable * (1 - waiting)
+        self.idle += idle * seconds
+        return self.load.limit(2)
+
+
+def test_a_thread_is_given_up_while_the_cores_are_taken_and_taken_back_when_one_stands_idle(caplog) -> None:
+    machine = Machine()
+    caplog.set_level(logging.INFO, "hearth.cores")
+    assert machine.step(2) == 2  # the first look only starts a window
+    assert machine.step(2, waiting=0.5) == 1
+    for _ in range(5):  # a busy loop holds the other core: nothing idle, no waiting with one thread
+        assert machine.step(1) == 1
+    assert machine.step(1, idle=0.9) == 2  # the loop paused: the core is taken back at once, not at the next probe
+    assert machine.step(2) == 2
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "computing with 1 of 2 threads", "computing with all 2 threads again"]
+
+
+def test_blind_probes_back_off_while_the_waiting_comes_back() -> None:
+    machine = Machine()
+    machine.step(2)
+    assert machine.step(2, waiting=0.5) == 1
+    tries = []
+    for _ in range(80):  # 8 s of a nice-19 loop that keeps its core busy (never idle) and makes two threads wait
+        using = machine.step(1 if machine.load.cap else 2, waiting=0.0)
+        if using == 2:
+            tries.append(round(machine.now, 1))
+            assert machine.step(2, waiting=0.5) == 1
+    gaps = [b - a for a, b in itertools.pairwise(tries)]
+    assert gaps and gaps == sorted(gaps) and gaps[-1] == pytest.approx(OutsideLoad.MAX_PROBE + 0.11, abs=0.15)
+
+
+def test_a_load_that_comes_and_goes_is_logged_at_most_once_a_minute(caplog) -> None:
+    machine = Machine()
+    caplog.set_level(logging.INFO, "hearth.cores")
+    machine.step(2)
+    for _ in range(50):  # 10 s of a load that spins half of every 0.2 s
+        machine.step(machine.load.cap or 2, waiting=0.5)
+        machine.step(machine.load.cap or 2, idle=0.9)
+        machine.step(machine.load.cap or 2)
+    assert len(caplog.records) == 2
+
+
+def test_an_idle_stretch_between_requests_is_not_judged() -> None:
+    machine = Machine()
+    machine.step(2)
+    assert machine.step(2, waiting=0.5) == 1
+    machine.now += 30  # no request for 30 s: no computing, so the window is not judged yet
+    assert machine.load.limit(2) == 1
+
+
+def test_the_kernel_readings_exist_here() -> None:
+    """The readings the runner judges by are there on this machine (Linux with schedstat)."""
+    assert isinstance(_run_delay(), int)
+    idle = _idle_seconds(frozenset(range(64)))
+    assert idle is not None and idle > 0
