@@ -65,18 +65,17 @@ class Board:
         self._map.close()
 
 
-def _run_delay() -> int | None:
-    """Nanoseconds this process's threads have spent runnable but waiting for a core, all together (Linux's
-    schedstat): the computing threads wait while another process has their core, and the partner of a preempted
-    thread spins (running, not waiting), so only the sum over every thread tells."""
-    total = 0
+def _thread_times() -> dict[str, tuple[int, int]] | None:
+    """Each of this process's threads' nanoseconds on a core and runnable but waiting for one (Linux's schedstat)."""
+    times = {}
     try:
         for task in os.listdir("/proc/self/task"):
             with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/schedstat", "rb") as stats:
-                total += int(stats.read().split()[1])
+                fields = stats.read().split()
+                times[task] = (int(fields[0]), int(fields[1]))
     except (OSError, ValueError, IndexError):
         return None
-    return total
+    return times
 
 
 def _idle_seconds(cpus: frozenset[int]) -> float | None:
@@ -119,22 +118,23 @@ class OutsideLoad:
     and the next blind try waits twice as long (up to MAX_PROBE).
     """
 
-    WINDOW = 0.1  # seconds between judgements (of computing, per thread: idle time does not count)
+    WINDOW = 0.1  # seconds between judgements (a window in which the threads mostly did not compute is not judged)
     WAITING = 0.2  # share of the threads' runnable time spent waiting for a core that means the cores are taken
+    COMPUTING = 0.25  # share of a window a thread ran for to count as one that computes
     IDLE = 0.25  # cores' worth of idle time over a window that means one is free
     PROBE = 1.0
     MAX_PROBE = 4.0
     QUIET = 60.0
 
-    def __init__(self, cores: int, read: Callable[[], tuple[int | None, float, float | None]] | None = None,
+    def __init__(self, cores: int,
+                 read: Callable[[], tuple[dict[str, tuple[int, int]] | None, float | None]] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cores = cores
         self._read = read or self._readings
         self._clock = clock
         self.cap: int | None = None  # threads allowed now; None: no limit of its own
         self._window = 0.0
-        self._delay: int | None = None  # the process's threads' waiting for a core (ns) at the window's start
-        self._cpu = 0.0  # and their running time (s)
+        self._times: dict[str, tuple[int, int]] | None = None  # each thread's (running, waiting) at the window's start
         self._cpus = _cpus()
         self._idle = 0.0  # the machine's idle time (s) at the window's start
         self._probe_at = 0.0
@@ -148,17 +148,26 @@ class OutsideLoad:
         now = self._clock()
         if now - self._window < self.WINDOW:
             return using
-        delay, cpu, idle = self._read()
-        if delay is None:
+        times, idle = self._read()
+        if times is None:
             return using
-        if self._delay is None:
-            self._window, self._delay, self._cpu, self._idle = now, delay, cpu, idle or 0.0
+        before, span = self._times, now - self._window
+        start_idle = self._idle
+        self._window, self._times, self._idle = now, times, idle or 0.0
+        if before is None:
             return using
-        waiting, running = (delay - self._delay) / 1e9, cpu - self._cpu
-        if waiting + running < self.WINDOW * using:
-            return using  # mostly idle since the last look (between requests): too little to judge by
-        free = (idle - self._idle) / (now - self._window) if idle is not None else 0.0  # cores standing idle
-        self._window, self._delay, self._cpu, self._idle = now, delay, cpu, idle or 0.0
+        # Summed over the threads that computed through the window: llama.cpp's (a preempted one waits, its partner
+        # spins, running), not the runner's own helpers (gRPC, the event loop), which run a moment at a time and,
+        # woken while the computing threads hold the cores, wait for them: that is not load from outside.
+        running = waiting = 0.0
+        for task, (ran, waited_ns) in times.items():
+            ran0, waited0 = before.get(task, (0, 0))
+            if (ran - ran0) / 1e9 >= self.COMPUTING * span:
+                running += (ran - ran0) / 1e9
+                waiting += (waited_ns - waited0) / 1e9
+        if running + waiting < self.WINDOW / 2:
+            return using  # mostly idle through the window (between requests): too little to judge by
+        free = (idle - start_idle) / span if idle is not None else 0.0  # cores standing idle
         waited = waiting / (waiting + running)
         if waited > self.WAITING and using > 1:
             self.cap = using - 1
@@ -176,9 +185,9 @@ class OutsideLoad:
             self._probing = True
         return self._allowed(threads)
 
-    def _readings(self) -> tuple[int | None, float, float | None]:
-        """This process's threads' waiting for a core (ns), their computing (s), the machine's idle time (s)."""
-        return _run_delay(), time.process_time(), _idle_seconds(self._cpus)
+    def _readings(self) -> tuple[dict[str, tuple[int, int]] | None, float | None]:
+        """Each thread's running and waiting for a core (ns), the machine's idle time (s)."""
+        return _thread_times(), _idle_seconds(self._cpus)
 
     def _allowed(self, threads: int) -> int:
         return min(threads, self.cap) if self.cap else threads

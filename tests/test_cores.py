@@ -8,25 +8,31 @@ import logging
 
 import pytest
 
-from hearth.cores import OutsideLoad, _idle_seconds, _run_delay
+from hearth.cores import OutsideLoad, _idle_seconds, _thread_times
 
 
 class Machine:
-    """Scripted readings: each `step` advances the clock by `seconds` of computing with `threads` threads, of
-    which `waiting` is the share spent waiting for a core, while `idle` cores stood idle."""
+    """Scripted readings: each `step` advances the clock by `seconds` of computing with `threads` threads, each of
+    which spends the share `waiting` of it waiting for a core, while `idle` cores stood idle; a helper thread (the
+    runner's event loop) runs `helper` of the time and waits `helper_waiting`."""
 
     def __init__(self) -> None:
         self.now = 100.0
-        self.delay = 0
-        self.cpu = 0.0
+        self.threads = {name: [0, 0] for name in ("decode", "worker", "loop")}
         self.idle = 0.0
-        self.load = OutsideLoad(2, read=lambda: (self.delay, self.cpu, self.idle), clock=lambda: self.now)
+        self.load = OutsideLoad(2, read=self.read, clock=lambda: self.now)
 
-    def step(self, threads: int, waiting: float = 0.0, idle: float = 0.0, seconds: float = 0.11) -> int:
+    def read(self) -> tuple[dict[str, tuple[int, int]], float]:
+        return {name: (ran, waited) for name, (ran, waited) in self.threads.items()}, self.idle
+
+    def step(self, threads: int, waiting: float = 0.0, idle: float = 0.0, seconds: float = 0.11,
+             helper: float = 0.0, helper_waiting: float = 0.0) -> int:
         self.now += seconds
-        runnable = threads * seconds
-        self.delay += int(runnable * waiting * 1e9)
-        self.cpu += runnable * (1 - waiting)
+        for name in ("decode", "worker")[:threads]:
+            self.threads[name][0] += int(seconds * (1 - waiting) * 1e9)
+            self.threads[name][1] += int(seconds * waiting * 1e9)
+        self.threads["loop"][0] += int(seconds * helper * 1e9)
+        self.threads["loop"][1] += int(seconds * helper_waiting * 1e9)
         self.idle += idle * seconds
         return self.load.limit(2)
 
@@ -73,12 +79,22 @@ def test_an_idle_stretch_between_requests_is_not_judged() -> None:
     machine = Machine()
     machine.step(2)
     assert machine.step(2, waiting=0.5) == 1
-    machine.now += 30  # no request for 30 s: no computing, so the window is not judged yet
+    machine.now += 30  # no request for 30 s: no computing, so that stretch is not judged
     assert machine.load.limit(2) == 1
+    assert machine.step(1) == 2  # the next window of computing is: the probe long due tries the thread again
+
+
+def test_the_runners_own_helper_threads_waiting_is_not_outside_load() -> None:
+    """The event loop and gRPC threads wake for a moment while llama.cpp's threads hold both cores, and wait."""
+    machine = Machine()
+    machine.step(2)
+    for _ in range(20):
+        assert machine.step(2, waiting=0.02, helper=0.05, helper_waiting=0.6) == 2
 
 
 def test_the_kernel_readings_exist_here() -> None:
     """The readings the runner judges by are there on this machine (Linux with schedstat)."""
-    assert isinstance(_run_delay(), int)
+    times = _thread_times()
+    assert times and all(ran > 0 and waited >= 0 for ran, waited in times.values())
     idle = _idle_seconds(frozenset(range(64)))
     assert idle is not None and idle > 0

@@ -334,6 +334,21 @@ def test_runner_started_by_hand_named_in_config(start_server, tmp_path: Path) ->
         runner.wait(10)
 
 
+def test_runner_started_as_a_session_leader_starts() -> None:
+    """A runner given a parent (as the server starts it) leaves the parent's process group; started as a session
+    leader (setsid, or an older server's start_new_session) it already leads its own group and must start anyway."""
+    port = free_port()
+    runner = subprocess.Popen([sys.executable, "-m", "hearth.runner", "--listen", f"127.0.0.1:{port}",
+                               "--parent-pid", str(os.getpid())], start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert json.loads(runner.stdout.readline())["event"] == "listening"
+        assert os.getpgid(runner.pid) == runner.pid
+    finally:
+        runner.terminate()
+        runner.wait(10)
+
+
 def test_runner_killed_while_loading_is_a_clear_load_failure(start_server, models_dir: Path) -> None:
     server = start_server(models_dir)
     errors: list[Exception] = []

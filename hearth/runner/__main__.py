@@ -19,11 +19,12 @@ def main() -> None:
     parser.add_argument("--cores-board", type=Path, default=None,
                         help="the server's file of busy runners, to share the cores with them (see hearth/cores.py)")
     args = parser.parse_args()
-    if args.parent_pid:
+    if args.parent_pid and os.getpgid(0) != os.getpid():
         # A process group of its own, so a terminal's Ctrl-C reaches the server (which stops its runners in order)
         # and not the runners too; in the server's session still, so the kernel's per-session scheduling groups
         # treat it as the server (hearth/cores.py). Done here rather than with Popen's preexec_fn, which is unsafe
-        # in a server that runs threads.
+        # in a server that runs threads. A runner started as a session leader (setsid, an older server) already
+        # leads its own group, and may not leave it.
         os.setpgid(0, 0)
     # Started by the server, whose log already stamps time and model on each line we print; by hand, stamp here.
     plain = "%(levelname)s %(message)s"
