@@ -108,6 +108,12 @@ def sampling_params(request: Sampling, config: ModelConfig) -> pb.SamplingParams
         params.seed = seed & 0xFFFFFFFF
     for token, bias in _logit_bias(request).items():
         params.logit_bias[token] = bias
+    speculative_type, speculative_n_max = (getattr(request, "speculative_type", None),
+                                           getattr(request, "speculative_n_max", None))
+    if speculative_type is not None:
+        params.speculative_type = speculative_type
+    if speculative_n_max is not None:
+        params.speculative_n_max = speculative_n_max
     return params
 
 
@@ -126,7 +132,7 @@ def timings_dict(timings: pb.Timings) -> dict[str, Any]:
     def per_second(n: int, ms: float) -> float:
         return round(n / (ms / 1000), 2) if ms > 0 else 0.0
 
-    return {
+    found = {
         "prompt_n": timings.prompt_n,
         "prompt_ms": round(timings.prompt_ms, 3),
         "prompt_per_second": per_second(timings.prompt_n, timings.prompt_ms),
@@ -134,3 +140,6 @@ def timings_dict(timings: pb.Timings) -> dict[str, Any]:
         "predicted_ms": round(timings.predicted_ms, 3),
         "predicted_per_second": per_second(timings.predicted_n, timings.predicted_ms),
     }
+    if timings.draft_n:  # as llama-server: only when the model guessed (speculative decoding)
+        found.update(draft_n=timings.draft_n, draft_n_accepted=timings.draft_n_accepted)
+    return found

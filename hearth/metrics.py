@@ -23,6 +23,8 @@ FAMILIES: dict[str, tuple[str, str]] = {  # name: (type, help)
     "hearth_completion_tokens_total": ("counter", "Tokens generated, by model."),
     "hearth_prompt_seconds_total": ("counter", "Time spent reading prompts, by model."),
     "hearth_generation_seconds_total": ("counter", "Time spent generating tokens after the first, by model."),
+    "hearth_draft_tokens_total": ("counter", "Tokens guessed by speculative decoding, by model."),
+    "hearth_draft_tokens_accepted_total": ("counter", "Guessed tokens the model kept, by model."),
     "hearth_model_loads_total": ("counter", "Model loads, by model and result (ok or failed)."),
     "hearth_model_load_duration_seconds": ("histogram", "Time to start a model's runner and load the model."),
     "hearth_runner_crashes_total": ("counter", "Runner processes that died unasked (serving, or between requests), "

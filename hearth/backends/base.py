@@ -67,6 +67,8 @@ class Sampling:
     grammar: str = ""
     grammar_triggers: list[str] = field(default_factory=list)
     typical_p: float | None = None
+    speculative_type: str = ""  # speculative decoding for this request (empty: the model's; "none": off)
+    speculative_n_max: int | None = None
 
 
 @dataclass
@@ -109,6 +111,8 @@ class GenerationChunk:
     prompt_ms: float = 0.0
     predicted_ms: float = 0.0
     stop_sequence: str = ""  # on the last chunk: the stop string that ended it, if one did
+    draft_n: int = 0  # on the last chunk: tokens guessed by speculative decoding, and those the model kept
+    draft_accepted: int = 0
 
 
 @dataclass

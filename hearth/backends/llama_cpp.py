@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import os
@@ -25,6 +26,9 @@ from hearth.backends.base import (
 )
 from hearth.backends.llama_pooled import PooledContext
 from hearth.backends.llama_scheduler import Job, Media, MediaImage, Scheduler
+from hearth.backends.llama_speculative import DraftModel
+from hearth.config.schema import parse_options
+from hearth.config.speculation import Speculation, speculation_from
 from hearth.errors import (
     CapabilityNotSupported,
     ContextLengthExceeded,
@@ -139,6 +143,8 @@ class Backend(BaseBackend):
         self.pooled: PooledContext | None = None  # embeddings and rerankers (embeddings: true, reranking: true)
         self.kv_types = (KV_TYPES["f16"], KV_TYPES["f16"])
         self.mtmd: Any = None  # llama.cpp's multimodal context (the mmproj projector), for vision models
+        self.drafter: DraftModel | None = None  # speculative decoding's draft model (draft_model:)
+        self.speculation: Speculation | None = None  # how requests guess unless they say otherwise
 
     # -- loading ---------------------------------------------------------------------------------------
 
@@ -209,10 +215,30 @@ class Backend(BaseBackend):
                                   f"{_LOG.reason() or 'unknown reason'}")
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self.n_ctx_seq = L.llama_n_ctx_seq(self.ctx)
+        try:
+            speculation = speculation_from(parse_options(spec.config.get("options") or []),
+                                           bool(spec.config.get("draft_model")))
+        except ValueError as exc:  # (the server refuses such a YAML; a runner started by hand may get one)
+            raise ModelLoadFailed(str(exc)) from None
+        if speculation is not None and speculation.kind == "draft-simple":
+            draft = spec.files.get("draft_model")
+            if not draft:
+                raise ModelLoadFailed(f"draft_model '{spec.config.get('draft_model')}' is neither a GGUF file in the "
+                                      f"models directory nor an installed llama-cpp model")
+            _check_gguf(Path(draft), "draft_model")
+            draft_size = Path(draft).stat().st_size
+            mode = L.LLAMA_LOAD_MODE_MMAP if maps_weights(spec.config.get("mmap"), size + draft_size, _mem_available()) \
+                else L.LLAMA_LOAD_MODE_NONE
+            self.drafter = DraftModel(draft, self.model, parallel, self.n_ctx_seq, spec.threads, mode)
+        if speculation is not None:
+            log.info("%s: speculative decoding with %s (up to %d tokens guessed while at most %d sequences "
+                     "generate)", spec.model_name, speculation.kind, speculation.n_max, speculation.max_batch)
         self.scheduler = Scheduler(self.ctx, self.vocab, n_parallel=parallel, n_ctx_seq=self.n_ctx_seq,
                                    n_batch=self.n_batch, queue_size=int(spec.config.get("queue_size") or 64),
                                    piece=self._piece, n_vocab=self.n_vocab, mtmd=None,
-                                   stream_interval=_stream_interval(spec.config), share=spec.share())
+                                   stream_interval=_stream_interval(spec.config), share=spec.share(),
+                                   drafter=self.drafter)
+        self.speculation = speculation
         if mmproj:
             self.mtmd = self._load_projector(Path(mmproj), spec.threads)
             self.scheduler.mtmd = self.mtmd
@@ -332,6 +358,9 @@ class Backend(BaseBackend):
         if self.mtmd:
             M.mtmd_free(self.mtmd)
             self.mtmd = None
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
         if self.ctx:
             L.llama_free(self.ctx)
             self.ctx = None
@@ -498,7 +527,22 @@ class Backend(BaseBackend):
 
         return Job(tokens=tokens, max_tokens=spec.max_tokens, stops=spec.stop, ignore_eos=spec.ignore_eos,
                    make_sampler=make_sampler, request_id=spec.request_id, logprobs=spec.logprobs,
-                   top_logprobs=spec.top_logprobs, media=media)
+                   top_logprobs=spec.top_logprobs, media=media, speculation=self._speculation_for(spec.sampling))
+
+    def _speculation_for(self, sampling: Sampling) -> Speculation | None:
+        """The model's speculation, or the request's own (llama-server's speculative.type and speculative.n_max)."""
+        kind, n_max = sampling.speculative_type, sampling.speculative_n_max
+        if kind == "none" or n_max == 0:
+            return None
+        found = self.speculation
+        if kind and (found is None or found.kind != kind):
+            if kind == "draft-simple" and self.drafter is None:
+                raise InvalidRequest("speculative.type draft-simple needs a model with a draft_model",
+                                     param="speculative.type")
+            found = speculation_from({"spec_type": kind}, self.drafter is not None)
+        if found is not None and n_max is not None:
+            found = dataclasses.replace(found, n_max=n_max, n_min=min(found.n_min, n_max))
+        return found
 
     def _media(self, spec: GenerationSpec) -> Media:
         """The prompt with its images, cut by llama.cpp into text and image chunks (images preprocessed)."""

@@ -31,6 +31,8 @@ import llama_cpp.mtmd_cpp as M
 import numpy as np
 
 from hearth.backends.base import GenerationChunk, StopBuffer, TokenLogprob
+from hearth.backends.llama_speculative import DraftModel, NgramIndex
+from hearth.config.speculation import Speculation
 from hearth.cores import Share
 from hearth.errors import BackendError, HearthError, Overloaded
 
@@ -38,6 +40,13 @@ log = logging.getLogger("hearth.runner.llama")
 
 # Copy a busy slot's prefix into a free one only when it saves at least this many tokens of prompt processing.
 MIN_COPIED_PREFIX = 32
+FIRST_GUESS = 4  # tokens a sequence guesses at first (and after a miss, at least), up to its spec_n_max
+# A draft model reads a prompt about 10 times as fast as the target generates (0.5B reading, 1.5B generating, on
+# 2 cores), and its guesses save at most about half the target's steps: reading more than this many tokens per token
+# the sequence may still generate costs more than guessing can give back (the last of several streams, left alone
+# near its end, would read its whole prompt into the draft for a few tokens).
+READ_PER_TOKEN_LEFT = 4
+CATCH_UP = 8  # a step whose draft model first read more tokens than this (after a rest) says nothing of guessing
 PROMPT_CHUNK_WHILE_GENERATING = 256
 STREAM_SPREAD = 4  # with N sequences generating, streamed text goes out at most every min(N, 4) stream intervals
 HANDOVER_WAIT = 0.005  # seconds the decode thread waits at most for an event loop to take text, between two steps
@@ -143,6 +152,82 @@ def choose_slots(busy: Iterable[int], free: list[tuple[int, list[int]]], prompts
     return result
 
 
+class Payoff:
+    """Whether guessing pays here, judged by what it yields: each step with guesses against what a step without
+    costs (a moving average in seconds per token, apart for each number of sequences generating). Checking guesses
+    costs what the machine makes it cost (on 2 cores, checking 4 guessed tokens of Qwen2.5-Coder 1.5B besides the
+    next takes 3.6 times as long as the next alone, 48 guessed 18 times, where a GPU takes about as long), and a
+    draft model costs its own steps. What plain steps cost is the model's (this object's); whether guessing pays is
+    each sequence's own (`Balance`, on its slot), since it depends on the text: a code edit that repeats its prompt
+    pays where the prose before it did not. Steps without guesses are taken now and then (the first PLAIN, then one
+    every REFRESH) to know what plain steps cost."""
+
+    WEIGHT = 0.25  # of the newest plain step in its average
+    PLAIN = 2
+    REFRESH = 256
+
+    def __init__(self) -> None:
+        self.plain: dict[int, float] = {}
+        self.plain_steps: dict[int, int] = {}
+        self.since_plain: dict[int, int] = {}
+
+    def allows(self, generating: int) -> bool:
+        return self.plain_steps.get(generating, 0) >= self.PLAIN and self.since_plain.get(generating, 0) < self.REFRESH
+
+    def record(self, generating: int, balances: list[Balance], seconds: float, tokens: int) -> None:
+        """A step of generation alone took `seconds` for `tokens`; `balances`: those of the sequences that guessed
+        in it (none: a plain step)."""
+        if tokens <= 0:
+            return
+        if not balances:
+            old = self.plain.get(generating)
+            self.plain[generating] = seconds / tokens if old is None else old + self.WEIGHT * (seconds / tokens - old)
+            self.plain_steps[generating] = self.plain_steps.get(generating, 0) + 1
+            self.since_plain[generating] = 0
+            return
+        self.since_plain[generating] = self.since_plain.get(generating, 0) + 1
+        plain = self.plain.get(generating)
+        if plain:
+            for balance in balances:
+                balance.record(tokens - seconds / plain)
+
+
+class Balance:
+    """One sequence's account of what guessing gained it, in plain steps: each step with guesses adds the tokens it
+    gave less what it cost (its time over a plain step's), up to CREDIT. A code edit's long guesses, kept, gain
+    about 30 a step, and one missed at a renamed word costs 8-18, which such a sequence can pay; a text that stops
+    repeating its prompt soon spends its credit. Guessing goes on while the account holds more than -DEBT (a code
+    edit's first miss may come at its first renamed word, before it gained anything); below that the sequence
+    rests from it for REST steps, twice as many each time it runs into debt again before it has gained a full
+    credit (up to MAX_REST), then tries anew with an even account: the text may come to repeat its prompt, the
+    machine may get quieter. Prose whose guesses miss loses at most DEBT plain steps per try."""
+
+    CREDIT = 32.0
+    DEBT = 12.0
+    REST = 16
+    MAX_REST = 1024
+
+    def __init__(self) -> None:
+        self.balance = 0.0
+        self.resting = 0
+        self.rest = self.REST
+
+    def allows(self) -> bool:
+        """Whether the sequence guesses this step (a step it does not counts toward its rest)."""
+        if self.resting > 0:
+            self.resting -= 1
+            return False
+        return True
+
+    def record(self, gained: float) -> None:
+        self.balance = min(self.CREDIT, self.balance + gained)
+        if self.balance >= self.CREDIT:
+            self.rest = self.REST
+        elif self.balance < -self.DEBT:
+            self.resting, self.rest = self.rest, min(self.MAX_REST, self.rest * 2)
+            self.balance = 0.0
+
+
 @dataclass
 class Job:
     """One generation request as the scheduler sees it."""
@@ -162,6 +247,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     aqueue: asyncio.Queue | None = None
     media: Media | None = None  # set when the prompt has images: each evaluated by llama.cpp's multimodal helper
+    speculation: Speculation | None = None  # how its tokens are guessed (llama_speculative.py), if they are
     delivered: bool = False  # its first output is on its way to the reader (that one is never held back)
 
     async def achunks(self) -> AsyncIterator[GenerationChunk]:
@@ -235,6 +321,13 @@ class Slot:
     media: Media | None = None  # the job's images, kept until the last of them is evaluated
     images: list[MediaImage] = field(default_factory=list)  # those still to evaluate, in prompt order
     pos_delta: int = 0  # positions minus tokens held (images can take fewer positions than tokens)
+    drafted: list[int] = field(default_factory=list)  # guesses in this step's batch after next_token
+    speculation: Speculation | None = None  # the job's
+    ngram: NgramIndex | None = None  # ngram-simple speculation: where the job's runs of tokens occurred
+    draft_n: int = 0  # tokens guessed for the job so far, and those the model agreed with
+    draft_accepted: int = 0
+    draft_len: int = 0  # tokens it may guess next: doubled while all are kept, cut back after a miss
+    balance: Balance = field(default_factory=Balance)  # whether guessing pays for the job's text
 
     @property
     def busy(self) -> bool:
@@ -246,8 +339,13 @@ class Scheduler:
 
     def __init__(self, ctx: Any, vocab: Any, *, n_parallel: int, n_ctx_seq: int, n_batch: int, queue_size: int,
                  piece: Callable[[int, Any], bytes], n_vocab: int, mtmd: Any = None,
-                 stream_interval: float = 0.0, share: Share | None = None) -> None:
+                 stream_interval: float = 0.0, share: Share | None = None,
+                 drafter: DraftModel | None = None) -> None:
         self.ctx = ctx
+        # Guessed tokens are checked in each step (llama_speculative.py), for the jobs that guess: from the sequence
+        # itself, or from this draft model.
+        self.drafter = drafter
+        self.payoff = Payoff()
         # The threads each step computes with: fewer while other runners of the server work too (hearth/cores.py).
         self.share = share
         self.threads = L.llama_n_threads(ctx)
@@ -409,6 +507,8 @@ class Scheduler:
         threads = self.share.threads()
         if threads != self.threads:
             L.llama_set_n_threads(self.ctx, threads, threads)
+            if self.drafter is not None:
+                self.drafter.set_threads(threads)
             log.debug("computing with %d of %d threads (busy runners: %d)", threads, self.share.configured,
                       self.share.board.busy() if self.share.board else 1)
             self.threads = threads
@@ -500,6 +600,12 @@ class Scheduler:
         slot.limit = job.max_tokens or (self.n_ctx_seq - len(job.tokens))
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.stops = StopBuffer(job.stops)
+        slot.drafted = []
+        slot.draft_n = slot.draft_accepted = 0
+        speculation = slot.speculation = job.speculation
+        slot.ngram = NgramIndex(speculation.ngram) if speculation and speculation.kind == "ngram-simple" else None
+        slot.draft_len = min(FIRST_GUESS, speculation.n_max) if speculation else 0
+        slot.balance = Balance()
         slot.admitted = time.perf_counter()
         self.active.append(slot)
         self.active.sort(key=lambda s: s.seq)
@@ -519,6 +625,9 @@ class Scheduler:
         generating = sum(1 for slot in self.active if not slot.pending and slot.next_token >= 0)
         budget = self.n_batch if generating == 0 else min(self.n_batch, generating + PROMPT_CHUNK_WHILE_GENERATING)
         room = budget - generating
+        started, guessing = time.perf_counter(), []
+        if generating and any(slot.speculation is not None for slot in self.active) and self.payoff.allows(generating):
+            guessing = self._guess(generating, self.n_batch - budget)
         chunks: dict[int, list[int]] = {}
         reading = [s for s in self.active if s.pending]
         if len(reading) > 1:
@@ -546,15 +655,96 @@ class Scheduler:
             if last:
                 batch.logits[n - 1] = True
                 slot.batch_index = n - 1
+            for token in slot.drafted:  # checked in this same pass: each guess's logits tell whether it was right
+                self._add(batch, n, token, len(slot.tokens) + slot.pos_delta, slot.seq, True)
+                slot.tokens.append(token)
+                n += 1
         if n == 0:
             return
         batch.n_tokens = n
         result = L.llama_decode(self.ctx, batch)
         if result != 0:
             raise BackendError(f"llama_decode failed with code {result}")
-        for slot in list(self.active):
-            if slot.batch_index >= 0:
+        sampled = [slot for slot in self.active if slot.batch_index >= 0]
+        before = sum(slot.produced for slot in sampled)
+        for slot in sampled:
+            if slot.drafted:
+                self._check_guesses(slot)
+            else:
                 self._sample(slot)
+        if (not chunks and generating and any(slot.speculation is not None for slot in sampled)
+                and not (self.drafter is not None and self.drafter.caught_up > CATCH_UP)):
+            # A step of generation alone: what guessing yields here, against steps without.
+            self.payoff.record(generating, guessing, time.perf_counter() - started,
+                               sum(slot.produced for slot in sampled) - before)
+
+    def _guess(self, generating: int, space: int) -> list[Balance]:
+        """Guesses for the generating sequences whose jobs guess, while the batch is small enough for that to pay, as
+        many as each may still use and `space` more tokens in the batch allow (`slot.drafted`); the balances of the
+        sequences whose guessing cost this step anything (a draft model ran for them, or their guess went into the
+        batch)."""
+        wanted: dict[int, tuple[list[int], int]] = {}
+        room: dict[int, int] = {}
+        p_min = 0.0
+        for slot in self.active:
+            speculation = slot.speculation
+            if (speculation is None or generating > speculation.max_batch or slot.pending or slot.next_token < 0
+                    or slot.job is None or slot.job.media is not None or not slot.balance.allows()):
+                continue
+            room[slot.seq] = min(slot.draft_len, slot.limit - slot.produced - 1, self.n_ctx_seq - len(slot.tokens) - 2,
+                                 space)
+            if room[slot.seq] < max(speculation.n_min, 1):
+                continue
+            space -= room[slot.seq]
+            if slot.ngram is not None:
+                slot.drafted = slot.ngram.guess(slot.tokens, slot.next_token, room[slot.seq])
+            elif (self.drafter is not None and self.drafter.behind(slot.seq, len(slot.tokens))
+                  <= READ_PER_TOKEN_LEFT * (slot.limit - slot.produced)):
+                wanted[slot.seq] = (slot.tokens, slot.next_token)
+                p_min = max(p_min, speculation.p_min)
+        if wanted and self.drafter is not None:
+            try:
+                found = self.drafter.guess(wanted, max(room[seq] for seq in wanted), p_min)
+            except RuntimeError as exc:  # the step goes on without guesses
+                log.warning("%s", exc)
+                found = {}
+            for seq, tokens in found.items():
+                self.slots[seq].drafted = tokens[:room[seq]]
+        for slot in self.active:
+            if slot.drafted and slot.speculation is not None and len(slot.drafted) < slot.speculation.n_min:
+                slot.drafted = []
+            slot.draft_n += len(slot.drafted)
+        return [slot.balance for slot in self.active
+                if slot.drafted or (self.drafter is not None and slot.seq in wanted)]
+
+    def _check_guesses(self, slot: Slot) -> None:
+        """Sample each position of the slot's guesses in turn, as without speculation; keep the guesses up to the
+        first the sampler did not pick (whose sampled token comes next instead), and cut the rest from the KV
+        cache."""
+        drafted, slot.drafted = slot.drafted, []
+        kept = 0
+        for i in range(len(drafted) + 1):
+            token = self._pick(slot, slot.batch_index + i)
+            right = i < len(drafted) and token == drafted[i]
+            slot.draft_accepted += right  # (before the token may end the job, whose last chunk counts it)
+            if not self._take(slot, token, slot.batch_index + i):
+                break
+            if right:
+                kept += 1
+                continue
+            slot.next_token = token
+            break
+        speculation = slot.speculation
+        if speculation is not None:  # a checked guess costs a token of the step: guess long only while it pays
+            slot.draft_len = (min(speculation.n_max, 2 * slot.draft_len) if kept == len(drafted)
+                              else min(speculation.n_max, max(FIRST_GUESS, kept + 1)))
+        cut = len(drafted) - kept
+        if cut:
+            del slot.tokens[len(slot.tokens) - cut:]
+            if slot.ngram is not None:
+                slot.ngram.cut(len(slot.tokens))
+            if not L.llama_memory_seq_rm(self.memory, slot.seq, len(slot.tokens) + slot.pos_delta, -1):
+                raise BackendError("llama.cpp could not remove rejected guesses from the KV cache")
 
     @staticmethod
     def _text_from(job: Job, images: list[MediaImage], index: int) -> list[int]:
@@ -603,29 +793,36 @@ class Scheduler:
         batch.logits[i] = logits
 
     def _sample(self, slot: Slot) -> None:
-        job = slot.job
-        assert job is not None and slot.stops is not None
+        token = self._pick(slot, slot.batch_index)
+        if self._take(slot, token, slot.batch_index):
+            slot.next_token = token
+
+    def _pick(self, slot: Slot, index: int) -> int:
+        """The token the slot's sampler picks from batch position `index`'s logits."""
         if slot.greedy:
             # What llama.cpp's greedy sampler selects (the first highest logit), read in place: llama_sampler_sample
             # would first copy the whole vocabulary into candidates (160 µs a token for a 150k vocabulary, 280 µs
             # for Gemma's 262k, against 15-25 µs here), while the machine's other cores wait for the next step.
-            logits = self._logits(slot.batch_index)
-            token = int(logits.argmax())
-        elif slot.grammar is None:
-            token = L.llama_sampler_sample(slot.sampler, self.ctx, slot.batch_index)
-        else:
-            token = self._sample_with_grammar(slot)
+            return int(self._logits(index).argmax())
+        if slot.grammar is None:
+            return L.llama_sampler_sample(slot.sampler, self.ctx, index)
+        return self._sample_with_grammar(slot, index)
+
+    def _take(self, slot: Slot, token: int, index: int) -> bool:
+        """A sampled token into the job's output (or its end); whether the job goes on."""
+        job = slot.job
+        assert job is not None and slot.stops is not None
         if slot.produced == 0:
             slot.first_token = time.perf_counter()
         piece, end = self._tokens.get(token) or self._learn(token)
         if end and not job.ignore_eos:
             self._finish(slot, reason="stop")
-            return
+            return False
         slot.produced += 1
         text, hit = slot.stops.push(slot.decoder.decode(piece))
         if job.logprobs:
             self._emit(job, GenerationChunk(text=text, token_count=1,
-                                            logprobs=[self._logprob(slot.batch_index, token, piece, job.top_logprobs)],
+                                            logprobs=[self._logprob(index, token, piece, job.top_logprobs)],
                                             **self._prompt_counts(slot)))
         elif text or slot.produced == 1:
             self._emit(job, GenerationChunk(text=text, token_count=1, **self._prompt_counts(slot)))
@@ -634,7 +831,8 @@ class Scheduler:
         elif slot.produced >= slot.limit or len(slot.tokens) + 1 > self.n_ctx_seq:
             self._finish(slot, reason="length")
         else:
-            slot.next_token = token
+            return True
+        return False
 
     @staticmethod
     def _prompt_counts(slot: Slot) -> dict[str, int]:
@@ -649,11 +847,11 @@ class Scheduler:
                                        bool(L.llama_vocab_is_eog(self.vocab, token)))
         return known
 
-    def _sample_with_grammar(self, slot: Slot) -> int:
+    def _sample_with_grammar(self, slot: Slot, index: int) -> int:
         """Sample as usual, then ask the grammar about that one token; only when it refuses is the grammar run over
         the whole vocabulary and the token sampled again (as llama.cpp's own server does: checking every token
         of a 150k vocabulary against a grammar each step would cost more than the decode)."""
-        logits = self._logits(slot.batch_index)
+        logits = self._logits(index)
         token = self._apply(slot.sampler, logits, None)
         one = self._one
         one["id"], one["logit"], one["p"] = token, 1.0, 0.0
@@ -716,7 +914,8 @@ class Scheduler:
                 finish_reason=reason, prompt_tokens=len(job.tokens), completion_tokens=slot.produced,
                 stop_sequence=slot.stops.matched,
                 cached_tokens=slot.cached, prompt_ms=(first - slot.admitted) * 1000,
-                predicted_ms=(now - first) * 1000 if slot.produced else 0.0))
+                predicted_ms=(now - first) * 1000 if slot.produced else 0.0,
+                draft_n=slot.draft_n, draft_accepted=slot.draft_accepted))
         _free_samplers(slot)
         if slot.media is not None:
             slot.media.close()

@@ -54,6 +54,8 @@ class ChatRequest:
     typical_p: float | None = None
     repeat_last_n: int | None = None
     logit_bias: dict[str, float] | None = None
+    speculative_type: str | None = None  # llama-server's speculative.type and speculative.n_max
+    speculative_n_max: int | None = None
     request_id: str = ""  # the id the client sees, to name the generation in the runner's logs
     # Where the adapter's own names differ from OpenAI's, the param to name in errors.
     params: dict[str, str] = field(default_factory=dict)

@@ -164,7 +164,17 @@ class ModelRegistry:
                 cfg.source_file = str(path)
                 self._add(table, cfg, loose=True)
         self._vision_aliases(table)
+        self._draft_models(table)
         return table
+
+    @staticmethod
+    def _draft_models(table: ModelTable) -> None:
+        """A `draft_model` given as an installed model's name (LocalAI allows both) names that model's file."""
+        for cfg in table.configs.values():
+            if cfg.draft_model and "draft_model" not in cfg.part_paths:
+                other = table.configs.get(table.names.get(cfg.draft_model, ""))
+                if other is not None and other.model_path:
+                    cfg.part_paths = {**cfg.part_paths, "draft_model": other.model_path}
 
     @staticmethod
     def _vision_aliases(table: ModelTable) -> None:

@@ -8,6 +8,7 @@ so a LocalAI user sees what their YAML does here instead of a bare "unknown fiel
 from __future__ import annotations
 
 from hearth.config.schema import SD_PATH_OPTIONS, ModelConfig
+from hearth.config.speculation import OPTIONS as SPECULATION_OPTIONS
 
 # LocalAI field (dotted) -> why Hearth does not use it.
 IGNORED = {
@@ -53,7 +54,7 @@ HONOURED = {"template.use_tokenizer_template", "function.disable_no_action",
             "vad_filter", "beam_size", "onnx_file", "batch_size"}
 # `options` keys each backend acts on; others are named in the note.
 USED_OPTIONS = {
-    "llama-cpp": {"use_jinja", "spec_type", "spec_n_max", "spec_n_min", "spec_p_min"},
+    "llama-cpp": {"use_jinja", *SPECULATION_OPTIONS},
     "stablediffusion-ggml": {"diffusion_model", "sampler", "scheduler", *SD_PATH_OPTIONS},
 }
 
@@ -80,8 +81,6 @@ def notes(config: ModelConfig) -> tuple[list[str], list[str]]:
         said.append(f"options {', '.join(unused)} (not used by the {backend} backend here)")
     if config.f16 is not None and backend not in ("llama-cpp",):
         said.append("f16 (CPU inference runs in the precision the backend chooses)")
-    if config.speculative:
-        said.append("draft_model and spec_* options (read and checked; speculative decoding is not done yet)")
     known = set(IGNORED) | HONOURED
     unknown = [name for name in config.unknown_fields() if name not in known
                and not any(name.startswith(f"{k}.") for k in known)]

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hearth.config.speculation import Speculation, speculation_from
+
 # Hearth's backends, by canonical name, with the LocalAI spellings that mean the same one.
 BACKEND_ALIASES: dict[str, str] = {
     "llama-cpp": "llama-cpp",
@@ -227,7 +229,7 @@ class ModelConfig(_Open):
     # llama-cpp: a reranker GGUF (Qwen3-Reranker, jina-reranker), served on /v1/rerank with llama.cpp's rank pooling.
     reranking: bool = False
     # LocalAI's draft model for speculative decoding (a file in the models directory, or an installed model's name),
-    # with options spec_type, spec_n_max, spec_n_min, spec_p_min; read and checked, not yet used to decode.
+    # with options spec_type, spec_n_max, spec_n_min, spec_p_min (hearth/config/speculation.py).
     draft_model: str | None = None
     f16: bool | None = None  # LocalAI's: llama-cpp keeps its KV cache in f16 (its default here too)
     cache_type_k: str | None = None  # llama-cpp: the KV cache's types (f16, q8_0, q4_0, …), as llama-server's flags
@@ -272,31 +274,14 @@ class ModelConfig(_Open):
         return self
 
     @model_validator(mode="after")
-    def _speculative_numbers(self) -> ModelConfig:
-        options = self.option_map
-        for key, kind in (("spec_n_max", int), ("spec_n_min", int), ("spec_p_min", float)):
-            if key in options:
-                try:
-                    number = kind(options[key])
-                except (TypeError, ValueError):
-                    raise ValueError(f"options {key}: '{options[key]}' is not a number") from None
-                if number < 0 or (kind is float and number > 1):
-                    raise ValueError(f"options {key}: {number} is out of range")
+    def _speculative_settings(self) -> ModelConfig:
+        speculation_from(self.option_map, bool(self.draft_model))  # refused now, with the file's name, not at load
         return self
 
     @property
-    def speculative(self) -> dict[str, Any]:
-        """LocalAI's speculative-decoding settings, read from `draft_model` and the `spec_*` options."""
-        options = self.option_map
-        found: dict[str, Any] = {}
-        if self.draft_model:
-            found["draft_model"] = self.draft_model
-        if isinstance(options.get("spec_type"), str):
-            found["type"] = options["spec_type"]
-        for key, kind in (("spec_n_max", int), ("spec_n_min", int), ("spec_p_min", float)):
-            if key in options:
-                found[key.removeprefix("spec_")] = kind(options[key])
-        return found
+    def speculative(self) -> Speculation | None:
+        """Speculative decoding's settings, from `draft_model` and the `spec_*` options (None: none)."""
+        return speculation_from(self.option_map, bool(self.draft_model))
 
     @property
     def usecases(self) -> list[str]:

@@ -97,7 +97,7 @@ class ModelInfo(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., context_size: _Optional[int] = ..., train_context_size: _Optional[int] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., add_bos: _Optional[bool] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., embedding_size: _Optional[int] = ..., parallel: _Optional[int] = ..., voices: _Optional[_Iterable[str]] = ..., image_sizes: _Optional[_Iterable[str]] = ..., load_seconds: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "seed", "logit_bias", "grammar", "typical_p", "grammar_triggers")
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "seed", "logit_bias", "grammar", "typical_p", "grammar_triggers", "speculative_type", "speculative_n_max")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,8 @@ class SamplingParams(_message.Message):
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     TYPICAL_P_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_TRIGGERS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_N_MAX_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
@@ -131,7 +133,9 @@ class SamplingParams(_message.Message):
     grammar: str
     typical_p: float
     grammar_triggers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repeat_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repeat_last_n: _Optional[int] = ..., seed: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., grammar: _Optional[str] = ..., typical_p: _Optional[float] = ..., grammar_triggers: _Optional[_Iterable[str]] = ...) -> None: ...
+    speculative_type: str
+    speculative_n_max: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repeat_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repeat_last_n: _Optional[int] = ..., seed: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., grammar: _Optional[str] = ..., typical_p: _Optional[float] = ..., grammar_triggers: _Optional[_Iterable[str]] = ..., speculative_type: _Optional[str] = ..., speculative_n_max: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "prompt_tokens", "parse_special", "add_special", "suffix", "max_tokens", "stop", "sampling", "top_logprobs", "images", "ignore_eos", "request_id", "logprobs")
@@ -206,16 +210,20 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("prompt_n", "prompt_ms", "predicted_n", "predicted_ms")
+    __slots__ = ("prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "draft_n", "draft_n_accepted")
     PROMPT_N_FIELD_NUMBER: _ClassVar[int]
     PROMPT_MS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_N_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_N_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_N_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     prompt_n: int
     prompt_ms: float
     predicted_n: int
     predicted_ms: float
-    def __init__(self, prompt_n: _Optional[int] = ..., prompt_ms: _Optional[float] = ..., predicted_n: _Optional[int] = ..., predicted_ms: _Optional[float] = ...) -> None: ...
+    draft_n: int
+    draft_n_accepted: int
+    def __init__(self, prompt_n: _Optional[int] = ..., prompt_ms: _Optional[float] = ..., predicted_n: _Optional[int] = ..., predicted_ms: _Optional[float] = ..., draft_n: _Optional[int] = ..., draft_n_accepted: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special", "parse_special")

@@ -111,6 +111,8 @@ def _generation_spec(request: pb.GenerateRequest) -> GenerationSpec:
         grammar=s.grammar,
         grammar_triggers=list(s.grammar_triggers),
         typical_p=opt("typical_p"),
+        speculative_type=s.speculative_type,
+        speculative_n_max=opt("speculative_n_max"),
     )
     return GenerationSpec(
         prompt=request.prompt if not request.prompt_tokens else None,
@@ -201,7 +203,8 @@ class RunnerService(pb_grpc.RunnerServicer):
                     reply.timings.CopyFrom(pb.Timings(prompt_n=chunk.prompt_tokens - chunk.cached_tokens,
                                                       prompt_ms=chunk.prompt_ms,
                                                       predicted_n=chunk.completion_tokens,
-                                                      predicted_ms=chunk.predicted_ms))
+                                                      predicted_ms=chunk.predicted_ms, draft_n=chunk.draft_n,
+                                                      draft_n_accepted=chunk.draft_accepted))
                     _log_timings(spec, chunk)
                 yield reply
         except (asyncio.CancelledError, GeneratorExit):

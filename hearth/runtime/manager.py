@@ -84,6 +84,9 @@ class Runner:
         metrics.inc("hearth_completion_tokens_total", reply.usage.completion_tokens, model=model)
         metrics.inc("hearth_prompt_seconds_total", reply.timings.prompt_ms / 1000, model=model)
         metrics.inc("hearth_generation_seconds_total", reply.timings.predicted_ms / 1000, model=model)
+        if reply.timings.draft_n:
+            metrics.inc("hearth_draft_tokens_total", reply.timings.draft_n, model=model)
+            metrics.inc("hearth_draft_tokens_accepted_total", reply.timings.draft_n_accepted, model=model)
 
     async def stream(self, method: str, request: Any) -> AsyncIterator[Any]:
         """A streaming RPC other than generate (transcribe, speak) with crash handling."""

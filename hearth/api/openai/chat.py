@@ -235,7 +235,7 @@ def chat_request(request: ChatCompletionRequest) -> ChatRequest:
     split = None if request.reasoning_format is None else request.reasoning_format != "none"
     sampling = {name: getattr(request, name) for name in (
         "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repeat_penalty",
-        "typical_p", "repeat_last_n", "logit_bias", "stop", "grammar")}
+        "typical_p", "repeat_last_n", "logit_bias", "stop", "grammar", "speculative_type", "speculative_n_max")}
     return ChatRequest(
         model=request.model, messages=[_message(m) for m in request.messages], tools=tools, tool_choice=choice,
         parallel_tool_calls=request.parallel_tool_calls, legacy_functions=legacy,

@@ -7,7 +7,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,6 +50,10 @@ class SamplingRequest(BaseModel):
     typical_p: float | None = Field(None, gt=0, le=1)
     repeat_last_n: int | None = Field(None, ge=0, le=INT32_MAX)
     grammar: str | None = None  # a GBNF grammar (llama.cpp's format, root rule "root")
+    # llama-server's per-request speculative decoding: "none" or a kind (hearth/config/speculation.py), and a cap
+    # on the tokens guessed at a time (0: none).
+    speculative_type: Literal["none", "ngram-simple", "draft-simple"] | None = Field(None, alias="speculative.type")
+    speculative_n_max: int | None = Field(None, ge=0, le=64, alias="speculative.n_max")
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
