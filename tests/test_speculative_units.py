@@ -11,7 +11,7 @@ import pytest
 from hearth.backends.llama_scheduler import Balance, Payoff
 from hearth.backends.llama_speculative import NgramIndex
 from hearth.config.schema import parse_options
-from hearth.config.speculation import speculation_from
+from hearth.config.speculation import not_done, speculation_from
 
 
 def search(tokens: list[int], last: int, n: int, n_max: int, follow: int = -1) -> tuple[list[int], int]:
@@ -102,6 +102,9 @@ def test_guessing_rests_where_it_costs_and_only_for_that_sequence() -> None:
 def test_settings_from_localai_options() -> None:
     assert speculation_from({}, False) is None
     assert speculation_from(parse_options(["spec_type:none"]), True) is None
+    mtp = parse_options(["spec_type:draft-mtp", "spec_n_max:3"])  # LocalAI's gallery: llama.cpp's other kinds
+    assert speculation_from(mtp, False) is None and "'draft-mtp' speculation is not done here" in not_done(mtp)
+    assert not_done(parse_options(["spec_type:ngram-simple"])) == ""
     ngram = speculation_from(parse_options(["spec_type:ngram-simple", "spec_n_max:8", "spec_ngram_size_n:4"]), False)
     assert ngram is not None and (ngram.kind, ngram.n_max, ngram.ngram) == ("ngram-simple", 8, 4)
     draft = speculation_from(parse_options(["spec_p_min:0.75", "spec_n_min:2"]), True)

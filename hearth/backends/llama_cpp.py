@@ -28,7 +28,7 @@ from hearth.backends.llama_pooled import PooledContext
 from hearth.backends.llama_scheduler import Job, Media, MediaImage, Scheduler
 from hearth.backends.llama_speculative import DraftModel
 from hearth.config.schema import parse_options
-from hearth.config.speculation import Speculation, speculation_from
+from hearth.config.speculation import Speculation, not_done, speculation_from
 from hearth.errors import (
     CapabilityNotSupported,
     ContextLengthExceeded,
@@ -216,8 +216,10 @@ class Backend(BaseBackend):
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self.n_ctx_seq = L.llama_n_ctx_seq(self.ctx)
         try:
-            speculation = speculation_from(parse_options(spec.config.get("options") or []),
-                                           bool(spec.config.get("draft_model")))
+            options = parse_options(spec.config.get("options") or [])
+            speculation = speculation_from(options, bool(spec.config.get("draft_model")))
+            if not_done(options):
+                log.warning("%s: %s", path.name, not_done(options))
         except ValueError as exc:  # (the server refuses such a YAML; a runner started by hand may get one)
             raise ModelLoadFailed(str(exc)) from None
         if speculation is not None and speculation.kind == "draft-simple":

@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("ngram-simple", "draft-simple")
+# llama.cpp's other kinds (common/speculative.cpp), which LocalAI's gallery names (draft-mtp and draft-dflash, in 66
+# entries): a model naming one loads without speculation, and says so once in the log (`not_done`).
+NOT_DONE = ("draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark", "ngram-map-k", "ngram-map-k4v", "ngram-mod",
+            "ngram-cache")
 OPTIONS = ("spec_type", "spec_n_max", "spec_n_min", "spec_p_min", "spec_ngram_size_n", "spec_max_batch")
 # Defaults, chosen by measurement on 2 cores (benchmarks/speculative.py, benchmarks/README.md).
 NGRAM_DEFAULTS = {"n_max": 48, "n_min": 1}  # llama.cpp's --spec-ngram-simple-size-m
@@ -45,6 +49,8 @@ def speculation_from(options: dict[str, str | bool], has_draft: bool) -> Specula
         return value
 
     kind = str(options.get("spec_type") or "").lower() or ("draft-simple" if has_draft else "")
+    if kind in NOT_DONE:
+        return None
     if kind not in ("", "none", *KINDS):
         raise ValueError(f"options spec_type: '{kind}' is not a kind of speculation Hearth does; use "
                          f"{' or '.join(KINDS)} (or none)")
@@ -58,3 +64,12 @@ def speculation_from(options: dict[str, str | bool], has_draft: bool) -> Specula
                            ngram=int(number("spec_ngram_size_n", int, NGRAM, 1, 64)),
                            max_batch=int(number("spec_max_batch", int, MAX_BATCH, 1, 256)))
     return settings if kind in KINDS else None
+
+
+def not_done(options: dict[str, str | bool]) -> str:
+    """Why the options' speculation is not done ('' when it is, or none is asked for)."""
+    kind = str(options.get("spec_type") or "").lower()
+    if kind not in NOT_DONE:
+        return ""
+    return (f"options spec_type: llama.cpp's '{kind}' speculation is not done here (Hearth does "
+            f"{' and '.join(KINDS)}); the model runs without speculation")
