@@ -15,6 +15,7 @@ guessed and kept tokens (`draft_n`, `draft_n_accepted`); several streams: comple
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import tempfile
@@ -119,6 +120,22 @@ def streams_at_once(base: str, model: str, prompt: str, tokens: int, streams: in
     return sum(counts) / (time.perf_counter() - started)
 
 
+def requantize_q4_0(path: Path) -> Path:
+    """The draft again in Q4_0, output and token embeddings included (the shipped file keeps them in Q8_0 and Q5_0):
+    llama.cpp's CPU kernels run Q4_0 fastest, and a draft's cost per guess is what speculation must win back."""
+    import llama_cpp.llama_cpp as L
+
+    out = path.with_name(path.stem + "-q4_0.gguf")
+    params = L.llama_model_quantize_default_params()
+    params.ftype = L.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.output_tensor_type = params.token_embedding_type = 2  # GGML_TYPE_Q4_0
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    if L.llama_model_quantize(str(path).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise SystemExit(f"could not requantize {path.name}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--llama-cpp-bin", type=Path, required=True)
@@ -132,11 +149,15 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=None, help="spec_max_batch (default: Hearth's)")
     parser.add_argument("--streams", type=int, nargs="*", default=[4], help="streams at once, after one stream")
     parser.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
+    parser.add_argument("--draft-q4-0", action="store_true",
+                        help="guess with the draft requantized to Q4_0 throughout (output and embeddings too)")
     args = parser.parse_args()
     models = Path(tempfile.mkdtemp())
     target = install(models, TARGET, parallel=4, context_size=4096)
     draft = install(models, DRAFT)
     (models / f"{DRAFT}.yaml").unlink()  # only its file: the draft is named by file
+    if args.draft_q4_0:
+        draft = requantize_q4_0(draft)
     base_yaml = (models / f"{TARGET}.yaml").read_text()
     batch = [f"  - spec_max_batch:{args.max_batch}"] if args.max_batch else []
     variants = {
@@ -150,7 +171,8 @@ def main() -> None:
         (models / f"{TARGET}-{kind}.yaml").write_text(text)
     print(machine_line(target=TARGET, draft=DRAFT, threads=args.threads, tokens=args.tokens, rounds=args.rounds,
                        draft_max=args.draft_max, draft_p_min=args.draft_p_min, ngram_max=args.ngram_max,
-                       ngram_n=args.ngram_n, max_batch=args.max_batch or "default"))
+                       ngram_n=args.ngram_n, max_batch=args.max_batch or "default",
+                       draft_file=draft.name))
     hearth, hearth_base = start_hearth(models, args.threads)
     binary = args.llama_cpp_bin / "llama-server"
     servers = {
