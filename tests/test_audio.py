@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import av
+import numpy as np
 import openai
 import pytest
+import soundfile
 
 from hearth.api.openai.audio import srt, timestamp, vtt
+from hearth.backends.audio import MEDIA_TYPES as MEDIA
 from hearth.gallery.builtin import install
 from hearth.runner import hearth_pb2 as pb
 from tests.conftest import CACHE_DIR, HearthServer, write_yaml
@@ -73,34 +76,57 @@ def transcribe(server: HearthServer, audio: bytes, model: str = "whisper-tiny.en
 
 def test_round_trip_piper_to_whisper(server: HearthServer, spoken: bytes) -> None:
     with wave.open(io.BytesIO(spoken)) as reader:
-        assert reader.getframerate() == 22050 and reader.getnchannels() == 1 and reader.getsampwidth() == 2
-        assert 1.5 < reader.getnframes() / 22050 < 6
+        assert reader.getframerate() == 24000 and reader.getnchannels() == 1 and reader.getsampwidth() == 2
+        assert 1.5 < reader.getnframes() / 24000 < 6
     status, body, _ = transcribe(server, spoken)
     assert status == 200
     assert words(json.loads(body)["text"]) == words(SENTENCE)
 
 
+def decoded(data: bytes) -> tuple[int, float, int]:
+    """PyAV (FFmpeg's decoders): the stream's stated rate, its decoded length in seconds, its stated bit rate."""
+    samples, rate = 0, 0
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        stated = stream.codec_context.sample_rate
+        bit_rate = stream.codec_context.bit_rate or stream.bit_rate or 0
+        for frame in container.decode(stream):
+            samples += frame.samples
+            rate = frame.sample_rate
+    return stated, samples / rate, bit_rate
+
+
 def test_every_speech_format_decodes(server: HearthServer) -> None:
-    """With Piper's variation off ('steady'), the same text gives the same audio: every format holds it."""
+    """With Piper's variation off ('steady'), the same text gives the same audio: every format holds it, at OpenAI's
+    24 kHz, readable by FFmpeg's decoders (PyAV) and by libsndfile (soundfile: libmpg123, libopus, libFLAC) where
+    it reads that format (all but AAC)."""
     def speak(fmt: str) -> bytes:
         response = server.http().post("/v1/audio/speech", json={"model": "steady", "input": SENTENCE,
                                                                 "response_format": fmt})
         assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == MEDIA[fmt]
         return response.content
 
     wav = speak("wav")
-    seconds = duration_of(wav)
     assert speak("wav") == wav
-    for fmt, media in (("mp3", "audio/mpeg"), ("opus", "audio/ogg"), ("aac", "audio/aac"), ("flac", "audio/flac")):
-        response = server.http().post("/v1/audio/speech", json={"model": "steady", "input": SENTENCE,
-                                                                "response_format": fmt})
-        assert response.status_code == 200 and response.headers["content-type"] == media
+    rate, seconds, _ = decoded(wav)
+    assert rate == 24_000 and seconds > 1.5
+    for fmt in ("mp3", "opus", "aac", "flac", "wav"):
+        data = speak(fmt)
+        rate, length, bit_rate = decoded(data)
         # Lossy encoders add their priming and a last partial frame (no gapless header in a stream): < 0.12 s.
-        assert duration_of(response.content) == pytest.approx(seconds, abs=0.12 if fmt != "flac" else 0.001), fmt
-    pcm = server.http().post("/v1/audio/speech", json={"model": "steady", "input": SENTENCE,
-                                                       "response_format": "pcm"})
-    assert len(pcm.content) % 2 == 0
-    assert len(pcm.content) / 2 / 24000 == pytest.approx(seconds, abs=0.05)  # 24 kHz 16-bit mono
+        assert length == pytest.approx(seconds, abs=0.12 if fmt in ("mp3", "opus", "aac") else 0.001), fmt
+        assert rate == 24_000 or (fmt == "opus" and rate == 48_000), fmt  # Opus always decodes at 48 kHz
+        if fmt in ("mp3", "aac"):
+            assert bit_rate >= 48_000, (fmt, bit_rate)  # clean speech, not LAME's 32 kbit/s default
+        if fmt != "aac":
+            samples, sf_rate = soundfile.read(io.BytesIO(data), dtype="float32")
+            assert sf_rate == 24_000, fmt  # (an Ogg Opus header states the input rate)
+            assert len(samples) / sf_rate == pytest.approx(seconds, abs=0.12), fmt
+            assert np.abs(samples).max() > 0.05, fmt  # speech, not silence
+    pcm = speak("pcm")
+    assert len(pcm) % 2 == 0
+    assert len(pcm) / 2 / 24000 == pytest.approx(seconds, abs=0.05)  # 24 kHz 16-bit mono
     default = server.http().post("/v1/audio/speech", json={"model": "tts-1", "input": SENTENCE})
     assert default.headers["content-type"] == "audio/mpeg"  # mp3 by default, as OpenAI
 

@@ -9,15 +9,20 @@ import numpy as np
 
 from hearth.errors import InvalidRequest
 
-# OpenAI's response formats: (container, codec, sample rate or None for the voice's own).
+# OpenAI's response formats: (container, codec, bit rate or None for the codec's default), all at OpenAI's 24 kHz.
+# MP3 and AAC at 64 kbit/s mono: clean speech (LAME's default at this rate would be 32 kbit/s, audibly coarse).
+RATE = 24_000
 FORMATS: dict[str, tuple[str, str, int | None]] = {
-    "mp3": ("mp3", "libmp3lame", None),
-    "opus": ("ogg", "libopus", 24_000),
-    "aac": ("adts", "aac", None),
+    "mp3": ("mp3", "libmp3lame", 64_000),
+    "opus": ("ogg", "libopus", None),
+    "aac": ("adts", "aac", 64_000),
     "flac": ("flac", "flac", None),
     "wav": ("wav", "pcm_s16le", None),
-    "pcm": ("", "", 24_000),  # raw 24 kHz 16-bit mono little-endian, as OpenAI defines it
+    "pcm": ("", "", None),  # raw 24 kHz 16-bit mono little-endian, as OpenAI defines it
 }
+# Formats whose header holds the length, written once the whole is encoded: WAV, and FLAC, whose STREAMINFO would
+# otherwise say "length unknown", which libsndfile (soundfile, many players) refuses to read.
+WHOLE = ("wav", "flac")
 MEDIA_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
                "wav": "audio/wav", "pcm": "audio/pcm"}
 
@@ -71,25 +76,27 @@ class _Sink(io.RawIOBase):
 
 
 class StreamEncoder:
-    """16-bit mono PCM in, the response format's bytes out, piece by piece (WAV whole, at the end: its header
-    holds the length)."""
+    """16-bit mono PCM at the voice's rate in, the response format's bytes at 24 kHz out, piece by piece (WAV and
+    FLAC whole, at the end: their headers hold the length)."""
 
     def __init__(self, fmt: str, sample_rate: int) -> None:
         import av
 
         if fmt not in FORMATS:
             raise InvalidRequest(f"response_format must be one of {', '.join(FORMATS)}", param="response_format")
-        container_format, codec, rate = FORMATS[fmt]
+        container_format, codec, bit_rate = FORMATS[fmt]
         self.fmt = fmt
         self.in_rate = sample_rate
-        self.out_rate = rate or sample_rate
+        self.out_rate = RATE
         self.container = None
         if fmt == "pcm":
             self.resampler = av.AudioResampler(format="s16", layout="mono", rate=self.out_rate)
             return
-        self.sink: Any = io.BytesIO() if fmt == "wav" else _Sink()
+        self.sink: Any = io.BytesIO() if fmt in WHOLE else _Sink()
         self.container = av.open(self.sink, mode="w", format=container_format)
         self.stream = self.container.add_stream(codec, rate=self.out_rate, layout="mono")
+        if bit_rate:
+            self.stream.codec_context.bit_rate = bit_rate
         self.resampler = av.AudioResampler(format=self.stream.codec_context.format.name, layout="mono",
                                            rate=self.out_rate)
 
@@ -117,7 +124,7 @@ class StreamEncoder:
         raw = self._encode(pcm)
         if raw is not None:
             return raw
-        return b"" if self.fmt == "wav" else self.sink.take()
+        return b"" if self.fmt in WHOLE else self.sink.take()
 
     def close(self) -> bytes:
         raw = self._encode(None)
@@ -126,4 +133,4 @@ class StreamEncoder:
         for packet in self.stream.encode(None):
             self.container.mux(packet)
         self.container.close()
-        return self.sink.getvalue() if self.fmt == "wav" else self.sink.take()
+        return self.sink.getvalue() if self.fmt in WHOLE else self.sink.take()
