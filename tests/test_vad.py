@@ -111,6 +111,21 @@ def test_silero_finds_the_two_sentences(server: HearthServer, conversation: np.n
     assert len(merged.json()["segments"]) == 1, "a pause shorter than min_silence_ms does not end speech"
 
 
+def test_silero_finds_a_sentence_within_100_ms(server: HearthServer) -> None:
+    """A Piper sentence padded with silence: the segment lies within 100 ms of where the speech is (its first and last
+    10 ms windows above -60 dBFS: the padding is digital silence, and a final fricative fades through -40 dBFS)."""
+    response = server.http().post("/v1/audio/speech", json={"model": "steady", "input": "What is the capital of France?",
+                                                            "response_format": "wav"})
+    samples, rate = read_wav(response.content)
+    speech = np.interp(np.arange(0, len(samples), rate / 16_000), np.arange(len(samples)), samples)
+    audio = np.concatenate([np.zeros(20_000), speech, np.zeros(24_000)]).astype(np.float32)
+    windows = np.sqrt((audio[:len(audio) // 160 * 160].reshape(-1, 160) ** 2).mean(axis=1))
+    loud = np.flatnonzero(windows > 0.001)
+    start, end = loud[0] * 0.01, (loud[-1] + 1) * 0.01
+    (segment,) = server.http().post("/v1/vad", json={"model": "silero-vad", "audio": audio.tolist()}).json()["segments"]
+    assert abs(segment["start"] - start) <= 0.1 and abs(segment["end"] - end) <= 0.1, (segment, start, end)
+
+
 def test_silero_exports_shape(server: HearthServer) -> None:
     """Silero's own export (input/state/sr), as LocalAI's gallery entry names it, read the same way."""
     rng = np.random.default_rng(0)
