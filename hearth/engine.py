@@ -48,6 +48,9 @@ class Engine:
     @contextlib.asynccontextmanager
     async def runner(self, config: ModelConfig, capability: str) -> AsyncIterator[Runner]:
         """The model's ready runner, after checking the loaded model really has `capability`."""
+        if config.pipeline is not None:
+            raise CapabilityNotSupported(f"model '{config.name}' is a realtime pipeline: it is served on "
+                                         "/v1/realtime (WebSocket), not here", param="model")
         async with self.runners.use(config, computes=capability != "tokenize") as runner:
             assert runner.info is not None
             if capability not in runner.info.capabilities:

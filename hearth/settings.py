@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     header_timeout_seconds: float = Field(10.0, ge=0, description="a request's headers must arrive within this")
     body_timeout_seconds: float = Field(30.0, ge=0, description="a request's body may pause no longer than this")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long running requests may finish")
+    # The Realtime API (/v1/realtime): sessions at once, how long one may last, and how long it may stay silent.
+    realtime_max_sessions: int = Field(8, ge=0, description="realtime WebSocket sessions at once; more are refused")
+    realtime_session_minutes: float = Field(30.0, gt=0, description="a realtime session is closed after this")
+    realtime_idle_seconds: float = Field(300.0, gt=0, description="a realtime session with no event this long is closed")
     log_level: str = "info"
     # Images in chat requests: http(s) URLs are fetched by the server, with these limits.
     image_fetch: bool = True  # false: only data: URLs

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from hearth import __version__
-from hearth.api import anthropic, gallery, health, ollama, openapi, runners, vad, web
+from hearth.api import anthropic, gallery, health, ollama, openapi, realtime, runners, vad, web
 from hearth.api.drain import DrainMiddleware
 from hearth.api.errors import install_error_handlers
 from hearth.api.middleware import (
@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
     # The gallery's /models/available and /models/jobs come before /models/{id}, which would swallow them.
     for router in (health.router, gallery.router, models.router, chat.router, completions.router, embeddings.router,
                    audio.router, vad.router, images.router, runners.router, ollama.router, anthropic.router,
-                   responses.router):
+                   responses.router, realtime.router):
         app.include_router(router)
     openapi.install(app)
     # Outermost first: refuse unauthenticated requests before reading their bodies.

@@ -41,11 +41,21 @@ def _presented_key(scope: Scope) -> str | None:
     authorization = headers.get("authorization", "")
     if authorization[:7].lower() == "bearer ":
         return authorization[7:].strip()
-    return headers.get("x-api-key") or None
+    if headers.get("x-api-key"):
+        return headers["x-api-key"]
+    if scope["type"] == "websocket":  # a browser cannot set headers: OpenAI's subprotocol carries the key
+        for protocol in scope.get("subprotocols", []):
+            if protocol.startswith(INSECURE_KEY_PROTOCOL):
+                return protocol[len(INSECURE_KEY_PROTOCOL):]
+    return None
+
+
+INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."
 
 
 class ApiKeyMiddleware:
-    """When keys are configured, every HTTP route but /healthz and /readyz needs one of them."""
+    """When keys are configured, every HTTP route but /healthz and /readyz needs one of them, and so does the
+    WebSocket handshake of /v1/realtime (also as OpenAI's `openai-insecure-api-key.KEY` subprotocol)."""
 
     def __init__(self, app: ASGIApp, keys: list[str], open_prefixes: tuple[str, ...] = (),
                  open_paths: tuple[str, ...] = ()) -> None:
@@ -63,7 +73,7 @@ class ApiKeyMiddleware:
         return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths or \
+        if scope["type"] not in ("http", "websocket") or not self.keys or scope["path"] in self.open_paths or \
                 scope["path"].startswith(self.open_prefixes):
             await self.app(scope, receive, send)
             return
@@ -74,6 +84,9 @@ class ApiKeyMiddleware:
             message = "invalid API key"
         else:
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":  # refused at the handshake: the server answers 403, nothing is accepted
+            await send({"type": "websocket.close", "code": 1008, "reason": message})
             return
         await _send_json(send, 401, error_body(message, type="authentication_error", code="invalid_api_key"),
                          {"WWW-Authenticate": "Bearer"}, scope=scope)

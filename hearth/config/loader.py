@@ -244,6 +244,15 @@ class ModelRegistry:
         cfg.model_path = None
         cfg.mmproj_path = None
 
+        if cfg.pipeline is not None:
+            if cfg.backend is not None or cfg.parameters.model:
+                raise ConfigError("a realtime 'pipeline' model runs the models it names; it takes no 'backend' or "
+                                  "'parameters.model' of its own", file=str(path), line=lines.get("pipeline"))
+            if not cfg.pipeline.llm:
+                raise ConfigError("'pipeline.llm' is required: the model that answers", file=str(path),
+                                  line=lines.get("pipeline"))
+            self._say_once(cfg, path)
+            return cfg
         if cfg.backend is None and cfg.parameters.model and cfg.parameters.model.lower().endswith(".gguf"):
             cfg.backend = "llama-cpp"
         if cfg.backend is None:

@@ -147,6 +147,16 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+class PipelineConfig(_Open):
+    """LocalAI's `pipeline:` — a realtime model made of other models, each named as clients name it: `vad` cuts the
+    user's turns (server VAD), `transcription` hears them, `llm` answers, `tts` speaks the answer."""
+
+    vad: str | None = None
+    transcription: str | None = None
+    llm: str | None = None
+    tts: str | None = None
+
+
 class TemplateConfig(_Open):
     """`template:` — Hearth reads `chat` as a Jinja chat template (HF style, `messages` in scope)."""
 
@@ -236,6 +246,8 @@ class ModelConfig(_Open):
     cache_type_v: str | None = None
     # Options of the deterministic test backend (see backends/fake.py).
     fake: dict[str, Any] | None = None
+    # A realtime model: no backend of its own, the models it is made of (served on /v1/realtime).
+    pipeline: PipelineConfig | None = None
 
     # Filled by the loader, never read from YAML.
     source_file: str | None = Field(None, exclude=True)
@@ -286,6 +298,8 @@ class ModelConfig(_Open):
     @property
     def usecases(self) -> list[str]:
         """What the model is for: its YAML's known_usecases, else what its backend serves."""
+        if self.pipeline is not None:
+            return ["realtime"]
         if self.known_usecases:
             found = list(self.known_usecases)
         elif self.canonical_backend == "llama-cpp" and self.embeddings:

@@ -1,0 +1,212 @@
+"""The Realtime API on real models, through the official `openai` client: Silero VAD cuts the turn, whisper hears
+it, Qwen2.5-Coder-0.5B answers, Piper speaks the answer; whisper then hears the spoken answer back."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import time
+import wave
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import websockets.exceptions
+import websockets.sync.client as ws_client
+
+from hearth.gallery.builtin import install
+from tests.conftest import CACHE_DIR, HearthServer, write_yaml
+
+pytestmark = pytest.mark.real_model
+
+RATE = 24_000
+PIPELINE = {"vad": "silero-vad", "transcription": "whisper-tiny.en", "llm": "qwen2.5-coder-0.5b-instruct",
+            "tts": "steady"}
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HearthServer]:
+    models = tmp_path_factory.mktemp("realtime-models")
+    for name in ("silero-vad", "whisper-tiny.en", "en_US-joe-medium", "qwen2.5-coder-0.5b-instruct"):
+        install(name, models, CACHE_DIR)
+    write_yaml(models, "steady", {"name": "steady", "backend": "piper", "noise_scale": 0, "noise_w": 0,
+                                  "parameters": {"model": "en_US-joe-medium.onnx"}})
+    write_yaml(models, "gpt-realtime", {"name": "gpt-realtime", "pipeline": PIPELINE})
+    started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log", "--api-key", "sekrit",
+                           env={"HEARTH_REALTIME_MAX_SESSIONS": "2", "HEARTH_REALTIME_IDLE_SECONDS": "60"})
+    yield started
+    started.stop()
+
+
+def speech(server: HearthServer, text: str) -> bytes:
+    """`text` spoken by Piper as pcm16 at 24 kHz."""
+    response = server.http(headers={"Authorization": "Bearer sekrit"}).post(
+        "/v1/audio/speech", json={"model": "steady", "input": text, "response_format": "pcm"})
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def silence(seconds: float) -> bytes:
+    return bytes(int(RATE * seconds) * 2)
+
+
+def wav(pcm: bytes) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(RATE)
+        writer.writeframes(pcm)
+    return out.getvalue()
+
+
+def send_audio(connection: Any, pcm: bytes, chunk_ms: int = 100) -> None:
+    step = RATE * 2 * chunk_ms // 1000
+    for start in range(0, len(pcm), step):
+        connection.input_audio_buffer.append(audio=base64.b64encode(pcm[start:start + step]).decode())
+
+
+def events_until(connection: Any, kind: str, timeout: float = 120.0) -> list[Any]:
+    seen = []
+    deadline = time.monotonic() + timeout
+    for event in connection:
+        seen.append(event)
+        assert event.type != "error", event
+        if event.type == kind:
+            return seen
+        assert time.monotonic() < deadline, f"no {kind} within {timeout} s: {[e.type for e in seen]}"
+    raise AssertionError(f"the connection closed before {kind}")
+
+
+def test_a_spoken_question_is_heard_answered_and_spoken(server: HearthServer) -> None:
+    question = speech(server, "What is the capital of France?")
+    client = server.client(api_key="sekrit")
+    with client.realtime.connect(model="gpt-realtime") as connection:
+        created = next(iter(connection))
+        assert created.type == "session.created"
+        assert created.session.audio.input.turn_detection.type == "server_vad"
+        connection.session.update(session={
+            "type": "realtime", "instructions": "Answer in one short sentence.",
+            "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE},
+                                "transcription": {"model": "whisper-1"},
+                                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}},
+                      "output": {"format": {"type": "audio/pcm", "rate": RATE}, "voice": "alloy"}}})
+        send_audio(connection, silence(0.6) + question + silence(1.5))
+        seen = events_until(connection, "response.done")
+    kinds = [event.type for event in seen]
+    for kind in ("session.updated", "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                 "input_audio_buffer.committed", "conversation.item.input_audio_transcription.completed",
+                 "response.created", "response.output_audio_transcript.delta", "response.output_audio.delta",
+                 "response.output_audio_transcript.done"):
+        assert kind in kinds, (kind, kinds)
+    started = next(e for e in seen if e.type == "input_audio_buffer.speech_started")
+    assert 400 <= started.audio_start_ms <= 900  # the question starts 600 ms in
+    heard = next(e for e in seen if e.type == "conversation.item.input_audio_transcription.completed")
+    assert {"capital", "france"} <= set(words(heard.transcript)), heard.transcript
+    answer = next(e for e in seen if e.type == "response.output_audio_transcript.done").transcript
+    assert "paris" in words(answer), answer
+    done = seen[-1].response
+    assert done.status == "completed" and done.usage.output_tokens > 0
+    # The first audio leaves before the answer's text is complete (sentence by sentence), and it says the answer.
+    audio = b"".join(base64.b64decode(e.delta) for e in seen if e.type == "response.output_audio.delta")
+    assert len(audio) > RATE  # more than half a second
+    result = client.audio.transcriptions.create(model="whisper-tiny.en", file=("answer.wav", wav(audio)))
+    assert "paris" in words(result.text), (result.text, answer)
+
+
+def test_text_turns_and_tool_calls(server: HearthServer) -> None:
+    """A text turn (conversation.item.create + response.create) with a tool: the call comes back whole, its result
+    goes in as a function_call_output item, and the next response uses it."""
+    client = server.client(api_key="sekrit")
+    tool = {"type": "function", "name": "get_weather", "description": "The current weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    with client.realtime.connect(model="gpt-realtime") as connection:
+        connection.session.update(session={"type": "realtime", "output_modalities": ["text"], "tools": [tool],
+                                           "tool_choice": "required",
+                                           "audio": {"input": {"turn_detection": None}}})
+        connection.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "What is the weather in Paris?"}]})
+        connection.response.create()
+        seen = events_until(connection, "response.done")
+        call = next(e for e in seen if e.type == "response.function_call_arguments.done")
+        assert call.name == "get_weather" and json.loads(call.arguments)["city"].lower() == "paris"
+        connection.conversation.item.create(item={"type": "function_call_output", "call_id": call.call_id,
+                                                  "output": json.dumps({"weather": "sunny, 31 degrees"})})
+        connection.session.update(session={"type": "realtime", "tool_choice": "none"})
+        connection.response.create()
+        seen = events_until(connection, "response.done")
+    text = next(e for e in seen if e.type == "response.output_text.done").text
+    assert "sunny" in text.lower() or "31" in text, text
+
+
+def test_bad_events_get_error_events_and_the_session_goes_on(server: HearthServer) -> None:
+    url = server.base_url.replace("http", "ws") + "/v1/realtime?model=gpt-realtime"
+    with ws_client.connect(url, additional_headers={"Authorization": "Bearer sekrit"}) as socket:
+        assert json.loads(socket.recv(timeout=30))["type"] == "session.created"
+        for bad, code in (("not json", "invalid_event"), ('{"type": "nope"}', "invalid_event"),
+                          ('{"type": "input_audio_buffer.append", "audio": "%%%"}', "invalid_request_error"),
+                          ('{"type": "input_audio_buffer.commit"}', "input_audio_buffer_commit_empty"),
+                          ('{"type": "session.update", "session": {"audio": {"input": {"format": '
+                           '{"type": "audio/pcmu"}}}}}', "invalid_request_error"),
+                          ('{"type": "conversation.item.delete", "item_id": "x"}', "item_not_found"),
+                          ('{"type": "response.cancel"}', "response_cancel_not_active")):
+            socket.send(bad)
+            event = json.loads(socket.recv(timeout=30))
+            assert event["type"] == "error" and event["error"]["code"] == code, (bad, event)
+        socket.send('{"type": "session.update", "session": {"instructions": "Be brief."}}')
+        assert json.loads(socket.recv(timeout=30))["session"]["instructions"] == "Be brief."
+
+
+def test_handshake_needs_the_key_and_a_realtime_model(server: HearthServer) -> None:
+    url = server.base_url.replace("http", "ws") + "/v1/realtime?model=gpt-realtime"
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        ws_client.connect(url)
+    assert refused.value.response.status_code == 403
+    # A browser's way: the key in OpenAI's subprotocol.
+    with ws_client.connect(url, subprotocols=["realtime", "openai-insecure-api-key.sekrit"]) as socket:
+        assert json.loads(socket.recv(timeout=30))["type"] == "session.created"
+    for model, code in (("steady", "model_not_found"), ("nope", "model_not_found"), ("", "missing_model")):
+        with ws_client.connect(url.replace("gpt-realtime", model),
+                               additional_headers={"Authorization": "Bearer sekrit"}) as socket:
+            event = json.loads(socket.recv(timeout=30))
+            assert event["type"] == "error" and event["error"]["code"] == code, event
+    # Only realtime_max_sessions (2) at once.
+    headers = {"Authorization": "Bearer sekrit"}
+    with ws_client.connect(url, additional_headers=headers) as one, ws_client.connect(url, additional_headers=headers) as two:
+        assert json.loads(one.recv(timeout=30))["type"] == json.loads(two.recv(timeout=30))["type"] == "session.created"
+        with ws_client.connect(url, additional_headers=headers) as three:
+            assert json.loads(three.recv(timeout=30))["error"]["code"] == "session_limit"
+    # A pipeline model is not a chat model.
+    response = server.client(api_key="sekrit").chat.completions.with_raw_response
+    with pytest.raises(Exception) as refused_chat:
+        response.create(model="gpt-realtime", messages=[{"role": "user", "content": "hi"}])
+    assert getattr(refused_chat.value, "status_code", None) == 400
+
+
+def test_speech_during_a_reply_cancels_and_truncates_it(server: HearthServer) -> None:
+    client = server.client(api_key="sekrit")
+    with client.realtime.connect(model="gpt-realtime") as connection:
+        connection.session.update(session={"type": "realtime", "instructions": "Tell long, detailed stories."})
+        send_audio(connection, silence(0.5) + speech(server, "Tell me a long story about a dragon.") + silence(1.2))
+        seen = events_until(connection, "response.output_audio.delta")
+        send_audio(connection, speech(server, "Wait, stop please.") + silence(1.2))
+        seen += events_until(connection, "response.done")
+        first = seen[-1].response
+        assert first.status == "cancelled", first.status
+        said = "".join(e.delta for e in seen if e.type == "response.output_audio_transcript.delta")
+        (item_id,) = {e.item_id for e in seen if e.type == "response.output_audio_transcript.delta"}
+        # The interruption was heard as the next turn, and answered.
+        after = events_until(connection, "response.done")
+        heard = next(e for e in after if e.type == "conversation.item.input_audio_transcription.completed")
+        assert "stop" in words(heard.transcript), heard.transcript
+        connection.conversation.item.retrieve(item_id=item_id)
+        retrieved = events_until(connection, "conversation.item.retrieved")[-1].item
+    kept = retrieved.content[0].transcript
+    assert retrieved.status == "incomplete" and kept and len(kept) <= len(said), (kept, said)
+    assert said.startswith(kept.split(" ")[0])
