@@ -4,11 +4,9 @@ it, Qwen2.5-Coder-0.5B answers, Piper speaks the answer; whisper then hears the 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import time
-import wave
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +15,7 @@ import websockets.exceptions
 import websockets.sync.client as ws_client
 
 from hearth.gallery.builtin import install
+from hearth.realtime.session import wav
 from tests.conftest import CACHE_DIR, HearthServer, write_yaml
 
 pytestmark = pytest.mark.real_model
@@ -54,16 +53,6 @@ def speech(server: HearthServer, text: str) -> bytes:
 
 def silence(seconds: float) -> bytes:
     return bytes(int(RATE * seconds) * 2)
-
-
-def wav(pcm: bytes) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(RATE)
-        writer.writeframes(pcm)
-    return out.getvalue()
 
 
 def send_audio(connection: Any, pcm: bytes, chunk_ms: int = 100) -> None:
