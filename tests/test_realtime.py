@@ -117,7 +117,7 @@ def test_text_turns_and_tool_calls(server: HearthServer) -> None:
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
     with client.realtime.connect(model="gpt-realtime") as connection:
         connection.session.update(session={"type": "realtime", "output_modalities": ["text"], "tools": [tool],
-                                           "tool_choice": "required",
+                                           "tool_choice": "required", "temperature": 0,
                                            "audio": {"input": {"turn_detection": None}}})
         connection.conversation.item.create(item={"type": "message", "role": "user", "content": [
             {"type": "input_text", "text": "What is the weather in Paris?"}]})
