@@ -144,7 +144,13 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server: HearthServe
                           ('{"type": "session.update", "session": {"audio": {"input": {"format": '
                            '{"type": "audio/pcmu"}}}}}', "invalid_request_error"),
                           ('{"type": "conversation.item.delete", "item_id": "x"}', "item_not_found"),
-                          ('{"type": "response.cancel"}', "response_cancel_not_active")):
+                          ('{"type": "response.cancel"}', "response_cancel_not_active"),
+                          ('{"type": "session.update", "session": {"output_modalities": [{}]}}',
+                           "invalid_request_error"),
+                          ('{"type": "session.update", "session": {"tool_choice": {"x": 1}}}', "invalid_request_error"),
+                          ('{"type": "response.create", "response": {"temperature": "hot"}}', "invalid_request_error"),
+                          ('{"type": "response.create", "response": {"output_modalities": "x"}}',
+                           "invalid_request_error")):
             socket.send(bad)
             event = json.loads(socket.recv(timeout=30))
             assert event["type"] == "error" and event["error"]["code"] == code, (bad, event)

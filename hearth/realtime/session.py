@@ -145,17 +145,20 @@ class Session:
             await handler(self, event)
         except ClientError as exc:
             await self.error(exc.message, exc.code, exc.param, event.get("event_id"))
+        except HearthError as exc:
+            await self.error(exc.message, exc.code, exc.param, event.get("event_id"))
+        except Exception:  # a mistake of ours: said, logged, and the session goes on
+            log.exception("realtime event %s failed", event["type"])
+            await self.error(f"the server could not carry out {event['type']}", code="server_error",
+                             event_id=event.get("event_id"))
 
     async def session_update(self, event: dict[str, Any]) -> None:
         session = _mapping(event.get("session", {}), "session")
         if "instructions" in session:
             self.instructions = _string(session["instructions"], "session.instructions")
         if "output_modalities" in session or "modalities" in session:
-            modalities = session.get("output_modalities", session.get("modalities"))
-            if not isinstance(modalities, list) or not modalities or \
-                    not set(modalities) <= {"text", "audio"}:
-                raise ClientError("output_modalities must be ['audio'] or ['text']", param="session.output_modalities")
-            self.modalities = ["audio"] if "audio" in modalities else ["text"]
+            self.modalities = _modalities(session.get("output_modalities", session.get("modalities")),
+                                          "session.output_modalities")
         audio = _mapping(session.get("audio", {}), "session.audio")
         given_input = _mapping(audio.get("input", {}), "session.audio.input")
         given_output = _mapping(audio.get("output", {}), "session.audio.output")
@@ -176,7 +179,7 @@ class Session:
         if "tools" in session:
             self.tools = _tools(session["tools"])
         if "tool_choice" in session:
-            self.tool_choice = session["tool_choice"]
+            self.tool_choice = _tool_choice(session["tool_choice"], "session.tool_choice")
         if "temperature" in session:
             self.temperature = _number(session["temperature"], "session.temperature", 0, 2)
         limit = session.get("max_output_tokens", session.get("max_response_output_tokens", ...))
@@ -352,7 +355,7 @@ class Session:
             _string(item.get("arguments", ""), "item.arguments")
         else:
             raise ClientError(f"item type '{kind}' is not supported", param="item.type")
-        item.setdefault("id", new_id("item"))
+        item["id"] = _string(item.get("id") or new_id("item"), "item.id")
         if any(existing["id"] == item["id"] for existing in self.items):
             raise ClientError(f"an item with id '{item['id']}' already exists", param="item.id")
         item.update(type=kind, object="realtime.item", status="completed")
@@ -400,7 +403,19 @@ class Session:
         if self.response is not None and not self.response.done():
             raise ClientError("a response is already in progress: cancel it first",
                               code="conversation_already_has_active_response")
-        await self._start_response(_mapping(event.get("response", {}), "response"))
+        given = _mapping(event.get("response", {}), "response")
+        overrides: dict[str, Any] = {}
+        if "output_modalities" in given:
+            overrides["output_modalities"] = _modalities(given["output_modalities"], "response.output_modalities")
+        if "instructions" in given:
+            overrides["instructions"] = _string(given["instructions"], "response.instructions")
+        if "tools" in given:
+            overrides["tools"] = _tools(given["tools"])
+        if "tool_choice" in given:
+            overrides["tool_choice"] = _tool_choice(given["tool_choice"], "response.tool_choice")
+        if given.get("temperature") is not None:
+            overrides["temperature"] = _number(given["temperature"], "response.temperature", 0, 2)
+        await self._start_response(overrides)
 
     async def response_cancel(self, event: dict[str, Any]) -> None:
         if self.response is None or self.response.done():
@@ -446,7 +461,7 @@ class Session:
                 tools=[{"name": t["name"], "description": t.get("description", ""),
                         "parameters": t.get("parameters") or {"type": "object", "properties": {}}}
                        for t in _tools(overrides.get("tools", self.tools))],
-                tool_choice=overrides.get("tool_choice", self.tool_choice) if self.tools else None,
+                tool_choice=_chat_tool_choice(overrides.get("tool_choice", self.tool_choice)) if self.tools else None,
                 temperature=overrides.get("temperature", self.temperature),
                 max_tokens=self.max_output_tokens, request_id=response["id"])
             text, finished = "", None
@@ -487,10 +502,13 @@ class Session:
             if item is not None:
                 item["status"] = "incomplete"
                 self._truncate(item, speaker.played_ms() if speaker is not None else 0)
-        except HearthError as exc:
+        except Exception as exc:  # a model's error (HearthError), or a mistake of ours, logged: the reply fails
+            if not isinstance(exc, HearthError):
+                log.exception("realtime response %s failed", response["id"])
+            message = exc.message if isinstance(exc, HearthError) else "the server could not finish the response"
             response["status"] = "failed"
-            response["status_details"] = {"type": "failed", "error": {"type": "server_error", "code": exc.code,
-                                                                      "message": exc.message}}
+            response["status_details"] = {"type": "failed", "error": {
+                "type": "server_error", "code": getattr(exc, "code", "server_error"), "message": message}}
             if speaker is not None:
                 speaker.stop()
         await self.send({"type": "response.done", "response": response})
@@ -610,6 +628,25 @@ def _number(value: Any, param: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise ClientError(f"{param} must be a number from {low} to {high}", param=param)
     return float(value)
+
+
+def _modalities(value: Any, param: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(m in ("text", "audio") for m in value):
+        raise ClientError(f"{param} must be ['audio'] or ['text']", param=param)
+    return ["audio"] if "audio" in value else ["text"]
+
+
+def _tool_choice(value: Any, param: str) -> Any:
+    if value in ("none", "auto", "required"):
+        return value
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("name"), str):
+        return value
+    raise ClientError(f"{param} must be 'none', 'auto', 'required' or {{'type': 'function', 'name'}}", param=param)
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    """Realtime's {"type": "function", "name"} in the chat request's (OpenAI chat's) shape."""
+    return {"type": "function", "function": {"name": choice["name"]}} if isinstance(choice, dict) else choice
 
 
 def _pcm_format(value: Any, param: str) -> None:
