@@ -106,9 +106,10 @@ def test_a_request_turns_guessing_on_or_off(server: HearthServer) -> None:
 
 def test_ngram_lookup_batched_with_other_sequences(server: HearthServer) -> None:
     """Compared with the same requests batched without guesses: batching itself is not bit-exact (llama.cpp's
-    kernels sum in another order for another number of tokens), and "Name a fruit." among these four meets a near-tie
-    that ends it otherwise than alone, with or without guesses."""
-    prompts = [*PROMPTS[:2], "Name three rivers.", "Name a fruit."]
+    kernels sum in another order for another number of tokens). "Name a fruit." is not among them: it meets a near-tie
+    that goes either way with how the four happen to be grouped in steps, with or without guesses (it failed one CI
+    run); "Name three colours." passed 11 runs of 11, five of them beside a busy loop."""
+    prompts = [*PROMPTS[:2], "Name three rivers.", "Name three colours."]
     plain = at_once(server, "smol", prompts, 64)
     together = at_once(server, "smol-ngram", prompts, 64)
     for prompt in prompts:
