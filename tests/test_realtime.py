@@ -196,12 +196,35 @@ def test_speech_during_a_reply_cancels_and_truncates_it(server: HearthServer) ->
         assert first.status == "cancelled", first.status
         said = "".join(e.delta for e in seen if e.type == "response.output_audio_transcript.delta")
         (item_id,) = {e.item_id for e in seen if e.type == "response.output_audio_transcript.delta"}
-        # The interruption was heard as the next turn, and answered.
-        after = events_until(connection, "response.done")
+        # The interruption was heard as the next turn, and answered (that answer is cancelled: a story is long).
+        after = events_until(connection, "response.created")
         heard = next(e for e in after if e.type == "conversation.item.input_audio_transcription.completed")
         assert "stop" in words(heard.transcript), heard.transcript
+        connection.response.cancel()
+        assert events_until(connection, "response.done")[-1].response.status == "cancelled"
         connection.conversation.item.retrieve(item_id=item_id)
         retrieved = events_until(connection, "conversation.item.retrieved")[-1].item
     kept = retrieved.content[0].transcript
     assert retrieved.status == "incomplete" and kept and len(kept) <= len(said), (kept, said)
     assert said.startswith(kept.split(" ")[0])
+
+
+def test_idle_sessions_close_but_not_while_a_reply_is_running(tmp_path: Any) -> None:
+    """Idle means nothing to do: a reply longer than the idle limit runs to its end, then the session closes."""
+    write_yaml(tmp_path, "slow", {"name": "slow", "backend": "fake", "fake": {"reply": "word " * 40, "token_delay": 0.05}})
+    write_yaml(tmp_path, "typist", {"name": "typist", "pipeline": {"llm": "slow"}})
+    server = HearthServer(tmp_path, tmp_path / "hearth.log", env={"HEARTH_REALTIME_IDLE_SECONDS": "1"})
+    try:
+        with server.client().realtime.connect(model="typist") as connection:
+            connection.session.update(session={"type": "realtime", "output_modalities": ["text"], "temperature": 0})
+            connection.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "Type."}]})
+            connection.response.create()
+            done = events_until(connection, "response.done")[-1].response
+            assert done.status == "completed" and done.usage.output_tokens == 40
+            started = time.monotonic()
+            closed = next(iter(connection))
+            assert closed.type == "error" and closed.error.code == "session_idle", closed
+            assert time.monotonic() - started < 10
+    finally:
+        server.stop()

@@ -2,8 +2,9 @@
 
 The model is a realtime pipeline (`pipeline:` in its YAML). The API key, when keys are set, is checked at the
 handshake (middleware.py). Sessions are bounded: `realtime_max_sessions` at once, each closed after
-`realtime_session_minutes` or `realtime_idle_seconds` without an event; an event that is not JSON, or larger than
-`MAX_EVENT_BYTES`, gets an `error` event and the session goes on.
+`realtime_session_minutes`, or after `realtime_idle_seconds` without an event while no reply or turn is being
+worked on; an event that is not JSON, or larger than `MAX_EVENT_BYTES`, gets an `error` event and the session
+goes on.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ async def realtime(websocket: WebSocket) -> None:
             try:
                 message = await asyncio.wait_for(websocket.receive(), wait)
             except TimeoutError:
+                if session.busy() and time.monotonic() < ends:
+                    continue
                 reason = "idle" if time.monotonic() < ends else "expired"
                 await _refuse(websocket, f"the session was closed: {reason}", f"session_{reason}", 1000)
                 return

@@ -123,6 +123,10 @@ class Session:
     async def start(self) -> None:
         await self.send({"type": "session.created", "session": self.describe()})
 
+    def busy(self) -> bool:
+        """A reply or a turn is still being worked on: the session is not idle, whatever the client sends."""
+        return any(task is not None and not task.done() for task in (self.response, self.vad_task))
+
     async def close(self) -> None:
         for task in (self.response, self.vad_task):
             if task is not None and not task.done():
