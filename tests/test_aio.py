@@ -62,7 +62,7 @@ def seeded_cache(folder: Path) -> Path:
     and none of the hub's: those must come from the stand-in."""
     blobs = folder / "blobs"
     blobs.mkdir(parents=True)
-    for name in [*DEFAULT_MODELS, "silero-vad"]:
+    for name in DEFAULT_MODELS:
         for spec in BUILTIN[name].files:
             os.link(fetch_to_cache(spec, CACHE_DIR), blobs / f"sha256-{spec.sha256}")
     return folder

@@ -51,7 +51,22 @@ def test_run_installs_default_model_and_serves_it_as_gpt4(tmp_path: Path) -> Non
         client = server.client()
         ids = {m.id for m in client.models.list()}
         assert {"qwen2.5-coder-0.5b-instruct", "gpt-4", "all-minilm-l6-v2", "text-embedding-ada-002", "whisper-base",
-                "whisper-1", "en_US-joe-medium", "tts-1"} <= ids
+                "whisper-1", "en_US-joe-medium", "tts-1", "silero-vad", "whisper-tiny.en", "gpt-realtime"} <= ids
+        # The realtime pipeline over the other defaults answers (a text turn: its LLM is gpt-4's model).
+        with client.realtime.connect(model="gpt-realtime") as connection:
+            connection.session.update(session={"type": "realtime", "output_modalities": ["text"], "temperature": 0,
+                                               "max_output_tokens": 16})
+            connection.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "What is 2 + 2? Answer with the number."}]})
+            connection.response.create()
+            said = ""
+            for event in connection:
+                assert event.type != "error", event
+                if event.type == "response.output_text.delta":
+                    said += event.delta
+                if event.type == "response.done":
+                    break
+        assert "4" in said, said
         vectors = client.embeddings.create(model="text-embedding-ada-002", input=["hello", "hi"]).data
         assert [len(v.embedding) for v in vectors] == [384, 384]
         reply = client.chat.completions.create(

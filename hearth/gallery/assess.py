@@ -115,6 +115,8 @@ def assess(config: dict[str, Any], files: list[GalleryFile]) -> Assessment:
     named = str(named) if named else ""
     if not named and model and model.lower().endswith(".gguf"):
         named = "llama-cpp"
+    if not named and isinstance(config.get("pipeline"), dict) and not files:
+        return Assessment(backend="", usable=True)  # a realtime pipeline: made of other models, run by none
     if not named:
         return Assessment(backend="", usable=False, reason="it names no backend and none follows from its model file")
     backend = resolve_backend(named, model or "", is_dir=bool(model) and not _file_named(model, files))

