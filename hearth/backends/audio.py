@@ -19,7 +19,11 @@ FORMATS: dict[str, tuple[str, str, int | None]] = {
     "flac": ("flac", "flac", None),
     "wav": ("wav", "pcm_s16le", None),
     "pcm": ("", "", None),  # raw 24 kHz 16-bit mono little-endian, as OpenAI defines it
+    # For the Realtime API only (the speech route does not offer them): raw G.711 at 8 kHz, as telephony sends.
+    "g711_ulaw": ("", "pcm_mulaw", None),
+    "g711_alaw": ("", "pcm_alaw", None),
 }
+RAW_RATES = {"pcm": RATE, "g711_ulaw": 8_000, "g711_alaw": 8_000}
 # Formats whose header holds the length, written once the whole is encoded: WAV, and FLAC, whose STREAMINFO would
 # otherwise say "length unknown", which libsndfile (soundfile, many players) refuses to read.
 WHOLE = ("wav", "flac")
@@ -76,8 +80,8 @@ class _Sink(io.RawIOBase):
 
 
 class StreamEncoder:
-    """16-bit mono PCM at the voice's rate in, the response format's bytes at 24 kHz out, piece by piece (WAV and
-    FLAC whole, at the end: their headers hold the length)."""
+    """16-bit mono PCM at the voice's rate in, the response format's bytes at 24 kHz (G.711: 8 kHz) out, piece by
+    piece (WAV and FLAC whole, at the end: their headers hold the length)."""
 
     def __init__(self, fmt: str, sample_rate: int) -> None:
         import av
@@ -87,10 +91,14 @@ class StreamEncoder:
         container_format, codec, bit_rate = FORMATS[fmt]
         self.fmt = fmt
         self.in_rate = sample_rate
-        self.out_rate = RATE
+        self.out_rate = RAW_RATES.get(fmt, RATE)
         self.container = None
-        if fmt == "pcm":
+        self.raw_codec = None
+        if fmt in RAW_RATES:
             self.resampler = av.AudioResampler(format="s16", layout="mono", rate=self.out_rate)
+            if codec:
+                self.raw_codec = av.CodecContext.create(codec, "w")
+                self.raw_codec.sample_rate, self.raw_codec.layout, self.raw_codec.format = self.out_rate, "mono", "s16"
             return
         self.sink: Any = io.BytesIO() if fmt in WHOLE else _Sink()
         self.container = av.open(self.sink, mode="w", format=container_format)
@@ -111,8 +119,10 @@ class StreamEncoder:
         return self.resampler.resample(frame)
 
     def _encode(self, pcm: bytes | None) -> bytes | None:
-        """Raw PCM for `pcm` output; otherwise the frames go into the container and None is returned."""
+        """Raw PCM (or G.711) for raw output; otherwise the frames go into the container and None is returned."""
         frames = self._frames(pcm)
+        if self.raw_codec is not None:
+            return b"".join(bytes(packet) for frame in frames for packet in self.raw_codec.encode(frame))
         if self.container is None:
             return b"".join(bytes(f.to_ndarray().astype("<i2").tobytes()) for f in frames)
         for frame in frames:
