@@ -1,5 +1,6 @@
-"""The Realtime API on real models, through the official `openai` client: Silero VAD cuts the turn, whisper hears
-it, Qwen2.5-Coder-0.5B answers, Piper speaks the answer; whisper then hears the spoken answer back."""
+"""The Realtime API on real models, through the official `openai` client, on the default set's `gpt-realtime`:
+Silero VAD cuts the turn, whisper hears it, Qwen2.5-Coder-0.5B answers, Piper speaks the answer; whisper then hears
+the spoken answer back. The questions are spoken by a Piper voice without noise (the same audio every run)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ from tests.conftest import CACHE_DIR, HearthServer, write_yaml
 pytestmark = pytest.mark.real_model
 
 RATE = 24_000
-PIPELINE = {"vad": "silero-vad", "transcription": "whisper-tiny.en", "llm": "qwen2.5-coder-0.5b-instruct",
-            "tts": "steady"}
 
 
 def words(text: str) -> list[str]:
@@ -32,11 +31,10 @@ def words(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HearthServer]:
     models = tmp_path_factory.mktemp("realtime-models")
-    for name in ("silero-vad", "whisper-tiny.en", "en_US-joe-medium", "qwen2.5-coder-0.5b-instruct"):
-        install(name, models, CACHE_DIR)
+    for name in ("silero-vad", "whisper-tiny.en", "en_US-joe-medium", "qwen2.5-coder-0.5b-instruct", "gpt-realtime"):
+        install(name, models, CACHE_DIR)  # gpt-realtime: the default set's pipeline of the other four
     write_yaml(models, "steady", {"name": "steady", "backend": "piper", "noise_scale": 0, "noise_w": 0,
                                   "parameters": {"model": "en_US-joe-medium.onnx"}})
-    write_yaml(models, "gpt-realtime", {"name": "gpt-realtime", "pipeline": PIPELINE})
     started = HearthServer(models, tmp_path_factory.mktemp("log") / "hearth.log", "--api-key", "sekrit",
                            env={"HEARTH_REALTIME_MAX_SESSIONS": "2", "HEARTH_REALTIME_IDLE_SECONDS": "60"})
     yield started
@@ -55,9 +53,13 @@ def silence(seconds: float) -> bytes:
     return bytes(int(RATE * seconds) * 2)
 
 
-def send_audio(connection: Any, pcm: bytes, chunk_ms: int = 100) -> None:
+def send_audio(connection: Any, pcm: bytes, chunk_ms: int = 100, real_time: bool = False) -> None:
+    """Appends of `chunk_ms` each, at once or as a microphone gives them (`real_time`)."""
     step = RATE * 2 * chunk_ms // 1000
-    for start in range(0, len(pcm), step):
+    began = time.monotonic()
+    for k, start in enumerate(range(0, len(pcm), step)):
+        if real_time:
+            time.sleep(max(0.0, began + k * chunk_ms / 1000 - time.monotonic()))
         connection.input_audio_buffer.append(audio=base64.b64encode(pcm[start:start + step]).decode())
 
 
@@ -109,6 +111,102 @@ def test_a_spoken_question_is_heard_answered_and_spoken(server: HearthServer) ->
     assert "paris" in words(result.text), (result.text, answer)
 
 
+def test_a_pause_inside_a_sentence_does_not_end_the_turn(server: HearthServer) -> None:
+    """Whisper starts hearing the turn at the first short silence; speech that goes on drops that guess."""
+    client = server.client(api_key="sekrit")
+    with client.realtime.connect(model="gpt-realtime") as connection:
+        connection.session.update(session={"type": "realtime", "output_modalities": ["text"], "max_output_tokens": 8,
+                                           "audio": {"input": {"turn_detection": {"type": "server_vad",
+                                                                                  "silence_duration_ms": 900}}}})
+        send_audio(connection, silence(0.3) + speech(server, "What is the capital") + silence(0.3)
+                   + speech(server, "of France?") + silence(1.0), real_time=True)
+        seen = events_until(connection, "response.done")
+    assert [e.type for e in seen].count("input_audio_buffer.committed") == 1
+    heard = next(e for e in seen if e.type == "conversation.item.input_audio_transcription.completed")
+    assert {"capital", "france"} <= set(words(heard.transcript)), heard.transcript
+
+
+def g711(pcm_24k: bytes, codec: str) -> bytes:
+    """pcm16 at 24 kHz as G.711 at 8 kHz, by FFmpeg (PyAV): the test's encoder is not the server's."""
+    import av
+    import numpy as np
+
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=8000)
+    encoder = av.CodecContext.create(codec, "w")
+    encoder.sample_rate, encoder.layout, encoder.format = 8000, "mono", "s16"
+    frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm_24k, dtype=np.int16).reshape(1, -1), format="s16",
+                                       layout="mono")
+    frame.sample_rate = RATE
+    frames = resampler.resample(frame) + resampler.resample(None)
+    return b"".join(bytes(p) for f in frames for p in encoder.encode(f))
+
+
+def from_g711(data: bytes, codec: str) -> bytes:
+    """G.711 at 8 kHz as pcm16, by FFmpeg."""
+    import av
+
+    decoder = av.CodecContext.create(codec, "r")
+    decoder.sample_rate, decoder.layout = 8000, "mono"
+    return b"".join(f.to_ndarray().astype("<i2").tobytes() for f in decoder.decode(av.Packet(data)))
+
+
+def test_telephone_audio_in_mu_law_and_out_in_a_law(server: HearthServer) -> None:
+    """G.711 as a phone line carries it: the question in mu-law, the answer in A-law, both at 8 kHz."""
+    question = g711(silence(0.3) + speech(server, "What is the capital of France?") + silence(1.0), "pcm_mulaw")
+    client = server.client(api_key="sekrit")
+    with client.realtime.connect(model="gpt-realtime") as connection:
+        connection.session.update(session={"type": "realtime", "max_output_tokens": 24, "audio": {
+            "input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcma"}}}})
+        updated = events_until(connection, "session.updated")[-1].session
+        assert (updated.audio.input.format.type, updated.audio.output.format.type) == ("audio/pcmu", "audio/pcma")
+        for start in range(0, len(question), 800):  # 100 ms at 8 kHz, one byte a sample
+            connection.input_audio_buffer.append(audio=base64.b64encode(question[start:start + 800]).decode())
+        seen = events_until(connection, "response.done")
+    heard = next(e for e in seen if e.type == "conversation.item.input_audio_transcription.completed")
+    assert {"capital", "france"} <= set(words(heard.transcript)), heard.transcript
+    stopped = next(e for e in seen if e.type == "input_audio_buffer.speech_stopped")
+    assert 1500 < stopped.audio_end_ms < 3500, stopped  # counted in the input's own rate
+    answer = b"".join(base64.b64decode(e.delta) for e in seen if e.type == "response.output_audio.delta")
+    spoken = from_g711(answer, "pcm_alaw")
+    assert len(spoken) == 2 * len(answer)  # one byte a sample, 8 kHz
+    result = client.audio.transcriptions.create(model="whisper-tiny.en", file=("answer.wav", wav(spoken, 8000)))
+    said = next(e for e in seen if e.type == "response.output_audio_transcript.done").transcript
+    assert "paris" in words(said) and "paris" in words(result.text), (said, result.text)
+
+
+def test_transcription_sessions_caption_each_turn_and_never_answer(server: HearthServer) -> None:
+    """`intent=transcription` (no model: the default pipeline's parts): VAD-cut turns, each transcribed, no
+    responses; the beta's transcription_session.update is answered in its own name."""
+    url = server.base_url.replace("http", "ws") + "/v1/realtime?intent=transcription"
+    audio = (silence(0.3) + speech(server, "The weather is sunny today.") + silence(1.0)
+             + speech(server, "Tomorrow it will rain.") + silence(1.0))
+    with ws_client.connect(url, additional_headers={"Authorization": "Bearer sekrit"}, max_size=None) as socket:
+        created = json.loads(socket.recv(timeout=30))
+        assert created["type"] == "session.created" and created["session"]["type"] == "transcription", created
+        socket.send(json.dumps({"type": "transcription_session.update", "session": {
+            "input_audio_transcription": {"model": "whisper-tiny.en", "language": "en"}}}))
+        updated = json.loads(socket.recv(timeout=30))
+        assert updated["type"] == "transcription_session.updated", updated
+        assert updated["session"]["audio"]["input"]["transcription"]["model"] == "whisper-tiny.en"
+        socket.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+            "transcription": {"model": "en_US-joe-medium"}}}}}))  # a voice does not transcribe
+        refused = json.loads(socket.recv(timeout=30))
+        assert refused["type"] == "error" and refused["error"]["param"] == "session.audio.input.transcription.model"
+        socket.send(json.dumps({"type": "response.create"}))
+        assert json.loads(socket.recv(timeout=30))["type"] == "error"
+        for start in range(0, len(audio), 4800):
+            socket.send(json.dumps({"type": "input_audio_buffer.append",
+                                    "audio": base64.b64encode(audio[start:start + 4800]).decode()}))
+        seen: list[dict[str, Any]] = []
+        while sum(e["type"] == "conversation.item.input_audio_transcription.completed" for e in seen) < 2:
+            seen.append(json.loads(socket.recv(timeout=60)))
+            assert seen[-1]["type"] != "error", (seen[-1], [e["type"] for e in seen])
+    kinds = [e["type"] for e in seen]
+    assert kinds.count("input_audio_buffer.committed") == 2 and not any(k.startswith("response.") for k in kinds)
+    first, second = (e["transcript"] for e in seen if e["type"].endswith("transcription.completed"))
+    assert {"weather", "sunny"} <= set(words(first)) and {"tomorrow", "rain"} <= set(words(second)), (first, second)
+
+
 def test_text_turns_and_tool_calls(server: HearthServer) -> None:
     """A text turn (conversation.item.create + response.create) with a tool: the call comes back whole, its result
     goes in as a function_call_output item, and the next response uses it."""
@@ -142,7 +240,9 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server: HearthServe
                           ('{"type": "input_audio_buffer.append", "audio": "%%%"}', "invalid_request_error"),
                           ('{"type": "input_audio_buffer.commit"}', "input_audio_buffer_commit_empty"),
                           ('{"type": "session.update", "session": {"audio": {"input": {"format": '
-                           '{"type": "audio/pcmu"}}}}}', "invalid_request_error"),
+                           '{"type": "audio/mpeg"}}}}}', "invalid_request_error"),
+                          ('{"type": "session.update", "session": {"audio": {"output": {"format": '
+                           '{"type": "audio/pcm", "rate": 16000}}}}}', "invalid_request_error"),
                           ('{"type": "conversation.item.delete", "item_id": "x"}', "item_not_found"),
                           ('{"type": "response.cancel"}', "response_cancel_not_active"),
                           ('{"type": "session.update", "session": {"output_modalities": [{}]}}',

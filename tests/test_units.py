@@ -12,6 +12,7 @@ from hearth.backends.base import StopBuffer
 from hearth.backends.llama_scheduler import choose_slots, common_prefix, runs
 from hearth.chat.template import render_chat
 from hearth.cores import SLOTS, Board, Share
+from hearth.realtime.session import phrases
 from hearth.runner.wire import from_status, to_status
 from hearth.runtime.process import runner_environment
 from hearth.settings import load_settings
@@ -224,3 +225,18 @@ def test_runners_ask_glibc_for_huge_pages_unless_told_otherwise() -> None:
     for own in ("glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2"):
         assert runner_environment({"GLIBC_TUNABLES": own})["GLIBC_TUNABLES"] == own
     assert runner_environment({"PYTHONUNBUFFERED": "0"})["PYTHONUNBUFFERED"] == "0"
+
+
+@pytest.mark.parametrize(("written", "first", "spoken", "rest"), [
+    ("The capital of France is Paris. It is", True, ["The capital of France is Paris."], "It is"),
+    ("The capital of France is", True, [], "The capital of France is"),
+    ("Well, the sky is blue, mostly", True, ["Well, the sky is blue,"], "mostly"),  # a clause of three words or more
+    ("Bees are a type of pollinator that make", True, ["Bees are a type of pollinator"], "that make"),
+    ("Bees are insects that make", True, [], "Bees are insects that make"),  # too few words before "that"
+    ("In the morning, when", False, [], "In the morning, when"),  # only the first sentence is cut short
+    ("One. Two! Three?\nFour", False, ["One.", "Two!", "Three?"], "Four"),
+])
+def test_an_answer_is_spoken_sentence_by_sentence_and_its_start_at_a_clause(
+        written: str, first: bool, spoken: list[str], rest: str) -> None:
+    ready, left = phrases(written, first)
+    assert [r.strip() for r in ready] == spoken and left == rest

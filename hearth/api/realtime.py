@@ -1,6 +1,7 @@
 """OpenAI's Realtime API: `GET /v1/realtime?model=NAME`, a WebSocket of JSON events (hearth/realtime/session.py).
 
-The model is a realtime pipeline (`pipeline:` in its YAML). The API key, when keys are set, is checked at the
+The model is a realtime pipeline (`pipeline:` in its YAML); `intent=transcription` makes a transcription session
+(live captions of VAD-cut turns, no responses), on `gpt-realtime` when no model is named. The API key, when keys are set, is checked at the
 handshake (middleware.py). Sessions are bounded: `realtime_max_sessions` at once, each closed after
 `realtime_session_minutes`, or after `realtime_idle_seconds` without an event while no reply or turn is being
 worked on; an event that is not JSON, or larger than `MAX_EVENT_BYTES`, gets an `error` event and the session
@@ -20,10 +21,11 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from hearth.engine import Engine
 from hearth.errors import HearthError
-from hearth.realtime.session import Session
+from hearth.realtime.session import Session, SessionGone
 
 log = logging.getLogger("hearth.realtime")
 
+DEFAULT_PIPELINE = "gpt-realtime"  # the default set's
 MAX_EVENT_BYTES = 4 * 1024 * 1024  # an append of 30 s of pcm16 at 24 kHz, base64: about 2 MiB
 
 router = APIRouter()
@@ -48,11 +50,13 @@ async def realtime(websocket: WebSocket) -> None:
     settings = engine.settings
     offered = websocket.scope.get("subprotocols", [])
     await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
-    name = websocket.query_params.get("model", "")
-    if websocket.query_params.get("intent") == "transcription":
-        await _refuse(websocket, "transcription-only sessions (intent=transcription) are not supported yet",
-                      "unsupported_intent", 1008)
+    intent = websocket.query_params.get("intent", "")
+    if intent not in ("", "conversation", "transcription"):
+        await _refuse(websocket, f"intent must be 'transcription' or left out; got {intent!r}", "invalid_intent", 1008)
         return
+    kind = "transcription" if intent == "transcription" else "realtime"
+    # Live captions may leave the model out (as OpenAI's transcription sessions do): the default pipeline's parts.
+    name = websocket.query_params.get("model", "") or (DEFAULT_PIPELINE if kind == "transcription" else "")
     try:
         if not name:
             raise HearthError("the 'model' query parameter is required: a realtime pipeline model")
@@ -67,7 +71,7 @@ async def realtime(websocket: WebSocket) -> None:
                       "session_limit", 1013)
         return
     _Slots.open += 1
-    session = Session(engine, config, websocket.send_json)
+    session = Session(engine, config, websocket.send_json, kind)
     ends = time.monotonic() + settings.realtime_session_minutes * 60
     try:
         await session.start()
@@ -91,7 +95,7 @@ async def realtime(websocket: WebSocket) -> None:
                 await _bad(session, message)
             else:
                 await session.handle(event)
-    except WebSocketDisconnect:
+    except (WebSocketDisconnect, SessionGone):
         pass
     finally:
         _Slots.open -= 1

@@ -27,19 +27,40 @@ from hearth.chat.serving import chat_events
 from hearth.config.schema import ModelConfig
 from hearth.engine import Engine
 from hearth.errors import HearthError
+from hearth.realtime.formats import FORMATS, PCM, AudioFormat
 from hearth.runner import hearth_pb2 as pb
 
 log = logging.getLogger("hearth.realtime")
 
-RATE = 24_000  # pcm16 in and out, as OpenAI's audio/pcm
-VAD_EVERY_MS = 200  # server VAD reads the buffer again after this much new audio
+RATE = 24_000  # OpenAI's audio/pcm
+VAD_EVERY_MS = 100  # server VAD reads the buffer again after this much new audio
+# After this much silence server VAD has whisper hear the turn, while it waits out the rest of silence_duration_ms:
+# when the turn does end there, its transcript is ready (or nearly); when speech goes on, the guess is dropped.
+GUESS_AFTER_MS = 100
 KEEP_BEFORE_SPEECH_MS = 1_000  # with no speech in the buffer, older audio than this is dropped
 MAX_BUFFER_SECONDS = 15 * 60  # a turn longer than this is refused (the buffer is bounded)
-PCM_FORMATS = ("audio/pcm", "pcm16")
 # A sentence ends at . ! ? or a line break, followed by space: the voice gets it while the rest is written.
 SENTENCE_END = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s+|\n+")  # (and the CJK full stops)
+# The first words are spoken at the first clause break (, ; :) once there are FIRST_CLAUSE_WORDS of them: the answer
+# starts to sound sooner, and a clause reads naturally on its own.
+CLAUSE_END = re.compile(r"(?<=[,;:\u3001\uff0c])\s+")
+FIRST_CLAUSE_WORDS = 3
+# A long first sentence with no such break is spoken up to the word that opens its next clause (English), once it
+# has FIRST_PHRASE_WORDS words before it: "Bees are insects that ..." starts to sound before its end is written.
+CLAUSE_OPENER = re.compile(r"\s+(?=(?:and|but|or|so|that|which|who|because|when|where|while|although)\s)",
+                           re.IGNORECASE)
+FIRST_PHRASE_WORDS = 6
+
+# What OpenAI's clients name in audio.input.transcription.model: here they mean the pipeline's transcription model
+# (a session may name any installed model that transcribes instead).
+OPENAI_TRANSCRIBERS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-transcribe-latest",
+                       "gpt-4o-transcribe-diarize")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class SessionGone(Exception):
+    """The client went away: whatever was under way for it stops, quietly."""
 
 
 class ClientError(Exception):
@@ -54,29 +75,32 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
 
 
-def wav(pcm: bytes) -> bytes:
+def wav(pcm: bytes, rate: int = RATE) -> bytes:
     out = io.BytesIO()
     with wave.open(out, "wb") as writer:
         writer.setnchannels(1)
         writer.setsampwidth(2)
-        writer.setframerate(RATE)
+        writer.setframerate(rate)
         writer.writeframes(pcm)
     return out.getvalue()
 
 
-def ms(pcm_bytes: int) -> int:
-    return pcm_bytes * 1000 // (2 * RATE)
+def ms(pcm_bytes: int, rate: int = RATE) -> int:
+    return pcm_bytes * 1000 // (2 * rate)
 
 
 class Session:
-    def __init__(self, engine: Engine, config: ModelConfig, send: Send) -> None:
+    def __init__(self, engine: Engine, config: ModelConfig, send: Send, kind: str = "realtime") -> None:
         assert config.pipeline is not None
         self.engine, self.config, self.pipeline = engine, config, config.pipeline
+        self.kind = kind  # "realtime": a conversation; "transcription": live captions, no responses
         self._send = send
         self._sending = asyncio.Lock()
+        self.gone = False
         self.id = new_id("sess")
         self.instructions = ""
         self.voice = "alloy"
+        self.input_format = self.output_format = PCM
         self.modalities = ["audio"]
         self.tools: list[dict[str, Any]] = []
         self.tool_choice: Any = "auto"
@@ -93,6 +117,8 @@ class Session:
         self.speech_item: str | None = None  # the item id of the turn being spoken, once speech started
         self.response: asyncio.Task[None] | None = None
         self.vad_task: asyncio.Task[None] | None = None
+        # whisper hearing the turn ahead of its commit: ((speech start, speech end) in session ms, the task)
+        self.guess: tuple[tuple[int, int], asyncio.Task[str]] | None = None
         # Per assistant item: (sentence, where its audio begins in ms), what a truncation keeps.
         self.spoken: dict[str, list[tuple[str, int]]] = {}
 
@@ -100,7 +126,13 @@ class Session:
 
     async def send(self, event: dict[str, Any]) -> None:
         async with self._sending:
-            await self._send({"event_id": new_id("event"), **event})
+            if self.gone:
+                raise SessionGone
+            try:
+                await self._send({"event_id": new_id("event"), **event})
+            except Exception as exc:  # the socket closed under us (starlette's WebSocketDisconnect, or a RuntimeError)
+                self.gone = True
+                raise SessionGone from exc
 
     async def error(self, message: str, code: str = "invalid_request_error", param: str | None = None,
                     event_id: str | None = None) -> None:
@@ -108,13 +140,20 @@ class Session:
                                                     "param": param, "event_id": event_id}})
 
     def describe(self) -> dict[str, Any]:
+        if self.kind == "transcription":
+            return {"type": "transcription", "object": "realtime.transcription_session", "id": self.id,
+                    "audio": {"input": {"format": self.input_format.describe(),
+                                        "transcription": self.input_transcription or
+                                        {"model": self.transcriber()},
+                                        "turn_detection": self.turn_detection, "noise_reduction": None}},
+                    "include": []}
         return {
             "type": "realtime", "object": "realtime.session", "id": self.id, "model": self.config.name,
             "output_modalities": self.modalities, "instructions": self.instructions,
             "audio": {
-                "input": {"format": {"type": "audio/pcm", "rate": RATE}, "transcription": self.input_transcription,
+                "input": {"format": self.input_format.describe(), "transcription": self.input_transcription,
                           "turn_detection": self.turn_detection, "noise_reduction": None},
-                "output": {"format": {"type": "audio/pcm", "rate": RATE}, "voice": self.voice, "speed": 1.0},
+                "output": {"format": self.output_format.describe(), "voice": self.voice, "speed": 1.0},
             },
             "tools": self.tools, "tool_choice": self.tool_choice,
             "max_output_tokens": self.max_output_tokens or "inf",
@@ -128,6 +167,7 @@ class Session:
         return any(task is not None and not task.done() for task in (self.response, self.vad_task))
 
     async def close(self) -> None:
+        self._drop_guess()
         for task in (self.response, self.vad_task):
             if task is not None and not task.done():
                 task.cancel()
@@ -147,6 +187,8 @@ class Session:
             return
         try:
             await handler(self, event)
+        except SessionGone:
+            raise
         except ClientError as exc:
             await self.error(exc.message, exc.code, exc.param, event.get("event_id"))
         except HearthError as exc:
@@ -156,41 +198,76 @@ class Session:
             await self.error(f"the server could not carry out {event['type']}", code="server_error",
                              event_id=event.get("event_id"))
 
-    async def session_update(self, event: dict[str, Any]) -> None:
+    async def session_update(self, event: dict[str, Any], reply: str = "session.updated") -> None:
+        """Every field is checked before any is changed: a bad update changes nothing."""
         session = _mapping(event.get("session", {}), "session")
+        changes: dict[str, Any] = {}
+        if session.get("type") is not None:
+            if session["type"] not in ("realtime", "transcription"):
+                raise ClientError("session.type must be 'realtime' or 'transcription'", param="session.type")
+            changes["kind"] = session["type"]
         if "instructions" in session:
-            self.instructions = _string(session["instructions"], "session.instructions")
+            changes["instructions"] = _string(session["instructions"], "session.instructions")
         if "output_modalities" in session or "modalities" in session:
-            self.modalities = _modalities(session.get("output_modalities", session.get("modalities")),
-                                          "session.output_modalities")
+            changes["modalities"] = _modalities(session.get("output_modalities", session.get("modalities")),
+                                                "session.output_modalities")
         audio = _mapping(session.get("audio", {}), "session.audio")
         given_input = _mapping(audio.get("input", {}), "session.audio.input")
         given_output = _mapping(audio.get("output", {}), "session.audio.output")
-        for where, value in (("input", given_input.get("format", session.get("input_audio_format"))),
-                             ("output", given_output.get("format", session.get("output_audio_format")))):
-            if value is not None:
-                _pcm_format(value, f"session.audio.{where}.format")
+        given_format = given_input.get("format", session.get("input_audio_format"))
+        if given_format is not None:
+            chosen = _audio_format(given_format, "session.audio.input.format")
+            if chosen != self.input_format and self.buffer:
+                raise ClientError("the input audio buffer holds audio in the old format: clear or commit it first",
+                                  param="session.audio.input.format")
+            changes["input_format"] = chosen
+        given_format = given_output.get("format", session.get("output_audio_format"))
+        if given_format is not None:
+            changes["output_format"] = _audio_format(given_format, "session.audio.output.format")
         voice = given_output.get("voice", session.get("voice"))
         if voice is not None:
-            self.voice = _string(voice, "session.audio.output.voice")
+            changes["voice"] = _string(voice, "session.audio.output.voice")
         transcription = given_input.get("transcription", session.get("input_audio_transcription", ...))
         if transcription is not ...:
-            self.input_transcription = None if transcription is None else \
-                _mapping(transcription, "session.audio.input.transcription")
+            changes["input_transcription"] = None if transcription is None else self._transcription(transcription)
         detection = given_input.get("turn_detection", session.get("turn_detection", ...))
         if detection is not ...:
-            self.turn_detection = self._turn_detection(detection)
+            changes["turn_detection"] = self._turn_detection(detection)
         if "tools" in session:
-            self.tools = _tools(session["tools"])
+            changes["tools"] = _tools(session["tools"])
         if "tool_choice" in session:
-            self.tool_choice = _tool_choice(session["tool_choice"], "session.tool_choice")
+            changes["tool_choice"] = _tool_choice(session["tool_choice"], "session.tool_choice")
         if "temperature" in session:
-            self.temperature = _number(session["temperature"], "session.temperature", 0, 2)
+            changes["temperature"] = _number(session["temperature"], "session.temperature", 0, 2)
         limit = session.get("max_output_tokens", session.get("max_response_output_tokens", ...))
         if limit is not ...:
-            self.max_output_tokens = None if limit in ("inf", None) else \
+            changes["max_output_tokens"] = None if limit in ("inf", None) else \
                 int(_number(limit, "session.max_output_tokens", 1, 2**31 - 1))
-        await self.send({"type": "session.updated", "session": self.describe()})
+        for name, value in changes.items():
+            setattr(self, name, value)
+        await self.send({"type": reply, "session": self.describe()})
+
+    async def transcription_session_update(self, event: dict[str, Any]) -> None:
+        """The beta's event for transcription sessions: the same fields, answered in its own name."""
+        session = _mapping(event.get("session", {}), "session")
+        await self.session_update({"session": {**session, "type": "transcription"}}, "transcription_session.updated")
+
+    def _transcription(self, value: Any) -> dict[str, Any]:
+        """`audio.input.transcription`: `model` (any model that transcribes), `language`, `prompt`."""
+        given = _mapping(value, "session.audio.input.transcription")
+        chosen = {key: _string(given[key], f"session.audio.input.transcription.{key}")
+                  for key in ("model", "language", "prompt") if given.get(key) is not None}
+        if chosen.get("model") in OPENAI_TRANSCRIBERS:  # OpenAI's own: the pipeline's model stands for them
+            chosen.pop("model")
+        if "model" in chosen:
+            try:
+                config = self.engine.model(chosen["model"])
+            except HearthError as exc:
+                raise ClientError(exc.message, param="session.audio.input.transcription.model") from None
+            if "transcript" not in config.usecases:
+                raise ClientError(f"model '{chosen['model']}' does not transcribe audio",
+                                  param="session.audio.input.transcription.model")
+        return chosen
 
     def _turn_detection(self, value: Any) -> dict[str, Any] | None:
         if value is None:
@@ -218,7 +295,8 @@ class Session:
             raise ClientError("audio must be base64-encoded pcm16", param="audio") from None
         if len(pcm) % 2:
             raise ClientError("audio must hold whole 16-bit samples", param="audio")
-        if len(self.buffer) + len(pcm) > MAX_BUFFER_SECONDS * RATE * 2:
+        pcm = self.input_format.to_pcm16(pcm)
+        if len(self.buffer) + len(pcm) > self._bytes(MAX_BUFFER_SECONDS * 1000):
             raise ClientError(f"the input audio buffer is full ({MAX_BUFFER_SECONDS} s): commit or clear it",
                               code="input_audio_buffer_full")
         self.buffer += pcm
@@ -226,20 +304,26 @@ class Session:
             self.vad_task = asyncio.create_task(self._detect_while_unread())
 
     def _unread(self) -> bool:
-        return len(self.buffer) - self.checked_bytes >= VAD_EVERY_MS * RATE * 2 // 1000
+        return len(self.buffer) - self.checked_bytes >= self._bytes(VAD_EVERY_MS)
+
+    def _bytes(self, milliseconds: int) -> int:
+        """How many bytes of the buffer (pcm16 at the input format's rate) hold this long."""
+        return milliseconds * self.input_format.rate // 1000 * 2
 
     async def _detect_while_unread(self) -> None:
         """Server VAD reads the buffer again as long as enough new audio came while it read."""
-        while self.turn_detection and self._unread():
-            await self._detect()
+        with contextlib.suppress(SessionGone):
+            while self.turn_detection and self._unread():
+                await self._detect()
 
     async def buffer_commit(self, event: dict[str, Any]) -> None:
-        if len(self.buffer) < RATE * 2 // 10:
+        if len(self.buffer) < self._bytes(100):
             raise ClientError("the input audio buffer holds less than 100 ms of audio",
                               code="input_audio_buffer_commit_empty")
         await self._commit(self.speech_item or new_id("item"))
 
     async def buffer_clear(self, event: dict[str, Any]) -> None:
+        self._drop_guess()
         self._drop(len(self.buffer))
         self.speech_item = None
         await self.send({"type": "input_audio_buffer.cleared"})
@@ -247,7 +331,7 @@ class Session:
     def _drop(self, count: int) -> bytes:
         dropped = bytes(self.buffer[:count])
         del self.buffer[:count]
-        self.buffer_start_ms += ms(count)
+        self.buffer_start_ms += ms(count, self.input_format.rate)
         self.checked_bytes = max(0, self.checked_bytes - count)
         return dropped
 
@@ -264,38 +348,73 @@ class Session:
             self.checked_bytes = checked
             return
         self.checked_bytes = checked
-        duration_ms = ms(checked)
+        duration_ms = ms(checked, self.input_format.rate)
         if not segments:
             if self.speech_item is None:  # nothing said: keep only the recent audio
-                excess = checked - (KEEP_BEFORE_SPEECH_MS + int(detection["prefix_padding_ms"])) * RATE * 2 // 1000
+                excess = checked - self._bytes(KEEP_BEFORE_SPEECH_MS + int(detection["prefix_padding_ms"]))
                 if excess > 0:
                     self._drop(excess - excess % 2)
             return
-        start_ms, end_ms = int(segments[0].start * 1000), int(segments[-1].end * 1000)
+        spans = [(int(s.start * 1000), int(s.end * 1000)) for s in segments]
+        needed = int(detection["silence_duration_ms"])
+
+        def silence_after(i: int) -> int:
+            """The silence after span i: up to the next span, or to the buffer's end once the span has closed."""
+            end = spans[i][1]
+            return (spans[i + 1][0] if i + 1 < len(spans) else duration_ms if end < duration_ms - 20 else end) - end
+
+        # The turn is the spans up to the first silence of silence_duration_ms (audio sent faster than real time
+        # may hold several turns).
+        last = next((i for i in range(len(spans)) if silence_after(i) >= needed), len(spans) - 1)
+        start_ms, end_ms = spans[0][0], spans[last][1]
         if self.speech_item is None:
             self.speech_item = new_id("item")
             await self.send({"type": "input_audio_buffer.speech_started", "item_id": self.speech_item,
                              "audio_start_ms": self.buffer_start_ms + start_ms})
             if detection.get("interrupt_response", True) and self.response is not None and not self.response.done():
                 self.response.cancel()
-        if end_ms < duration_ms - 20:  # the last segment closed: silence_duration_ms of silence followed it
+        silence = silence_after(last)
+        keep_from = max(0, start_ms - int(detection["prefix_padding_ms"]))
+        turn = (self.buffer_start_ms + start_ms, self.buffer_start_ms + end_ms)
+        if silence >= needed:
             item = self.speech_item
             await self.send({"type": "input_audio_buffer.speech_stopped", "item_id": item,
                              "audio_end_ms": self.buffer_start_ms + end_ms})
-            keep_from = max(0, start_ms - int(detection["prefix_padding_ms"]))
-            self._drop(keep_from * RATE * 2 // 1000)
-            await self._commit(item, respond=bool(detection.get("create_response", True)))
+            upto = self._bytes(min(end_ms + needed, duration_ms)) - self._bytes(keep_from)
+            self._drop(self._bytes(keep_from))
+            await self._commit(item, respond=bool(detection.get("create_response", True)), turn=turn, upto=upto)
+        elif silence >= GUESS_AFTER_MS and self.transcriber() and (self.guess is None or self.guess[0] != turn):
+            self._drop_guess()
+            pcm = bytes(self.buffer[self._bytes(keep_from):checked])
+            task = asyncio.create_task(self._hear(pcm))
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())  # a dropped guess's error
+            self.guess = (turn, task)
+
+    def _drop_guess(self) -> None:
+        if self.guess is not None:
+            self.guess[1].cancel()
+            self.guess = None
 
     async def _vad(self, pcm: bytes, detection: dict[str, Any]) -> list[Any]:
         config = self.engine.model(self.pipeline.vad or "")
-        request = pb.VadRequest(audio=wav(pcm), threshold=float(detection["threshold"]),
-                                min_silence_ms=int(detection["silence_duration_ms"]), speech_pad_ms=0)
+        # Segments close after a short silence, so the guess can start; the turn ends at silence_duration_ms.
+        silence = min(GUESS_AFTER_MS, int(detection["silence_duration_ms"]))
+        request = pb.VadRequest(audio=wav(pcm, self.input_format.rate), threshold=float(detection["threshold"]), min_silence_ms=silence,
+                                speech_pad_ms=0)
         async with self.engine.runner(config, "vad") as runner:
             reply = await runner.call("detect_speech", request)
         return list(reply.segments)
 
-    async def _commit(self, item_id: str, respond: bool = False) -> None:
-        pcm = self._drop(len(self.buffer))
+    async def _commit(self, item_id: str, respond: bool = False, turn: tuple[int, int] | None = None,
+                      upto: int | None = None) -> None:
+        """The buffer (or its first `upto` bytes: the rest is read again) becomes a user item, heard by whisper
+        (through the guess when it heard this very turn)."""
+        guess = self.guess[1] if self.guess is not None and self.guess[0] == turn else None
+        if guess is None:
+            self._drop_guess()
+        self.guess = None
+        pcm = self._drop(len(self.buffer) if upto is None else upto)
+        self.checked_bytes = 0
         self.speech_item = None
         previous = self.items[-1]["id"] if self.items else None
         item = {"id": item_id, "type": "message", "object": "realtime.item", "role": "user", "status": "completed",
@@ -303,32 +422,44 @@ class Session:
         self.items.append(item)
         await self.send({"type": "input_audio_buffer.committed", "previous_item_id": previous, "item_id": item_id})
         await self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
-        transcript = await self._transcribe(item_id, pcm)
+        transcript = await self._transcribe(item_id, pcm, guess)
         item["content"][0]["transcript"] = transcript
         await self.send({"type": "conversation.item.done", "previous_item_id": previous, "item": item})
-        if respond and transcript is not None:
+        if respond and transcript is not None and self.kind == "realtime" and self.pipeline.llm:
             await self._start_response({})
 
-    async def _transcribe(self, item_id: str, pcm: bytes) -> str | None:
-        if not self.pipeline.transcription:
-            return None
-        name = self.pipeline.transcription
+    def transcriber(self) -> str | None:
+        """The model that hears the turns: the session's choice, else the pipeline's."""
+        return (self.input_transcription or {}).get("model") or self.pipeline.transcription
+
+    async def _hear(self, pcm: bytes) -> str:
+        """What whisper (the session's transcription model) hears in `pcm` (HearthError when it cannot)."""
         pieces: list[str] = []
+        chosen = self.input_transcription or {}
+        config = self.engine.model(self.transcriber() or "")
+        async with self.engine.runner(config, "transcribe") as runner:
+            request = pb.TranscribeRequest(audio=wav(pcm, self.input_format.rate), filename="turn.wav",
+                                           language=chosen.get("language", ""), prompt=chosen.get("prompt", ""))
+            async for reply in runner.stream("transcribe", request):
+                if reply.HasField("segment") and reply.segment.text:
+                    pieces.append(reply.segment.text)
+        return "".join(pieces).strip()
+
+    async def _transcribe(self, item_id: str, pcm: bytes, guess: asyncio.Task[str] | None = None) -> str | None:
+        if not self.transcriber():
+            return None
         try:
-            async with self.engine.runner(self.engine.model(name), "transcribe") as runner:
-                async for reply in runner.stream("transcribe", pb.TranscribeRequest(audio=wav(pcm), filename="turn.wav")):
-                    if reply.HasField("segment") and reply.segment.text:
-                        pieces.append(reply.segment.text)
-                        await self.send({"type": "conversation.item.input_audio_transcription.delta",
-                                         "item_id": item_id, "content_index": 0, "delta": reply.segment.text})
+            transcript = await (guess if guess is not None else self._hear(pcm))
         except HearthError as exc:
             await self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item_id,
                              "content_index": 0, "error": {"type": "transcription_error", "message": exc.message}})
             return None
-        transcript = "".join(pieces).strip()
+        if transcript:  # whisper's segments come at once for a turn: one delta (as OpenAI's whisper-1 sends)
+            await self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item_id,
+                             "content_index": 0, "delta": transcript})
         await self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
                          "content_index": 0, "transcript": transcript,
-                         "usage": {"type": "duration", "seconds": round(len(pcm) / (2 * RATE), 3)}})
+                         "usage": {"type": "duration", "seconds": round(len(pcm) / (2 * self.input_format.rate), 3)}})
         return transcript
 
     # -- conversation --------------------------------------------------------------------------------------------
@@ -404,6 +535,11 @@ class Session:
     # -- responses -----------------------------------------------------------------------------------------------
 
     async def response_create(self, event: dict[str, Any]) -> None:
+        if self.kind == "transcription":
+            raise ClientError("a transcription session makes no responses", param="type")
+        if not self.pipeline.llm:
+            raise ClientError(f"model '{self.config.name}' has no llm in its pipeline: it makes no responses",
+                              param="type")
         if self.response is not None and not self.response.done():
             raise ClientError("a response is already in progress: cancel it first",
                               code="conversation_already_has_active_response")
@@ -451,6 +587,18 @@ class Session:
                 messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
         return messages
 
+    def _chat_request(self, overrides: dict[str, Any], response_id: str) -> ChatRequest:
+        """The LLM's request for a reply to the conversation, with the session's settings and `overrides`."""
+        tools = _tools(overrides.get("tools", self.tools))
+        return ChatRequest(
+            model=self.pipeline.llm or "",
+            messages=self._messages(overrides.get("instructions", self.instructions)),
+            tools=[{"name": t["name"], "description": t.get("description", ""),
+                    "parameters": t.get("parameters") or {"type": "object", "properties": {}}} for t in tools],
+            tool_choice=_chat_tool_choice(overrides.get("tool_choice", self.tool_choice)) if tools else None,
+            temperature=overrides.get("temperature", self.temperature),
+            max_tokens=self.max_output_tokens, request_id=response_id)
+
     async def _respond(self, overrides: dict[str, Any]) -> None:
         response = {"id": new_id("resp"), "object": "realtime.response", "status": "in_progress",
                     "status_details": None, "output": [], "usage": None,
@@ -460,16 +608,8 @@ class Session:
         speaker: Speaker | None = None
         item: dict[str, Any] | None = None
         try:
-            request = ChatRequest(
-                model=self.pipeline.llm or "", messages=self._messages(overrides.get("instructions", self.instructions)),
-                tools=[{"name": t["name"], "description": t.get("description", ""),
-                        "parameters": t.get("parameters") or {"type": "object", "properties": {}}}
-                       for t in _tools(overrides.get("tools", self.tools))],
-                tool_choice=_chat_tool_choice(overrides.get("tool_choice", self.tool_choice)) if self.tools else None,
-                temperature=overrides.get("temperature", self.temperature),
-                max_tokens=self.max_output_tokens, request_id=response["id"])
             text, finished = "", None
-            async for event in chat_events(request, self.engine):
+            async for event in chat_events(self._chat_request(overrides, response["id"]), self.engine):
                 if isinstance(event, TextDelta) and event.text:
                     if item is None:
                         item, speaker = await self._open_message(response, audio)
@@ -506,6 +646,10 @@ class Session:
             if item is not None:
                 item["status"] = "incomplete"
                 self._truncate(item, speaker.played_ms() if speaker is not None else 0)
+        except SessionGone:
+            if speaker is not None:
+                speaker.stop()
+            return
         except Exception as exc:  # a model's error (HearthError), or a mistake of ours, logged: the reply fails
             if not isinstance(exc, HearthError):
                 log.exception("realtime response %s failed", response["id"])
@@ -572,21 +716,25 @@ class Speaker:
     def __init__(self, session: Session, response_id: str, item: dict[str, Any]) -> None:
         self.session, self.response_id, self.item = session, response_id, item
         self.pending = ""
+        self.queued = 0
         self.sentences: asyncio.Queue[str | None] = asyncio.Queue()
         self.sent_bytes = 0
+        self.format = session.output_format
         self.spoken = session.spoken.setdefault(item["id"], [])
         self.task = asyncio.create_task(self._speak())
 
     def add(self, text: str) -> None:
-        self.pending += text
-        *whole, self.pending = SENTENCE_END.split(self.pending)
-        for sentence in whole:
-            if sentence.strip():
-                self.sentences.put_nowait(sentence.strip())
+        ready, self.pending = phrases(self.pending + text, first=not self.queued)
+        for sentence in ready:
+            self._queue(sentence)
+
+    def _queue(self, sentence: str) -> None:
+        if sentence.strip():
+            self.sentences.put_nowait(sentence.strip())
+            self.queued += 1
 
     async def finish(self) -> None:
-        if self.pending.strip():
-            self.sentences.put_nowait(self.pending.strip())
+        self._queue(self.pending)
         self.sentences.put_nowait(None)
         await self.task
 
@@ -594,7 +742,7 @@ class Speaker:
         self.task.cancel()
 
     def played_ms(self) -> int:
-        return ms(self.sent_bytes)
+        return self.format.ms(self.sent_bytes)
 
     async def _speak(self) -> None:
         session = self.session
@@ -602,13 +750,26 @@ class Speaker:
         ids = {"response_id": self.response_id, "item_id": self.item["id"], "output_index": 0, "content_index": 0}
         while (sentence := await self.sentences.get()) is not None:
             self.spoken.append((sentence, self.played_ms()))
-            request = pb.SpeakRequest(text=sentence, voice=session.voice, speed=1.0, response_format="pcm")
+            request = pb.SpeakRequest(text=sentence, voice=session.voice, speed=1.0,
+                                      response_format=self.format.speech_format)
             async with session.engine.runner(config, "speak") as runner:
                 async for reply in runner.stream("speak", request):
                     if reply.audio:
                         self.sent_bytes += len(reply.audio)
                         await session.send({"type": "response.output_audio.delta", **ids,
                                             "delta": base64.b64encode(reply.audio).decode()})
+
+
+def phrases(text: str, first: bool) -> tuple[list[str], str]:
+    """What of an answer being written can be spoken now (whole sentences; with `first`, the start of the first one
+    at a clause break), and the rest."""
+    *ready, rest = SENTENCE_END.split(text)
+    if first and not any(r.strip() for r in ready):
+        for pattern, words in ((CLAUSE_END, FIRST_CLAUSE_WORDS), (CLAUSE_OPENER, FIRST_PHRASE_WORDS)):
+            for cut in pattern.finditer(rest):
+                if len(rest[:cut.start()].split()) >= words:
+                    return [rest[:cut.start()]], rest[cut.end():]
+    return ready, rest
 
 
 # -- field checks --------------------------------------------------------------------------------------------------
@@ -653,13 +814,15 @@ def _chat_tool_choice(choice: Any) -> Any:
     return {"type": "function", "function": {"name": choice["name"]}} if isinstance(choice, dict) else choice
 
 
-def _pcm_format(value: Any, param: str) -> None:
+def _audio_format(value: Any, param: str) -> AudioFormat:
     kind = value.get("type") if isinstance(value, dict) else value
-    if kind not in PCM_FORMATS:
-        raise ClientError(f"{param}: only pcm16 at 24 kHz ('audio/pcm') is supported here; got {kind!r}",
-                          param=param)
-    if isinstance(value, dict) and value.get("rate", RATE) != RATE:
-        raise ClientError(f"{param}: the rate must be {RATE}", param=param)
+    chosen = FORMATS.get(kind) if isinstance(kind, str) else None
+    if chosen is None:
+        raise ClientError(f"{param}: the formats are 'audio/pcm' (pcm16 at 24 kHz), 'audio/pcmu' and 'audio/pcma' "
+                          f"(G.711 at 8 kHz); got {kind!r}", param=param)
+    if isinstance(value, dict) and value.get("rate", chosen.rate) != chosen.rate:
+        raise ClientError(f"{param}: the rate of {chosen.type} is {chosen.rate}", param=param)
+    return chosen
 
 
 def _tools(value: Any) -> list[dict[str, Any]]:
@@ -675,6 +838,7 @@ def _tools(value: Any) -> list[dict[str, Any]]:
 
 HANDLERS: dict[str, Callable[[Session, dict[str, Any]], Awaitable[None]]] = {
     "session.update": Session.session_update,
+    "transcription_session.update": Session.transcription_session_update,
     "input_audio_buffer.append": Session.buffer_append,
     "input_audio_buffer.commit": Session.buffer_commit,
     "input_audio_buffer.clear": Session.buffer_clear,
