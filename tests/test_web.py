@@ -14,6 +14,7 @@ import yaml
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from hearth.gallery.builtin import install
+from hearth.realtime.session import wav
 from tests.conftest import ARTIFACTS, CACHE_DIR, HearthServer, install_cached, write_yaml
 from tests.standin import StandIn
 from tests.test_gallery import SHA, file_server
@@ -66,8 +67,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path, files: 
     install_cached(models, smollm2_file, "smollm2.gguf")
     write_yaml(models, "smollm2", {"name": "smollm2", "parameters": {"model": "smollm2.gguf"}, "context_size": 2048,
                                    "parallel": 1})
-    for name in ("whisper-tiny.en", "en_US-joe-medium", "all-minilm-l6-v2"):
+    for name in ("whisper-tiny.en", "en_US-joe-medium", "all-minilm-l6-v2", "silero-vad"):
         install(name, models, CACHE_DIR)
+    write_yaml(models, "talk", {"name": "talk", "pipeline": {"vad": "silero-vad", "transcription": "whisper-tiny.en",
+                                                             "llm": "smollm2", "tts": "en_US-joe-medium"}})
     build_tiny_sd(models / "tiny-sd")
     write_yaml(models, "tiny-sd", {"name": "tiny-sd", "backend": "diffusers", "parameters": {"model": "tiny-sd"},
                                    "step": 2})
@@ -415,3 +418,38 @@ def test_api_key_is_asked_once_and_kept(browser: Browser, server: HearthServer, 
     finally:
         context.close()
         guarded.stop()
+
+
+def test_voice_tab_talks_through_the_microphone(browser: Browser, server: HearthServer, tmp_path: Path) -> None:
+    """Chromium's fake microphone plays a spoken question once; the page streams it to /v1/realtime, shows what was
+    heard and the answer as they come, plays the answer, and stops when asked."""
+    spoken = server.http().post("/v1/audio/speech", json={"model": "en_US-joe-medium", "input":
+                                                          "What is the capital of France?", "response_format": "pcm"})
+    assert spoken.status_code == 200
+    question = tmp_path / "question.wav"
+    question.write_bytes(wav(bytes(24_000) + spoken.content + bytes(24_000 * 2 * 20)))  # 0.5 s, the question, 20 s
+    # A browser of its own, whose fake microphone plays the question (through the module's Playwright).
+    listening = browser.browser_type.launch(executable_path=CHROMIUM, args=[
+        *FLAGS, f"--use-file-for-fake-audio-capture={question}%noloop"])
+    try:
+        page = listening.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(server.base_url + "/#voice")
+        expect(page.locator("#voice-model option[value=talk]")).to_have_count(1)
+        page.select_option("#voice-model", "talk")
+        page.click("#voice-start")
+        user = page.locator("#voice-log [data-role=user] .text")
+        expect(user.first).to_contain_text("capital", ignore_case=True, timeout=60_000)
+        expect(user.first).to_contain_text("France", ignore_case=True)
+        answer = page.locator("#voice-log [data-role=assistant] .text")
+        expect(answer.first).not_to_be_empty(timeout=60_000)
+        expect(page.locator("#voice-status")).to_have_text("Listening…", timeout=60_000)
+        assert float(page.locator("#voice-log").get_attribute("data-audio-seconds") or 0) > 0.3
+        shot(page, "voice")
+        page.click("#voice-stop")
+        expect(page.locator("#voice-status")).to_have_text("Stopped.")
+        expect(page.locator("#voice-start")).to_be_enabled()
+        assert errors == [], errors
+    finally:
+        listening.close()

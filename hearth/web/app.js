@@ -108,7 +108,7 @@
 
   const PICKERS = {
     "chat-model": ["chat"], "stt-model": ["transcript"], "tts-model": ["tts"], "img-model": ["image"],
-    "emb-model": ["embeddings", "rerank"],
+    "emb-model": ["embeddings", "rerank"], "voice-model": ["realtime"],
   };
 
   function fillPickers() {
@@ -622,6 +622,159 @@
       showError("emb-error", err);
     }
   });
+
+  // -- voice: the Realtime API over a WebSocket ------------------------------------------------------------------
+  // The microphone is read at 24 kHz by an AudioWorklet, sent as pcm16 100 ms at a time; the answer's audio deltas
+  // are queued to play one after the other, and dropped at once when the user speaks over them.
+
+  const VOICE_RATE = 24000;
+  let voice = null;  // { socket, context, stream, playing: [], playAt, lines: Map }
+
+  function voiceStatus(text) { $("voice-status").textContent = text; }
+
+  function voiceLine(itemId, role) {
+    let line = voice.lines.get(itemId);
+    if (!line) {
+      line = document.createElement("div");
+      line.className = "msg " + role;
+      line.dataset.role = role;
+      const who = document.createElement("div");
+      who.className = "who";
+      who.textContent = role === "user" ? "You" : "Assistant";
+      const text = document.createElement("div");
+      text.className = "text";
+      line.append(who, text);
+      $("voice-log").append(line);
+      voice.lines.set(itemId, line);
+    }
+    return line.querySelector(".text");
+  }
+
+  function base64Pcm(samples) {
+    const pcm = new Int16Array(samples.length);
+    for (let i = 0; i < samples.length; i++) pcm[i] = Math.max(-1, Math.min(1, samples[i])) * 0x7fff;
+    let binary = "";
+    const bytes = new Uint8Array(pcm.buffer);
+    for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+    return btoa(binary);
+  }
+
+  function playDelta(delta) {
+    const bytes = Uint8Array.from(atob(delta), (c) => c.charCodeAt(0));
+    const pcm = new Int16Array(bytes.buffer, 0, bytes.length >> 1);
+    if (!pcm.length) return;
+    const buffer = voice.context.createBuffer(1, pcm.length, VOICE_RATE);
+    const channel = buffer.getChannelData(0);
+    for (let i = 0; i < pcm.length; i++) channel[i] = pcm[i] / 0x8000;
+    const source = voice.context.createBufferSource();
+    source.buffer = buffer;
+    source.connect(voice.context.destination);
+    voice.playAt = Math.max(voice.playAt, voice.context.currentTime);
+    source.start(voice.playAt);
+    voice.playAt += buffer.duration;
+    voice.playing.push(source);
+    source.onended = () => { voice && (voice.playing = voice.playing.filter((s) => s !== source)); };
+    $("voice-log").dataset.audioSeconds = String(Number($("voice-log").dataset.audioSeconds || 0) + buffer.duration);
+  }
+
+  function silenceAnswer() {
+    for (const source of voice.playing) source.stop();
+    voice.playing = [];
+    voice.playAt = 0;
+  }
+
+  function voiceEvent(event) {
+    if (!voice) return;  // stopped: what was still on its way is dropped
+    switch (event.type) {
+      case "session.created": voiceStatus("Listening… speak now."); break;
+      case "input_audio_buffer.speech_started":
+        silenceAnswer();
+        voiceLine(event.item_id, "user").textContent = "…";
+        voiceStatus("Hearing you…");
+        break;
+      case "input_audio_buffer.speech_stopped": voiceStatus("Thinking…"); break;
+      case "conversation.item.input_audio_transcription.completed":
+        voiceLine(event.item_id, "user").textContent = event.transcript || "(nothing heard)";
+        break;
+      case "response.output_audio_transcript.delta":
+      case "response.output_text.delta":
+        voiceLine(event.item_id, "assistant").textContent += event.delta;
+        voiceStatus("Answering… speak to interrupt.");
+        break;
+      case "response.output_audio.delta": playDelta(event.delta); break;
+      case "response.done":
+        if (event.response.status === "failed") showError("voice-error", new Error(event.response.status_details.error.message));
+        voiceStatus("Listening…");
+        break;
+      case "error": showError("voice-error", new Error(event.error.message)); break;
+    }
+  }
+
+  async function startVoice() {
+    showError("voice-error", null);
+    const model = $("voice-model").value;
+    if (!model) return showError("voice-error", new Error("No realtime model is installed (hearth run installs gpt-realtime)."));
+    if (!navigator.mediaDevices || !window.AudioWorkletNode) {
+      return showError("voice-error", new Error("This browser cannot use the microphone here (it needs https or localhost)."));
+    }
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true } });
+    } catch (err) {
+      return showError("voice-error", new Error("The microphone is not available: " + err.message));
+    }
+    const context = new AudioContext({ sampleRate: VOICE_RATE });
+    await context.audioWorklet.addModule("/web/mic-worklet.js");
+    const tap = new AudioWorkletNode(context, "microphone-tap");
+    context.createMediaStreamSource(stream).connect(tap);
+    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+    const protocols = ["realtime", ...(apiKey ? ["openai-insecure-api-key." + apiKey] : [])];
+    const socket = new WebSocket(`${scheme}${location.host}/v1/realtime?model=${encodeURIComponent(model)}`, protocols);
+    voice = { socket, context, stream, playing: [], playAt: 0, lines: new Map() };
+    $("voice-log").replaceChildren();
+    $("voice-log").dataset.audioSeconds = "0";
+    let pending = [], count = 0;
+    tap.port.onmessage = (e) => {
+      if (socket.readyState !== WebSocket.OPEN) return;
+      pending.push(e.data);
+      count += e.data.length;
+      if (count < VOICE_RATE / 10) return;
+      const samples = new Float32Array(count);
+      let at = 0;
+      for (const part of pending) { samples.set(part, at); at += part.length; }
+      pending = []; count = 0;
+      socket.send(JSON.stringify({ type: "input_audio_buffer.append", audio: base64Pcm(samples) }));
+    };
+    socket.onopen = () => {
+      const instructions = $("voice-instructions").value.trim();
+      if (instructions) socket.send(JSON.stringify({ type: "session.update", session: { type: "realtime", instructions } }));
+    };
+    socket.onmessage = (e) => voiceEvent(JSON.parse(e.data));
+    socket.onclose = (e) => {
+      if (voice && voice.socket === socket) {
+        if (e.code !== 1000 && e.code !== 1005) showError("voice-error", new Error(`The connection closed (${e.code}${e.reason ? ": " + e.reason : ""}).`));
+        stopVoice();
+      }
+    };
+    voiceStatus("Connecting…");
+    $("voice-start").disabled = true;
+    $("voice-stop").disabled = false;
+  }
+
+  function stopVoice() {
+    if (!voice) return;
+    const { socket, context, stream } = voice;
+    voice = null;
+    stream.getTracks().forEach((t) => t.stop());
+    context.close();
+    if (socket.readyState <= WebSocket.OPEN) socket.close(1000);
+    voiceStatus("Stopped.");
+    $("voice-start").disabled = false;
+    $("voice-stop").disabled = true;
+  }
+
+  $("voice-start").addEventListener("click", startVoice);
+  $("voice-stop").addEventListener("click", stopVoice);
 
   // -- tabs -----------------------------------------------------------------------------------------------------
 
