@@ -208,8 +208,8 @@ def test_transcription_sessions_caption_each_turn_and_never_answer(server: Heart
 
 
 def test_text_turns_and_tool_calls(server: HearthServer) -> None:
-    """A text turn (conversation.item.create + response.create) with a tool: the call comes back whole, its result
-    goes in as a function_call_output item, and the next response uses it."""
+    """A text turn (conversation.item.create + response.create) with a tool: the call's arguments stream, its
+    result goes in as a function_call_output item, and the next response uses it."""
     client = server.client(api_key="sekrit")
     tool = {"type": "function", "name": "get_weather", "description": "The current weather in a city.",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -223,6 +223,11 @@ def test_text_turns_and_tool_calls(server: HearthServer) -> None:
         seen = events_until(connection, "response.done")
         call = next(e for e in seen if e.type == "response.function_call_arguments.done")
         assert call.name == "get_weather" and json.loads(call.arguments)["city"].lower() == "paris"
+        # The call is announced as it starts and its arguments stream, as in chat completions.
+        kinds = [e.type for e in seen]
+        deltas = [e.delta for e in seen if e.type == "response.function_call_arguments.delta"]
+        assert kinds.index("response.output_item.added") < kinds.index("response.function_call_arguments.delta")
+        assert len(deltas) > 1 and json.loads("".join(deltas)) == json.loads(call.arguments), deltas
         connection.conversation.item.create(item={"type": "function_call_output", "call_id": call.call_id,
                                                   "output": json.dumps({"weather": "sunny, 31 degrees"})})
         connection.session.update(session={"type": "realtime", "tool_choice": "none"})

@@ -607,6 +607,7 @@ class Session:
         await self.send({"type": "response.created", "response": response})
         speaker: Speaker | None = None
         item: dict[str, Any] | None = None
+        calls: dict[int, dict[str, Any]] = {}  # function_call items by the call's index, arguments as they come
         try:
             text, finished = "", None
             async for event in chat_events(self._chat_request(overrides, response["id"]), self.engine):
@@ -619,16 +620,23 @@ class Session:
                                      "output_index": 0, "content_index": 0, "delta": event.text})
                     if speaker is not None:
                         speaker.add(event.text)
-                elif isinstance(event, ToolCallStarted | ToolArgumentsDelta):
-                    pass  # the calls are sent whole, below, once their arguments are complete
+                elif isinstance(event, ToolCallStarted):
+                    calls[event.index] = await self._open_call(response, event.id, event.name)
+                elif isinstance(event, ToolArgumentsDelta) and event.index in calls and event.text:
+                    call_item = calls[event.index]
+                    call_item["arguments"] += event.text
+                    await self.send({"type": "response.function_call_arguments.delta",
+                                     **self._call_ids(response, call_item), "delta": event.text})
                 elif isinstance(event, Finished):
                     finished = event
             if item is not None:
                 if speaker is not None:
                     await speaker.finish()
                 await self._close_message(response, item, text, audio)
-            for call in finished.message.tool_calls if finished else []:
-                await self._function_call(response, call)
+            opened = [calls[index] for index in sorted(calls)]
+            for n, call in enumerate(finished.message.tool_calls if finished else []):
+                call_item = opened[n] if n < len(opened) else await self._open_call(response, call.id, call.name)
+                await self._close_call(response, call_item, call.arguments)
             response["status"] = "completed"
             if finished is not None:
                 usage = finished.usage
@@ -646,6 +654,9 @@ class Session:
             if item is not None:
                 item["status"] = "incomplete"
                 self._truncate(item, speaker.played_ms() if speaker is not None else 0)
+            for call_item in calls.values():
+                if call_item["status"] == "in_progress":
+                    call_item["status"] = "incomplete"
         except SessionGone:
             if speaker is not None:
                 speaker.stop()
@@ -693,20 +704,27 @@ class Session:
                          "item": item})
         await self.send({"type": "conversation.item.done", "item": item})
 
-    async def _function_call(self, response: dict[str, Any], call: Any) -> None:
-        item = {"id": new_id("item"), "type": "function_call", "object": "realtime.item", "status": "completed",
-                "call_id": call.id, "name": call.name, "arguments": call.arguments}
-        index = len(response["output"])
+    async def _open_call(self, response: dict[str, Any], call_id: str, name: str) -> dict[str, Any]:
+        """A function call's item, announced as soon as the model starts it; its arguments follow as deltas."""
+        item = {"id": new_id("item"), "type": "function_call", "object": "realtime.item", "status": "in_progress",
+                "call_id": call_id, "name": name, "arguments": ""}
         self.items.append(item)
         response["output"].append(item)
-        ids = {"response_id": response["id"], "item_id": item["id"], "output_index": index, "call_id": call.id}
         await self.send({"type": "response.output_item.added", "response_id": response["id"],
-                         "output_index": index, "item": {**item, "status": "in_progress", "arguments": ""}})
-        await self.send({"type": "response.function_call_arguments.delta", **ids, "delta": call.arguments})
-        await self.send({"type": "response.function_call_arguments.done", **ids, "name": call.name,
-                         "arguments": call.arguments})
-        await self.send({"type": "response.output_item.done", "response_id": response["id"], "output_index": index,
-                         "item": item})
+                         "output_index": len(response["output"]) - 1, "item": item})
+        return item
+
+    @staticmethod
+    def _call_ids(response: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+        return {"response_id": response["id"], "item_id": item["id"], "call_id": item["call_id"],
+                "output_index": next(i for i, one in enumerate(response["output"]) if one is item)}
+
+    async def _close_call(self, response: dict[str, Any], item: dict[str, Any], arguments: str) -> None:
+        item["arguments"], item["status"] = arguments, "completed"  # the parser's final text is the one kept
+        await self.send({"type": "response.function_call_arguments.done", **self._call_ids(response, item),
+                         "name": item["name"], "arguments": arguments})
+        await self.send({"type": "response.output_item.done", "response_id": response["id"],
+                         "output_index": self._call_ids(response, item)["output_index"], "item": item})
         await self.send({"type": "conversation.item.done", "item": item})
 
 
