@@ -33,11 +33,17 @@ class Engine:
     async def preload(self) -> None:
         for name in self.settings.preload:
             try:
-                await self.runners.ensure_loaded(self.registry.get(name))
+                await self.load(self.registry.get(name))
             except HearthError as exc:
                 self.preload_errors[name] = exc.message
                 log.error("preloading '%s' failed: %s", name, exc.message)
         self.ready = True
+
+    async def load(self, config: ModelConfig) -> list[Runner]:
+        """The model's runner, loaded; a realtime pipeline's parts' runners (it has none of its own)."""
+        if config.pipeline is None:
+            return [await self.runners.ensure_loaded(config)]
+        return [await self.runners.ensure_loaded(self.model(part)) for part in config.pipeline.parts()]
 
     async def stop(self) -> None:
         await self.runners.shutdown()

@@ -282,6 +282,11 @@ def test_handshake_needs_the_key_and_a_realtime_model(server: HearthServer) -> N
         assert json.loads(one.recv(timeout=30))["type"] == json.loads(two.recv(timeout=30))["type"] == "session.created"
         with ws_client.connect(url, additional_headers=headers) as three:
             assert json.loads(three.recv(timeout=30))["error"]["code"] == "session_limit"
+    # Loading a pipeline (the web page's Load button, or --preload) loads its parts.
+    loaded = server.http(headers=headers).post("/runners/load", json={"model": "gpt-realtime"})
+    assert loaded.status_code == 200, loaded.text
+    assert [part["name"] for part in loaded.json()["parts"]] == ["silero-vad", "whisper-tiny.en",
+                                                                  "qwen2.5-coder-0.5b-instruct", "en_US-joe-medium"]
     # A pipeline model is not a chat model.
     response = server.client(api_key="sekrit").chat.completions.with_raw_response
     with pytest.raises(Exception) as refused_chat:

@@ -57,8 +57,10 @@ async def model_states(request: Request) -> dict[str, Any]:
 @router.post("/runners/load")
 async def load(body: ModelRef, request: Request) -> dict[str, Any]:
     engine: Engine = request.app.state.engine
-    runner = await engine.runners.ensure_loaded(engine.model(body.model))
-    return runner.status()
+    config = engine.model(body.model)
+    runners = await engine.load(config)
+    return runners[0].status() if config.pipeline is None else \
+        {"name": config.name, "parts": [runner.status() for runner in runners]}
 
 
 @router.post("/runners/unload")

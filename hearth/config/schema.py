@@ -156,6 +156,9 @@ class PipelineConfig(_Open):
     llm: str | None = None
     tts: str | None = None
 
+    def parts(self) -> list[str]:
+        return [name for name in (self.vad, self.transcription, self.llm, self.tts) if name]
+
 
 class TemplateConfig(_Open):
     """`template:` — Hearth reads `chat` as a Jinja chat template (HF style, `messages` in scope)."""
