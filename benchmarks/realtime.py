@@ -33,6 +33,7 @@ import websockets.sync.client as ws_client
 from common import CACHE, ROOT, machine_line, start_hearth, stop
 
 from hearth.gallery.builtin import BUILTIN, DEFAULT_MODELS, install
+from hearth.realtime.session import wav
 
 RATE = 24_000
 PIPELINE = BUILTIN["gpt-realtime"].config["pipeline"]
@@ -101,10 +102,10 @@ def stages(client: httpx.Client, question_24k: bytes, transcription: str) -> dic
     started = time.perf_counter()
     client.post("/v1/vad", json={"model": "silero-vad", "audio": sixteen.tolist()}).raise_for_status()
     out["vad"] = (time.perf_counter() - started) / speech_seconds
-    wav = wav_bytes(question_24k)
+    wav_file = wav(question_24k)
     started = time.perf_counter()
     heard = client.post("/v1/audio/transcriptions", data={"model": transcription},
-                        files={"file": ("q.wav", wav, "audio/wav")})
+                        files={"file": ("q.wav", wav_file, "audio/wav")})
     heard.raise_for_status()
     out["transcription"] = (time.perf_counter() - started) / speech_seconds
     started = time.perf_counter()
@@ -121,19 +122,6 @@ def stages(client: httpx.Client, question_24k: bytes, transcription: str) -> dic
     out["llm"] = writing / answer_seconds
     out["tts"] = speaking / answer_seconds
     return out
-
-
-def wav_bytes(pcm: bytes) -> bytes:
-    import io
-    import wave
-
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(RATE)
-        out.writeframes(pcm)
-    return buffer.getvalue()
 
 
 def main() -> None:
