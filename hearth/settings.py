@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     models_dir: Path = Field(default_factory=default_models_dir)
     cache_dir: Path = Field(default_factory=default_cache_dir)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The secret runners on network addresses (`runner: HOST:PORT`) require of every call.
+    runner_secret: str = Field("", repr=False)
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     preload: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_loaded_models: int = Field(4, ge=1, description="least recently used runners are unloaded beyond this")

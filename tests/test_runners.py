@@ -334,6 +334,31 @@ def test_runner_started_by_hand_named_in_config(start_server, tmp_path: Path) ->
         runner.wait(10)
 
 
+def test_a_runner_on_the_network_needs_the_shared_secret(start_server, tmp_path: Path) -> None:
+    """A runner listening on TCP with HEARTH_RUNNER_SECRET refuses every call without it (the server names the
+    cause); with the same secret the server uses it. On a network address it will not start without one."""
+    refused = subprocess.run([sys.executable, "-m", "hearth.runner", "--listen", f"0.0.0.0:{free_port()}"],
+                             capture_output=True, text=True, timeout=60, env={**os.environ, "HEARTH_RUNNER_SECRET": ""})
+    assert refused.returncode == 2 and "HEARTH_RUNNER_SECRET" in refused.stderr, refused.stderr
+    port = free_port()
+    runner = subprocess.Popen([sys.executable, "-m", "hearth.runner", "--listen", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "HEARTH_RUNNER_SECRET": "s3cret"})
+    try:
+        assert json.loads(runner.stdout.readline())["event"] == "listening"
+        write_yaml(tmp_path, "remote", {"name": "remote-model", "backend": "fake", "runner": f"127.0.0.1:{port}"})
+        outsider = start_server(tmp_path, env={"HEARTH_RUNNER_SECRET": "guess"})
+        with pytest.raises(openai.InternalServerError, match="wrong or missing runner secret"):
+            outsider.client().chat.completions.create(model="remote-model", messages=MESSAGES)
+        outsider.stop()
+        member = start_server(tmp_path, env={"HEARTH_RUNNER_SECRET": "s3cret"})
+        reply = member.client().chat.completions.create(model="remote-model", messages=MESSAGES)
+        assert reply.choices[0].message.content.startswith("Hello!")
+    finally:
+        runner.terminate()
+        runner.wait(10)
+
+
 def test_runner_started_as_a_session_leader_starts() -> None:
     """A runner given a parent (as the server starts it) leaves the parent's process group; started as a session
     leader (setsid, or an older server's start_new_session) it already leads its own group and must start anyway."""

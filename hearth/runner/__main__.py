@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from hearth.runner.server import serve
+from hearth.runner.server import needs_secret, serve
 
 
 def main() -> None:
@@ -18,7 +18,14 @@ def main() -> None:
     parser.add_argument("--name", default="", help="model name, for log lines")
     parser.add_argument("--cores-board", type=Path, default=None,
                         help="the server's file of busy runners, to share the cores with them (see hearth/cores.py)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="listen on a network address without a secret (anyone who can reach it can use it)")
     args = parser.parse_args()
+    # The secret comes from the environment, never the command line (which every user of the machine can read).
+    secret = os.environ.get("HEARTH_RUNNER_SECRET", "")
+    if needs_secret(args.listen) and not secret and not args.insecure:
+        parser.exit(2, f"refusing to listen on {args.listen} without a secret: set HEARTH_RUNNER_SECRET (the server "
+                       "needs the same), or pass --insecure\n")
     if args.parent_pid and os.getpgid(0) != os.getpid():
         # A process group of its own, so a terminal's Ctrl-C reaches the server (which stops its runners in order)
         # and not the runners too; in the server's session still, so the kernel's per-session scheduling groups
@@ -30,7 +37,7 @@ def main() -> None:
     plain = "%(levelname)s %(message)s"
     stamped = f"%(asctime)s %(levelname)s runner[{args.name or os.getpid()}] %(message)s"
     logging.basicConfig(level=args.log_level.upper(), format=plain if args.parent_pid else stamped)
-    serve(args.listen, parent_pid=args.parent_pid, cores_board=args.cores_board)
+    serve(args.listen, parent_pid=args.parent_pid, cores_board=args.cores_board, secret=secret)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hmac
 import json
 import logging
 import os
@@ -40,6 +41,38 @@ log = logging.getLogger("hearth.runner")
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 T = TypeVar("T")
+# A runner on a network address checks every call for the shared secret (HEARTH_RUNNER_SECRET) in this header.
+SECRET_HEADER = "x-hearth-runner-secret"
+
+
+class SecretCheck(grpc.aio.ServerInterceptor):
+    """Every call must carry the secret; without it the call ends UNAUTHENTICATED before any handler runs."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing runner secret")
+
+        self.refusals = {
+            (False, False): grpc.unary_unary_rpc_method_handler(refuse),
+            (False, True): grpc.unary_stream_rpc_method_handler(refuse),
+        }
+
+    async def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        given = dict(details.invocation_metadata or ()).get(SECRET_HEADER, "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.secret):
+            return await continuation(details)
+        handler = await continuation(details)
+        return self.refusals[(False, bool(handler and handler.response_streaming))]
+
+
+def needs_secret(address: str) -> bool:
+    """A TCP address other than loopback: reachable from other machines."""
+    if address.startswith("unix:"):
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host not in ("127.0.0.1", "localhost", "::1")
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: errors.HearthError) -> None:
@@ -355,7 +388,7 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-async def _serve(address: str, parent_pid: int | None, cores_board: Path | None) -> None:
+async def _serve(address: str, parent_pid: int | None, cores_board: Path | None, secret: str) -> None:
     board = None
     if cores_board is not None:
         try:
@@ -364,7 +397,8 @@ async def _serve(address: str, parent_pid: int | None, cores_board: Path | None)
             log.warning("cannot read the server's board of busy runners (%s): computing with all threads", exc)
     service = RunnerService(board)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+                                      ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+                             interceptors=[SecretCheck(secret)] if secret else None)
     pb_grpc.add_RunnerServicer_to_server(service, server)
     if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
         raise SystemExit(f"cannot listen on {address}")
@@ -390,6 +424,6 @@ async def _serve(address: str, parent_pid: int | None, cores_board: Path | None)
     os._exit(0)
 
 
-def serve(address: str, *, parent_pid: int | None = None, cores_board: Path | None = None) -> None:
-    """Serve until SIGTERM/SIGINT; `address` is `unix:/path` or `host:port`."""
-    asyncio.run(_serve(address, parent_pid, cores_board))
+def serve(address: str, *, parent_pid: int | None = None, cores_board: Path | None = None, secret: str = "") -> None:
+    """Serve until SIGTERM/SIGINT; `address` is `unix:/path` or `host:port`; with `secret`, every call needs it."""
+    asyncio.run(_serve(address, parent_pid, cores_board, secret))

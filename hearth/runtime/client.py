@@ -11,7 +11,7 @@ from grpc import aio
 from hearth import errors
 from hearth.runner import hearth_pb2 as pb
 from hearth.runner import hearth_pb2_grpc as pb_grpc
-from hearth.runner.server import MAX_MESSAGE_BYTES
+from hearth.runner.server import MAX_MESSAGE_BYTES, SECRET_HEADER
 from hearth.runner.wire import from_status
 
 
@@ -26,14 +26,18 @@ def _translate(exc: aio.AioRpcError) -> Exception:
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                       grpc.StatusCode.INTERNAL):
         return RunnerGone(exc.details() or exc.code().name)
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return errors.ModelLoadFailed(f"the runner refused the connection: {exc.details()} (set HEARTH_RUNNER_SECRET "
+                                      "to the runner's)")
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return errors.ServiceUnavailable("the model runner did not answer in time")
     return errors.BackendError(f"runner error {exc.code().name}: {exc.details()}")
 
 
 class RunnerClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, secret: str = "") -> None:
         self.address = address
+        self.metadata = ((SECRET_HEADER, secret),) if secret else None
         self.channel = aio.insecure_channel(
             address,
             options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -46,7 +50,7 @@ class RunnerClient:
 
     async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=self.metadata)
         except aio.AioRpcError as exc:
             raise _translate(exc) from None
 
@@ -74,19 +78,19 @@ class RunnerClient:
         return await self._unary(self.stub.DetectSpeech, request)
 
     async def transcribe(self, request: pb.TranscribeRequest) -> AsyncIterator[pb.TranscribeReply]:
-        async for reply in self._stream(self.stub.Transcribe(request)):
+        async for reply in self._stream(self.stub.Transcribe(request, metadata=self.metadata)):
             yield reply
 
     async def speak(self, request: pb.SpeakRequest) -> AsyncIterator[pb.SpeakReply]:
-        async for reply in self._stream(self.stub.Speak(request)):
+        async for reply in self._stream(self.stub.Speak(request, metadata=self.metadata)):
             yield reply
 
     async def generate_image(self, request: pb.ImageRequest) -> AsyncIterator[pb.ImageReply]:
-        async for reply in self._stream(self.stub.GenerateImage(request)):
+        async for reply in self._stream(self.stub.GenerateImage(request, metadata=self.metadata)):
             yield reply
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateReply]:
-        async for reply in self._stream(self.stub.Generate(request)):
+        async for reply in self._stream(self.stub.Generate(request, metadata=self.metadata)):
             yield reply
 
     async def _stream(self, call: Any) -> AsyncIterator[Any]:

@@ -219,7 +219,8 @@ class RunnerManager:
                 await process.start(self.settings.runner_start_timeout)
             except RuntimeError as exc:
                 raise ModelLoadFailed(f"could not start a runner for model '{config.name}': {exc}") from None
-            runner.client = RunnerClient(process.address)
+            # The secret goes with every call when set (a runner started here inherits it with the environment).
+            runner.client = RunnerClient(process.address, self.settings.runner_secret)
             request = pb.LoadRequest(
                 model_name=config.name,
                 backend=backend,
