@@ -297,7 +297,9 @@ def test_handshake_needs_the_key_and_a_realtime_model(server: HearthServer) -> N
 def test_speech_during_a_reply_cancels_and_truncates_it(server: HearthServer) -> None:
     client = server.client(api_key="sekrit")
     with client.realtime.connect(model="gpt-realtime") as connection:
-        connection.session.update(session={"type": "realtime", "instructions": "Tell long, detailed stories."})
+        # Greedy: the story is long every time (sampled, it was once over before the interruption was heard).
+        connection.session.update(session={"type": "realtime", "instructions": "Tell long, detailed stories.",
+                                           "temperature": 0})
         send_audio(connection, silence(0.5) + speech(server, "Tell me a long story about a dragon.") + silence(1.2))
         seen = events_until(connection, "response.output_audio.delta")
         send_audio(connection, speech(server, "Wait, stop please.") + silence(1.2))
