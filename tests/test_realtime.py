@@ -83,7 +83,8 @@ def test_a_spoken_question_is_heard_answered_and_spoken(server: HearthServer) ->
         assert created.type == "session.created"
         assert created.session.audio.input.turn_detection.type == "server_vad"
         connection.session.update(session={
-            "type": "realtime", "instructions": "Answer in one short sentence.",
+            # A whole sentence, greedily: whisper hears a lone "Paris." from the sampled voice as "Harris." at times.
+            "type": "realtime", "instructions": "Answer in one full sentence.", "temperature": 0,
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE},
                                 "transcription": {"model": "whisper-1"},
                                 "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}},
@@ -155,7 +156,8 @@ def test_telephone_audio_in_mu_law_and_out_in_a_law(server: HearthServer) -> Non
     question = g711(silence(0.3) + speech(server, "What is the capital of France?") + silence(1.0), "pcm_mulaw")
     client = server.client(api_key="sekrit")
     with client.realtime.connect(model="gpt-realtime") as connection:
-        connection.session.update(session={"type": "realtime", "max_output_tokens": 24, "audio": {
+        connection.session.update(session={"type": "realtime", "max_output_tokens": 24, "temperature": 0,
+                                           "instructions": "Answer in one full sentence.", "audio": {
             "input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcma"}}}})
         updated = events_until(connection, "session.updated")[-1].session
         assert (updated.audio.input.format.type, updated.audio.output.format.type) == ("audio/pcmu", "audio/pcma")

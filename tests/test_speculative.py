@@ -161,12 +161,16 @@ def test_the_cache_goes_on_exactly_after_rejected_guesses(server: HearthServer) 
     answers as the model does without guesses. (The kept guesses' cache entries were computed several tokens a step,
     so they may differ from one-at-a-time entries in the last bits, as batching's do: these prompts meet no near-tie.)
     """
-    for model, plain in (("smol-ngram", "smol"), ("q15-draft", "q15")):
-        first = chat(server, model, PROMPTS[1], 48)
-        assert first["timings"]["draft_n"] > first["timings"]["draft_n_accepted"], "no guess was rejected"
-        assert text(first) == text(chat(server, plain, PROMPTS[1], 48))
-        history = [{"role": "user", "content": PROMPTS[1]}, {"role": "assistant", "content": text(first)},
-                   {"role": "user", "content": "Now count back down to one."}]
+    # N-gram lookup guesses on the code edit, which copies its prompt and misses at the renamed word. The counting
+    # prompt meets its first repeated run only late ("-teen, "), and one CI run's first 48 tokens had no guess at all
+    # (not reproduced here; its prompt may have been read partly from the cache, whose logits differ in the last
+    # bits). The draft model guesses on anything.
+    for model, plain, prompt, length in (("smol-ngram", "smol", EDIT, 128), ("q15-draft", "q15", PROMPTS[1], 48)):
+        first = chat(server, model, prompt, length)
+        assert first["timings"].get("draft_n", 0) > first["timings"].get("draft_n_accepted", 0), "none rejected"
+        assert text(first) == text(chat(server, plain, prompt, length))
+        history = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text(first)},
+                   {"role": "user", "content": "Now say that again, shorter."}]
         second = chat(server, model, history, 48)
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > first["usage"]["prompt_tokens"]
         assert text(second) == text(chat(server, plain, history, 48)), model
