@@ -289,6 +289,9 @@ def test_handshake_needs_the_key_and_a_realtime_model(server: HearthServer) -> N
     assert loaded.status_code == 200, loaded.text
     assert [part["name"] for part in loaded.json()["parts"]] == ["silero-vad", "whisper-tiny.en",
                                                                   "qwen2.5-coder-0.5b-instruct", "en_US-joe-medium"]
+    states = {m["name"]: m for m in server.http(headers=headers).get("/runners/models").json()["models"]}
+    assert (states["gpt-realtime"]["backend"], states["gpt-realtime"]["state"]) == ("pipeline", "idle")
+    assert states["gpt-realtime"]["usecases"] == ["realtime"]
     # A pipeline model is not a chat model.
     response = server.client(api_key="sekrit").chat.completions.with_raw_response
     with pytest.raises(Exception) as refused_chat:

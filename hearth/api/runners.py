@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from hearth.api.routing import HearthRoute
 from hearth.engine import Engine
+from hearth.errors import HearthError
 
 router = APIRouter(route_class=HearthRoute)
 
@@ -38,7 +39,11 @@ async def model_states(request: Request) -> dict[str, Any]:
                                  "capabilities": [], "active_requests": 0,
                                  "context_size": config.context_size}  # the YAML's, until the runner says
         runner = live.get(config.name)
-        if runner is not None and runner.state != "dead":
+        if config.pipeline is not None:  # no runner of its own: loaded when its parts are
+            parts = config.pipeline.parts()
+            ready = [part for part in parts if (r := live.get(_canonical(engine, part))) and r.state == "ready"]
+            entry.update(backend="pipeline", state="idle" if len(ready) == len(parts) else "not loaded")
+        elif runner is not None and runner.state != "dead":
             status = runner.status()
             state = {"ready": "busy" if runner.active else "idle"}.get(runner.state, runner.state)
             entry.update(state=state, capabilities=status["capabilities"], active_requests=status["active_requests"],
@@ -52,6 +57,14 @@ async def model_states(request: Request) -> dict[str, Any]:
             entry["state"] = "not loaded"
         models.append(entry)
     return {"models": models}
+
+
+def _canonical(engine: Engine, name: str) -> str:
+    """The model's own name for a name a client may use (an alias), or the name itself when none claims it."""
+    try:
+        return engine.model(name).name
+    except HearthError:
+        return name
 
 
 @router.post("/runners/load")
