@@ -12,6 +12,7 @@ from hearth.backends.base import StopBuffer
 from hearth.backends.llama_scheduler import choose_slots, common_prefix, runs
 from hearth.chat.template import render_chat
 from hearth.cores import SLOTS, Board, Share
+from hearth.realtime.formats import PCMA, PCMU
 from hearth.realtime.session import phrases
 from hearth.runner.wire import from_status, to_status
 from hearth.runtime.process import runner_environment
@@ -240,3 +241,15 @@ def test_an_answer_is_spoken_sentence_by_sentence_and_its_start_at_a_clause(
         written: str, first: bool, spoken: list[str], rest: str) -> None:
     ready, left = phrases(written, first)
     assert [r.strip() for r in ready] == spoken and left == rest
+
+
+@pytest.mark.parametrize(("wire", "codec"), [(PCMU, "pcm_mulaw"), (PCMA, "pcm_alaw")])
+def test_g711_expands_every_code_as_ffmpeg_does(wire, codec: str) -> None:
+    import av
+    import numpy as np
+
+    decoder = av.CodecContext.create(codec, "r")
+    decoder.sample_rate, decoder.layout = 8000, "mono"
+    codes = bytes(range(256)) * 2
+    expected = np.concatenate([frame.to_ndarray().reshape(-1) for frame in decoder.decode(av.Packet(codes))])
+    assert np.array_equal(np.frombuffer(wire.to_pcm16(codes), dtype="<i2"), expected)

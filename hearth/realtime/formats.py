@@ -23,9 +23,15 @@ class AudioFormat:
         return {"type": self.type, "rate": self.rate} if self.type == "audio/pcm" else {"type": self.type}
 
     def to_pcm16(self, data: bytes) -> bytes:
-        """Wire bytes as 16-bit little-endian PCM at `rate`."""
-        table = EXPAND.get(self.type)
-        return data if table is None else b"".join(table[byte] for byte in data)
+        """Wire bytes as 16-bit little-endian PCM at `rate`: each G.711 byte's low and high output bytes by one
+        `bytes.translate` each, interleaved by slice assignment (C speed: an event's 3 MB of G.711 in milliseconds,
+        where a Python loop held the event loop for a quarter of a second)."""
+        tables = EXPAND.get(self.type)
+        if tables is None:
+            return data
+        out = bytearray(2 * len(data))
+        out[0::2], out[1::2] = data.translate(tables[0]), data.translate(tables[1])
+        return bytes(out)
 
     def ms(self, wire_bytes: int) -> int:
         return wire_bytes * 1000 // (self.sample_bytes * self.rate)
@@ -52,5 +58,10 @@ def _alaw(byte: int) -> int:
     return magnitude if byte & 0x80 else -magnitude
 
 
-EXPAND = {"audio/pcmu": [_ulaw(b).to_bytes(2, "little", signed=True) for b in range(256)],
-          "audio/pcma": [_alaw(b).to_bytes(2, "little", signed=True) for b in range(256)]}
+def _tables(expand: Any) -> tuple[bytes, bytes]:
+    """bytes.translate tables: each code's 16-bit little-endian sample, its low bytes, then its high bytes."""
+    samples = [expand(code).to_bytes(2, "little", signed=True) for code in range(256)]
+    return bytes(s[0] for s in samples), bytes(s[1] for s in samples)
+
+
+EXPAND = {"audio/pcmu": _tables(_ulaw), "audio/pcma": _tables(_alaw)}

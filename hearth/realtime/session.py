@@ -399,8 +399,8 @@ class Session:
         config = self.engine.model(self.pipeline.vad or "")
         # Segments close after a short silence, so the guess can start; the turn ends at silence_duration_ms.
         silence = min(GUESS_AFTER_MS, int(detection["silence_duration_ms"]))
-        request = pb.VadRequest(audio=wav(pcm, self.input_format.rate), threshold=float(detection["threshold"]), min_silence_ms=silence,
-                                speech_pad_ms=0)
+        request = pb.VadRequest(audio=wav(pcm, self.input_format.rate), threshold=float(detection["threshold"]),
+                                min_silence_ms=silence, speech_pad_ms=0)
         async with self.engine.runner(config, "vad") as runner:
             reply = await runner.call("detect_speech", request)
         return list(reply.segments)
@@ -459,7 +459,8 @@ class Session:
                              "content_index": 0, "delta": transcript})
         await self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
                          "content_index": 0, "transcript": transcript,
-                         "usage": {"type": "duration", "seconds": round(len(pcm) / (2 * self.input_format.rate), 3)}})
+                         "usage": {"type": "duration",
+                                   "seconds": round(len(pcm) / (2 * self.input_format.rate), 3)}})
         return transcript
 
     # -- conversation --------------------------------------------------------------------------------------------
