@@ -13,7 +13,7 @@ from hearth.backends.llama_scheduler import choose_slots, common_prefix, runs
 from hearth.chat.template import render_chat
 from hearth.cores import SLOTS, Board, Share
 from hearth.realtime.formats import PCMA, PCMU
-from hearth.realtime.session import phrases
+from hearth.realtime.speaker import phrases
 from hearth.runner.wire import from_status, to_status
 from hearth.runtime.process import runner_environment
 from hearth.settings import load_settings
