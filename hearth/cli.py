@@ -38,6 +38,8 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download-allow", action="append",
                         help="a host, IP or CIDR range model downloads may come from although private (repeatable)")
     parser.add_argument("--admin-api-key", help="only this key may install or delete models (env HEARTH_ADMIN_API_KEY)")
+    parser.add_argument("--ray", dest="ray_address", metavar="ADDRESS",
+                        help="run models on this Ray cluster ('auto': the one this machine is in; env HEARTH_RAY_ADDRESS)")
     parser.add_argument("--log-level", help="debug, info, warning or error (env HEARTH_LOG_LEVEL)")
 
 
@@ -46,7 +48,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         name: getattr(args, name, None)
         for name in ("host", "port", "models_dir", "cache_dir", "api_keys", "threads", "preload",
                      "max_loaded_models", "idle_unload_minutes", "max_body_bytes", "log_level", "image_fetch", "web",
-                     "image_fetch_allow", "galleries", "download_allow", "admin_api_key", "aio")
+                     "image_fetch_allow", "galleries", "download_allow", "admin_api_key", "aio", "ray_address")
     }
     try:
         return load_settings(**flags)

@@ -52,12 +52,14 @@ class Engine:
         return self.registry.get(name)
 
     @contextlib.asynccontextmanager
-    async def runner(self, config: ModelConfig, capability: str) -> AsyncIterator[Runner]:
-        """The model's ready runner, after checking the loaded model really has `capability`."""
+    async def runner(self, config: ModelConfig, capability: str, affinity: list[str] | None = None
+                     ) -> AsyncIterator[Runner]:
+        """The model's ready runner, after checking the loaded model really has `capability`; of several replicas,
+        preferably one that served a prompt beginning with the same parts as `affinity` (see RunnerManager.use)."""
         if config.pipeline is not None:
             raise CapabilityNotSupported(f"model '{config.name}' is a realtime pipeline: it is served on "
                                          "/v1/realtime (WebSocket), not here", param="model")
-        async with self.runners.use(config, computes=capability != "tokenize") as runner:
+        async with self.runners.use(config, computes=capability != "tokenize", affinity=affinity) as runner:
             assert runner.info is not None
             if capability not in runner.info.capabilities:
                 raise CapabilityNotSupported(_missing_capability(config.name, capability, runner.info),

@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # The secret runners on network addresses (`runner: HOST:PORT`) require of every call.
     runner_secret: str = Field("", repr=False)
+    # A Ray cluster to run the runners on (`auto`: the one this machine belongs to); empty: local processes.
+    ray_address: str = ""
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     preload: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_loaded_models: int = Field(4, ge=1, description="least recently used runners are unloaded beyond this")

@@ -253,3 +253,26 @@ def test_g711_expands_every_code_as_ffmpeg_does(wire, codec: str) -> None:
     codes = bytes(range(256)) * 2
     expected = np.concatenate([frame.to_ndarray().reshape(-1) for frame in decoder.decode(av.Packet(codes))])
     assert np.array_equal(np.frombuffer(wire.to_pcm16(codes), dtype="<i2"), expected)
+
+
+def test_a_replica_is_chosen_by_its_cached_prefix_unless_it_is_much_busier(tmp_path: Path) -> None:
+    """Of several replicas, a prompt goes to the one that served the longest start of it lately, unless that one has
+    AFFINITY_SLACK more requests in flight than the least busy; a prompt sharing nothing goes to the least busy."""
+    from hearth.config.schema import ModelConfig
+    from hearth.runtime.manager import AFFINITY_SLACK, Runner, RunnerManager, affinity_parts, shared_prefix
+    from hearth.runtime.process import RemoteRunner
+
+    config = ModelConfig(name="m")
+    manager = RunnerManager(load_settings(models_dir=tmp_path))
+    first, second = (Runner(name="m", config=config, process=RemoteRunner("m", "h:1"), replica=i) for i in (0, 1))
+    system, question = '{"role":"system","content":"Be brief."}', '{"role":"user","content":"Hi"}'
+    assert shared_prefix(affinity_parts([system, question]), affinity_parts([system, "other"])) == len(system)
+    assert manager._pick([first, second], affinity_parts([system, question])) is first  # both idle: the first
+    second.recent.append(affinity_parts(["x", "y"]))
+    first.active = 1
+    assert manager._pick([first, second], affinity_parts(["z"])) is second  # nothing shared: the least busy
+    first.active = AFFINITY_SLACK - 1
+    follow_up = affinity_parts([system, question, '{"role":"assistant"}', '{"role":"user","content":"More"}'])
+    assert manager._pick([first, second], follow_up) is first  # its conversation's replica, though busier
+    first.active = AFFINITY_SLACK + 1
+    assert manager._pick([first, second], follow_up) is second  # too much busier: the least busy after all

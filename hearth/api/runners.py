@@ -29,7 +29,7 @@ async def model_states(request: Request) -> dict[str, Any]:
     """Every installed model with what it is for and the state of its runner (for the web page's Models tab):
     idle or busy (loaded), loading, stopping, failed (with the reason), or not loaded."""
     engine: Engine = request.app.state.engine
-    live = {r.name: r for r in engine.runners.runners.values()}
+    live = {r.name: r for r in sorted(engine.runners.runners.values(), key=lambda r: -r.replica)}  # replica 0's
     models = []
     for config in engine.registry.models():
         if config.disabled:
@@ -51,6 +51,11 @@ async def model_states(request: Request) -> dict[str, Any]:
                          load_seconds=status["load_seconds"],
                          voices=list(runner.info.voices) if runner.info else [],
                          image_sizes=list(runner.info.image_sizes) if runner.info else [])
+            replicas = engine.runners.replicas(config.name)
+            if len(replicas) > 1 or status["node"]:  # on a Ray cluster: each copy, where it runs and what it does
+                entry["replicas"] = [{"replica": r.replica, "node": s["node"], "active_requests": r.active,
+                                      "state": {"ready": "busy" if r.active else "idle"}.get(r.state, r.state)}
+                                     for r in sorted(replicas, key=lambda r: r.replica) if (s := r.status())]
         elif config.name in engine.runners.failures:
             entry.update(state="failed", reason=engine.runners.failures[config.name])
         else:

@@ -228,6 +228,13 @@ class ModelConfig(_Open):
     similarity_rerank: bool = True  # an embeddings model also reranks by cosine similarity
     # host:port of a runner started by hand (`python -m hearth.runner --listen HOST:PORT`); unset: Hearth starts one.
     runner: str | None = None
+    # On a Ray cluster (`hearth serve --ray`): how many copies of the model run, and what each asks the scheduler for
+    # beyond `threads` CPUs: memory (unset: estimated from the files and the context), custom resources, and the
+    # labels of the nodes it may run on (`ray start --labels`).
+    replicas: int = Field(1, ge=1, le=64)
+    memory_mb: int | None = Field(None, ge=1, le=2**31 - 1)
+    resources: dict[str, float] = Field(default_factory=dict)
+    node: dict[str, str] = Field(default_factory=dict)
     stopwords: list[str] = Field(default_factory=list)
     template: TemplateConfig = Field(default_factory=TemplateConfig)
     function: FunctionConfig = Field(default_factory=FunctionConfig)

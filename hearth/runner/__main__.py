@@ -12,7 +12,7 @@ from hearth.runner.server import needs_secret, serve
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m hearth.runner", description=__doc__)
-    parser.add_argument("--listen", required=True, help="unix:/path/to.sock or host:port")
+    parser.add_argument("--listen", required=True, help="unix:/path/to.sock or host:port (port 0: any free port, announced on stdout)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process goes away")
     parser.add_argument("--log-level", default=os.environ.get("HEARTH_LOG_LEVEL", "info"))
     parser.add_argument("--name", default="", help="model name, for log lines")

@@ -400,8 +400,11 @@ async def _serve(address: str, parent_pid: int | None, cores_board: Path | None,
                                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
                              interceptors=[SecretCheck(secret)] if secret else None)
     pb_grpc.add_RunnerServicer_to_server(service, server)
-    if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
+    port = server.add_insecure_port(address)
+    if port == 0 and not address.startswith("unix:"):
         raise SystemExit(f"cannot listen on {address}")
+    if not address.startswith("unix:") and address.endswith(":0"):  # port 0: the one the system chose, announced
+        address = f"{address[:-2]}:{port}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

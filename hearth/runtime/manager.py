@@ -9,6 +9,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from hearth.errors import BackendError, HearthError, ModelLoadFailed, RunnerCras
 from hearth.metrics import Metrics
 from hearth.runner import hearth_pb2 as pb
 from hearth.runtime.client import RunnerClient, RunnerGone
+from hearth.runtime.cluster import RayCluster, RayRunner
 from hearth.runtime.process import RemoteRunner, RunnerProcess
 from hearth.settings import Settings
 
@@ -32,11 +34,13 @@ class Runner:
 
     name: str
     config: ModelConfig
-    process: RunnerProcess | RemoteRunner
+    process: RunnerProcess | RemoteRunner | RayRunner
+    replica: int = 0  # which copy of the model (on a Ray cluster, `replicas: N` runs N)
     client: RunnerClient | None = None
     info: pb.ModelInfo | None = None
     state: str = "loading"  # loading | ready | stopping | dead
     active: int = 0
+    served: int = 0  # requests it was given
     working: int = 0  # requests in flight that compute (not tokenize calls), for the board of busy runners
     slot: int | None = None  # this runner's byte on the board, for runners this server started
     metrics: Metrics | None = None  # the server's, counting what this runner generates and whether it crashes
@@ -45,6 +49,13 @@ class Runner:
     keep_alive: float | None = None  # seconds idle before unloading (Ollama's keep_alive); None: the server setting
     started_wall: float = field(default_factory=time.time)
     stuck: str = ""  # why the watchdog killed it, when it did
+    # The prompts this replica served lately, as their parts (messages): its prompt cache likely holds them.
+    recent: deque[tuple[tuple[int, int], ...]] = field(default_factory=lambda: deque(maxlen=64))
+
+    @property
+    def key(self) -> str:
+        """Its name in the manager's table: the model's name, with `#N` for replicas after the first."""
+        return runner_key(self.name, self.replica)
 
     @property
     def alive(self) -> bool:
@@ -111,14 +122,40 @@ class Runner:
             "name": self.name,
             "backend": self.config.canonical_backend,
             "state": self.state,
+            "replica": self.replica,
+            **({"node": self.process.node_ip, "node_id": self.process.node_id, "address": self.process.address}
+               if isinstance(self.process, RayRunner) else {"node": None}),  # on a Ray cluster: where it runs
             "pid": self.process.pid,
             "active_requests": self.active,
+            "requests_served": self.served,
             "loaded_at": self.started_wall,
             "idle_seconds": round(time.monotonic() - self.last_used, 1),
             "context_size": info.context_size if info else None,
             "capabilities": list(info.capabilities) if info else [],
             "load_seconds": round(info.load_seconds, 3) if info else None,
         }
+
+
+def runner_key(name: str, replica: int) -> str:
+    return name if replica == 0 else f"{name}#{replica}"
+
+
+def affinity_parts(parts: list[str]) -> tuple[tuple[int, int], ...]:
+    """A prompt as its parts (a chat's messages), each as its hash and length, for `shared_prefix`."""
+    return tuple((hash(part), len(part)) for part in parts)
+
+
+def shared_prefix(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> int:
+    """How long the leading parts two prompts share are (characters)."""
+    total = 0
+    for left, right in zip(a, b, strict=False):
+        if left != right:
+            break
+        total += left[1]
+    return total
+
+
+AFFINITY_SLACK = 4  # a replica holding a prompt's prefix is preferred unless this many more requests wait on it
 
 
 class RunnerManager:
@@ -142,6 +179,8 @@ class RunnerManager:
         self.board: Board | None = None
         self.metrics = Metrics()
         self._stopping_slots: set[int | None] = set()  # slots of runners still stopping: not yet free again
+        self.cluster = RayCluster(settings) if settings.ray_address else None
+        self._replacing: set[str] = set()  # replicas being placed again in the background
 
     async def start(self) -> None:
         self._socket_dir = Path(tempfile.mkdtemp(prefix="hearth-"))
@@ -149,17 +188,24 @@ class RunnerManager:
         self.board = Board(self._socket_dir / "cores", create=True)
         self._reaper = asyncio.create_task(self._reap_idle())
         self._watchdog = asyncio.create_task(self._watch())
+        if self.cluster is not None:
+            self.cluster.connect()  # blocking, once, at start-up: Ray joins a cluster from the main thread
+            await self.cluster.start()
 
     # -- using a model ---------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def use(self, config: ModelConfig, *, computes: bool = True) -> AsyncIterator[Runner]:
+    async def use(self, config: ModelConfig, *, computes: bool = True, affinity: list[str] | None = None
+                  ) -> AsyncIterator[Runner]:
         """The ready runner for `config`, loading it first if needed; held busy while the block runs.
 
         A block that `computes` (all but tokenizing) also marks the runner busy on the board, so that runners
-        working at the same time share the cores (hearth/cores.py)."""
-        runner = await self.ensure_loaded(config)
+        working at the same time share the cores (hearth/cores.py). Of several replicas, the request goes to the
+        least busy, or to one that served a prompt sharing the longest start with `affinity` (the prompt's parts),
+        whose prompt cache likely holds it."""
+        runner = await self.ensure_loaded(config, affinity)
         runner.active += 1
+        runner.served += 1
         if computes:
             runner.working += 1
             if runner.working == 1:
@@ -176,14 +222,61 @@ class RunnerManager:
             if runner.state == "dead":
                 await self._forget(runner)
 
-    async def ensure_loaded(self, config: ModelConfig) -> Runner:
-        runner = self.runners.get(config.name)
+    def replicas(self, name: str) -> list[Runner]:
+        return [runner for runner in self.runners.values() if runner.name == name]
+
+    async def ensure_loaded(self, config: ModelConfig, affinity: list[str] | None = None) -> Runner:
+        """A ready runner of the model; with replicas, all are loaded at first, and one that died is placed again
+        in the background while the others serve."""
+        copies = config.replicas if self.cluster is not None and not config.runner else 1
+        if copies == 1:
+            return await self._ensure_replica(config, 0)
+        ready = [r for i in range(copies) if (r := self.runners.get(runner_key(config.name, i)))
+                 and r.alive and r.config == config]
+        if not ready:
+            loaded = await asyncio.gather(*(self._ensure_replica(config, i) for i in range(copies)),
+                                          return_exceptions=True)
+            ready = [r for r in loaded if isinstance(r, Runner)]
+            if not ready:
+                raise next(r for r in loaded if isinstance(r, BaseException))
+        for replica in range(copies):
+            key = runner_key(config.name, replica)
+            runner = self.runners.get(key)
+            if not (runner and runner.alive and runner.config == config) and key not in self._replacing:
+                self._replacing.add(key)
+                asyncio.get_running_loop().create_task(self._replace(config, replica))
+        return self._pick(ready, affinity_parts(affinity or []))
+
+    async def _replace(self, config: ModelConfig, replica: int) -> None:
+        key = runner_key(config.name, replica)
+        try:
+            await self._ensure_replica(config, replica)
+        except HearthError as exc:
+            log.error("replica %d of '%s' could not be placed again: %s", replica, config.name, exc.message)
+        finally:
+            self._replacing.discard(key)
+
+    def _pick(self, ready: list[Runner], prompt: tuple[tuple[int, int], ...]) -> Runner:
+        least = min(ready, key=lambda r: r.active)
+        chosen = least
+        if prompt:
+            scores = {id(r): max((shared_prefix(prompt, seen) for seen in r.recent), default=0) for r in ready}
+            best = max(ready, key=lambda r: (scores[id(r)], -r.active))
+            if scores[id(best)] and best.active - least.active < AFFINITY_SLACK:
+                chosen = best
+            chosen.recent.append(prompt)
+        chosen.last_used = time.monotonic()
+        return chosen
+
+    async def _ensure_replica(self, config: ModelConfig, replica: int) -> Runner:
+        key = runner_key(config.name, replica)
+        runner = self.runners.get(key)
         if runner and runner.alive and runner.config == config:
             runner.last_used = time.monotonic()
             return runner
-        lock = self._locks.setdefault(config.name, asyncio.Lock())
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            runner = self.runners.get(config.name)
+            runner = self.runners.get(key)
             if runner and runner.alive and (runner.config == config or runner.active > 0):
                 runner.last_used = time.monotonic()
                 return runner
@@ -191,26 +284,31 @@ class RunnerManager:
                 reason = "its config changed" if runner.alive else f"it {runner.process.exit_description()}"
                 if not runner.alive and runner.state == "ready":  # it died between requests: not counted yet
                     self.metrics.inc("hearth_runner_crashes_total", model=config.name)
-                log.info("restarting the runner for '%s': %s", config.name, reason)
+                log.info("restarting the runner for '%s': %s", key, reason)
                 await self._forget(runner)
-            await self._make_room()
-            return await self._load(config)
+            await self._make_room(config.name)
+            return await self._load(config, replica)
 
-    async def _load(self, config: ModelConfig) -> Runner:
+    async def _load(self, config: ModelConfig, replica: int = 0) -> Runner:
         if self._closing or self._socket_dir is None:
             raise ModelLoadFailed("the server is shutting down")
         self._counter += 1
-        process: RunnerProcess | RemoteRunner
+        process: RunnerProcess | RemoteRunner | RayRunner
         if config.runner:
             process = RemoteRunner(config.name, config.runner)
+            slot = None
+        elif self.cluster is not None:
+            process = RayRunner(config, replica, self.cluster, config.threads or self.settings.threads,
+                                self.settings.log_level)
             slot = None
         else:
             slot = self._free_slot()
             process = RunnerProcess(config.name, self._socket_dir / f"r{self._counter}.sock",
                                     log_level=self.settings.log_level,
                                     cores_board=self.board.path if self.board and slot is not None else None)
-        runner = Runner(name=config.name, config=config, process=process, slot=slot, metrics=self.metrics)
-        self.runners[config.name] = runner
+        runner = Runner(name=config.name, config=config, process=process, slot=slot, metrics=self.metrics,
+                        replica=replica)
+        self.runners[runner.key] = runner
         backend = config.canonical_backend
         log.info("Loading model '%s' with backend %s", config.name, backend)
         started = time.monotonic()
@@ -220,7 +318,8 @@ class RunnerManager:
             except RuntimeError as exc:
                 raise ModelLoadFailed(f"could not start a runner for model '{config.name}': {exc}") from None
             # The secret goes with every call when set (a runner started here inherits it with the environment).
-            runner.client = RunnerClient(process.address, self.settings.runner_secret)
+            runner.client = RunnerClient(process.address, self.cluster.secret if isinstance(process, RayRunner)
+                                         else self.settings.runner_secret)
             request = pb.LoadRequest(
                 model_name=config.name,
                 backend=backend,
@@ -263,7 +362,7 @@ class RunnerManager:
     @contextlib.asynccontextmanager
     async def _turn_to_load(self, config: ModelConfig) -> AsyncIterator[None]:
         """Held while a local runner loads its model (a runner on another machine loads into its own memory)."""
-        if config.runner:
+        if config.runner or self.cluster is not None:
             yield
             return
         if self._loading.locked():
@@ -276,17 +375,18 @@ class RunnerManager:
             finally:
                 self._loading_name = ""
 
-    async def _make_room(self) -> None:
-        """Unload least recently used idle runners until a new one fits under max_loaded_models."""
-        while len(self.runners) >= self.settings.max_loaded_models:
-            idle = [r for r in self.runners.values() if r.active == 0 and r.state == "ready"]
+    async def _make_room(self, name: str) -> None:
+        """Unload least recently used idle models until one more (`name`) fits under max_loaded_models."""
+        while name not in (names := {r.name for r in self.runners.values()}) \
+                and len(names) >= self.settings.max_loaded_models:
+            busy = {r.name for r in self.runners.values() if r.active or r.state != "ready"}
+            idle = [r for r in self.runners.values() if r.name not in busy]
             if not idle:
-                log.warning("all %d loaded models are busy; loading one more than max_loaded_models",
-                            len(self.runners))
+                log.warning("all %d loaded models are busy; loading one more than max_loaded_models", len(names))
                 return
-            victim = min(idle, key=lambda r: r.last_used)
-            log.info("unloading '%s' (least recently used) to make room", victim.name)
-            await self._forget(victim)
+            victim = min(idle, key=lambda r: r.last_used).name
+            log.info("unloading '%s' (least recently used) to make room", victim)
+            await asyncio.gather(*(self._forget(r) for r in self.replicas(victim)))
 
     def _free_slot(self) -> int | None:
         taken = {r.slot for r in self.runners.values()} | self._stopping_slots
@@ -300,8 +400,8 @@ class RunnerManager:
         self._mark(runner, False)  # it may have died mid-request; no runner waits on it any more
         if runner.slot is not None:
             self._stopping_slots.add(runner.slot)
-        if self.runners.get(runner.name) is runner:
-            del self.runners[runner.name]
+        if self.runners.get(runner.key) is runner:
+            del self.runners[runner.key]
         if runner.state != "dead":
             runner.state = "stopping"
         if runner.client is not None:
@@ -315,11 +415,11 @@ class RunnerManager:
     # -- management ------------------------------------------------------------------------------------
 
     async def unload(self, name: str) -> bool:
-        runner = self.runners.get(name)
-        if runner is None:
+        replicas = self.replicas(name)
+        if not replicas:
             return False
         log.info("unloading model '%s'", name)
-        await self._forget(runner)
+        await asyncio.gather(*(self._forget(runner) for runner in replicas))
         return True
 
     async def _reap_idle(self) -> None:
@@ -346,7 +446,7 @@ class RunnerManager:
         while True:
             await asyncio.sleep(min(5.0, limit / 2))
             watched = [r for r in self.runners.values() if r.state == "ready" and r.active and r.client is not None
-                       and isinstance(r.process, RunnerProcess)]
+                       and isinstance(r.process, RunnerProcess | RayRunner)]
             await asyncio.gather(*(self._check(runner, limit) for runner in watched))
 
     async def _check(self, runner: Runner, limit: float) -> None:
@@ -371,6 +471,8 @@ class RunnerManager:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await asyncio.gather(*(self._forget(r) for r in list(self.runners.values())), return_exceptions=True)
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.board is not None:
             self.board.close()
             self.board = None

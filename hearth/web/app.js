@@ -159,6 +159,12 @@
       label.dataset.state = m.state;
       state.append(label);
       if (m.reason) state.append(Object.assign(document.createElement("div"), { className: "reason", textContent: m.reason }));
+      for (const r of m.replicas || []) {  // on a Ray cluster: each copy, its node and state
+        const line = Object.assign(document.createElement("div"), { className: "replica",
+          textContent: `replica ${r.replica} on ${r.node || "this machine"}: ${r.state}` });
+        line.dataset.replica = r.replica;
+        state.append(line);
+      }
       const actions = document.createElement("td");
       const loaded = ["idle", "busy", "loading"].includes(m.state);
       const button = Object.assign(document.createElement("button"), {

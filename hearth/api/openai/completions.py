@@ -103,8 +103,11 @@ async def completion_events(request: CompletionRequest, engine: Engine) -> Async
         sampling.grammar = request.grammar
     max_tokens = request.max_tokens or config.parameters.max_tokens or DEFAULT_MAX_TOKENS
     request_id, created = new_id("cmpl"), now()
+    # Of several replicas, a prompt goes back to one that read a prompt with the same start (in 256-character parts).
+    first = prompts[0] if prompts and isinstance(prompts[0], str) else ""
+    affinity = [first[i:i + 256] for i in range(0, len(first), 256)] if config.replicas > 1 else None
 
-    async with engine.runner(config, "generate") as runner:
+    async with engine.runner(config, "generate", affinity) as runner:
 
         def generate_request(prompt: str | list[int], choice: int) -> pb.GenerateRequest:
             message = pb.GenerateRequest(add_special=True, parse_special=False, max_tokens=max_tokens, stop=stops,
