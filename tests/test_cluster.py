@@ -152,14 +152,16 @@ def cluster_models(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path)
 
 def _serve(models: Path, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> HearthServer:
     log_path = tmp_path_factory.mktemp("log") / "hearth.log"
-    return HearthServer(models, log_path, "--ray", cluster.address, env=RAY_ENV, ready_timeout=90)
+    return HearthServer(models, log_path, "--ray", cluster.address, env={**RAY_ENV, "HEARTH_RAY_LEASE_SECONDS": "3"},
+                        ready_timeout=90)
 
 
 @pytest.fixture(scope="module")
 def api(cluster: Cluster, cluster_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HearthServer]:
     server = _serve(cluster_models, cluster, tmp_path_factory)
     yield server
-    server.stop(60)
+    assert server.stop(60) == 0  # SIGTERM drains as without Ray (ray.init's own handler would exit at once)
+    assert "Traceback" not in server.log(), server.log()[-3000:]
 
 
 def _chat(server: HearthServer, model: str, content: str = "hi", **body: object) -> httpx.Response:
@@ -293,10 +295,27 @@ def test_a_second_api_process_uses_the_same_runners(api: HearthServer, cluster: 
     assert next(r for r in api.runners() if r["name"] == "special")["pid"] == mine["pid"]
     assert cluster.actor_exists("special/0")
     _unload(api, "special")  # the last lease given up: the runner and its actor stop
+    _gone(cluster, "special/0")
+
+
+def _gone(cluster: Cluster, actor: str) -> None:
     deadline = time.monotonic() + 20
-    while cluster.actor_exists("special/0"):
-        assert time.monotonic() < deadline, "the runner's actor outlived its last lease"
+    while cluster.actor_exists(actor):
+        assert time.monotonic() < deadline, f"the runner's actor {actor} outlived its last lease"
         time.sleep(0.5)
+
+
+def test_a_runner_whose_api_process_was_killed_stops_when_its_lease_lapses(
+        cluster: Cluster, cluster_models: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    other = _serve(cluster_models, cluster, tmp_path_factory)
+    try:
+        assert _chat(other, "zoned").status_code == 200
+        assert cluster.actor_exists("zoned/0")
+        other.process.kill()  # no unload, no release: only the lease (3 s here) ends it
+        other.process.wait(10)
+        _gone(cluster, "zoned/0")
+    finally:
+        other.stop()
 
 
 def test_a_node_that_dies_mid_stream_ends_its_streams_and_the_model_is_placed_again(

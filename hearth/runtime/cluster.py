@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import uuid
 from collections import deque
@@ -33,7 +34,6 @@ from hearth.settings import Settings
 log = logging.getLogger("hearth.runtime")
 
 NAMESPACE = "hearth"
-LEASE_SECONDS = 30.0
 MIB = 1024 * 1024
 
 
@@ -78,10 +78,15 @@ class RayCluster:
         """Join the cluster (at start-up, in the main thread, as Ray wants) and learn the runners' secret."""
         ray = _ray()
         address = self.settings.ray_address
+        # ray.init takes SIGTERM and SIGINT for itself (exiting at once); the server's own handlers drain first.
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise SystemExit(f"hearth: cannot join the Ray cluster at {address}: {exc}") from None
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
         if not self.secret:
             from hearth.runtime.ray_host import ClusterSecret
 
@@ -96,10 +101,10 @@ class RayCluster:
 
     async def _renew(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_SECONDS / 3)
+            await asyncio.sleep(self.settings.ray_lease_seconds / 3)
             for runner in list(self.held):
                 with contextlib.suppress(Exception):  # a runner that cannot be reached is the manager's to find
-                    await runner.attach(timeout=LEASE_SECONDS / 3)
+                    await runner.attach(timeout=self.settings.ray_lease_seconds / 3)
 
     async def close(self) -> None:
         if self._renewer is not None:
@@ -174,7 +179,7 @@ class RayRunner:
         if found is None:
             self.handle = await asyncio.to_thread(
                 lambda: ray.remote(RunnerHost).options(**options).remote(self.name, self.secret, self.log_level,
-                                                                        LEASE_SECONDS))
+                                                                        self.cluster.settings.ray_lease_seconds))
             try:
                 found = await self.attach(timeout=timeout)
             except TimeoutError:

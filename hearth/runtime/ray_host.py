@@ -92,8 +92,11 @@ class RunnerHost:
                 # (an API process that made this actor and died before taking its lease leaves it unheld)
                 done = not self.leases and (self.held_once or now - self.started > 2 * self.lease_seconds)
             if self.process.poll() is not None or done:
-                self._stop_runner()
-                os.kill(os.getpid(), signal.SIGKILL)  # the actor ends with its runner (Ray counts it dead)
+                import ray
+
+                # The actor ends with its runner, through a call to itself (only an actor's call may end it cleanly).
+                ray.get_runtime_context().current_actor.shutdown.remote()
+                return
 
     def _stop_runner(self) -> None:
         if self.process.poll() is None:
@@ -119,11 +122,15 @@ class RunnerHost:
             self.leases.pop(holder, None)
             left = len(self.leases)
         if not left:
-            self._stop_runner()
-            import ray
-
-            ray.actor.exit_actor()
+            self.shutdown()
         return left
+
+    def shutdown(self) -> None:
+        """Stop the runner, then this actor."""
+        import ray
+
+        self._stop_runner()
+        ray.actor.exit_actor()
 
     def missing_files(self, paths: list[str]) -> list[str]:
         """Which of the model's files this node cannot read."""
