@@ -230,12 +230,16 @@ def test_sigterm_drains_streams_and_queued_requests(start_server, tmp_path: Path
              ("responses", "/v1/responses", {"model": "slow", "stream": True, "input": "hi"})]
     jobs += [(f"queued-{i}", "/v1/chat/completions", {**chat, "model": "loading"}) for i in range(2)]
     threads = [threading.Thread(target=stream, args=job) for job in jobs]
-    for thread in threads:
+    # The streams first, then the queued requests: models load one at a time, so a 'loading' load that began first
+    # would hold the 'slow' model's load (and every stream) for its whole minute.
+    for thread in threads[:8]:
         thread.start()
-    deadline = time.monotonic() + 60  # every stream running (the queued requests wait for their load)
-    while time.monotonic() < deadline and len({k for k in begun if not k.startswith("queued")}) < 8:
+    deadline = time.monotonic() + 60  # every stream running
+    while time.monotonic() < deadline and len(begun) < 8:
         time.sleep(0.1)
-    time.sleep(0.5)
+    for thread in threads[8:]:  # these wait for their model's load
+        thread.start()
+    time.sleep(1.0)
     runners = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
     assert len(runners) >= 2  # the slow model's runner and the loading one's
     server.process.send_signal(signal.SIGTERM)
