@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     # A Ray cluster to run the runners on (`auto`: the one this machine belongs to); empty: local processes.
     ray_address: str = ""
     ray_lease_seconds: float = Field(30.0, ge=1, description="a cluster runner no API process renews this long stops")
+    ray_scale_down_seconds: float = Field(60.0, ge=0, description="a replica above min_replicas idle this long stops")
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     preload: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_loaded_models: int = Field(4, ge=1, description="least recently used runners are unloaded beyond this")

@@ -143,6 +143,9 @@ def cluster_models(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path)
                                    "resources": {"special": 1}})
     write_yaml(models, "zoned", {"name": "zoned", "backend": "fake", "threads": 1, "memory_mb": 64,
                                  "node": {"zone": "b"}})
+    write_yaml(models, "unsized", {"name": "unsized", "backend": "fake", "memory_mb": 64})
+    write_yaml(models, "elastic", {"name": "elastic", "backend": "fake", "threads": 1, "memory_mb": 64,
+                                   "max_replicas": 2, "fake": {"token_delay": 0.05, "reply": " ".join(["word"] * 60)}})
     write_yaml(models, "too-big", {"name": "too-big", "backend": "fake", "threads": 1, "memory_mb": 100_000})
     write_yaml(models, "slow", {"name": "slow", "backend": "fake", "threads": 1, "memory_mb": 64,
                                 "resources": {"worker": 1},
@@ -152,7 +155,8 @@ def cluster_models(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path)
 
 def _serve(models: Path, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> HearthServer:
     log_path = tmp_path_factory.mktemp("log") / "hearth.log"
-    return HearthServer(models, log_path, "--ray", cluster.address, env={**RAY_ENV, "HEARTH_RAY_LEASE_SECONDS": "3"},
+    return HearthServer(models, log_path, "--ray", cluster.address, env={**RAY_ENV, "HEARTH_RAY_LEASE_SECONDS": "3",
+                                                                      "HEARTH_RAY_SCALE_DOWN_SECONDS": "2"},
                         ready_timeout=90)
 
 
@@ -161,7 +165,8 @@ def api(cluster: Cluster, cluster_models: Path, tmp_path_factory: pytest.TempPat
     server = _serve(cluster_models, cluster, tmp_path_factory)
     yield server
     assert server.stop(60) == 0  # SIGTERM drains as without Ray (ray.init's own handler would exit at once)
-    assert "Traceback" not in server.log(), server.log()[-3000:]
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
 
 
 def _chat(server: HearthServer, model: str, content: str = "hi", **body: object) -> httpx.Response:
@@ -189,6 +194,9 @@ def test_models_are_placed_by_their_resources_and_labels(api: HearthServer, clus
     assert placed["zoned"]["node_id"] == ids["b"]
     node = placed["special"]["node"]  # the node's cluster address, and the runner listens there, not everywhere
     assert node == cluster.host and placed["special"]["address"].startswith(f"{node}:")
+    # No threads set: as many as the largest node has (1), though this server's --threads is 2.
+    assert _chat(api, "unsized").status_code == 200
+    _unload(api, "unsized")
     started = time.monotonic()
     refused = _chat(api, "too-big")
     assert time.monotonic() - started < 30
@@ -276,6 +284,38 @@ def test_a_conversation_returns_to_the_replica_that_holds_its_cache(api: HearthS
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= first["usage"]["prompt_tokens"], (cached, first["usage"], second["usage"])
     _unload(api, "smol")
+
+
+def test_a_model_scales_up_while_its_replicas_are_full_and_back_down_when_idle(api: HearthServer) -> None:
+    """`max_replicas: 2` with one slot per replica: a second request at once places a second replica, which the
+    next request finds; once idle it is stopped again."""
+    done: list[int] = []
+
+    def ask() -> None:
+        done.append(_chat(api, "elastic").status_code)
+
+    first = threading.Thread(target=ask)
+    first.start()
+    deadline = time.monotonic() + 30
+    while not any(r["active_requests"] for r in _replicas(api, "elastic")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = threading.Thread(target=ask)  # replica 0's one slot is taken: a second replica is placed
+    second.start()
+    while len(_replicas(api, "elastic")) < 2:
+        assert time.monotonic() < deadline, api.runners()
+        time.sleep(0.1)
+    assert _chat(api, "elastic").status_code == 200
+    assert len(_replicas(api, "elastic")) == 2 and _replicas(api, "elastic")[1]["requests_served"] >= 1, api.runners()
+    first.join(30)
+    second.join(30)
+    assert done == [200, 200]
+    deadline = time.monotonic() + 30
+    while len(_replicas(api, "elastic")) > 1:  # idle past HEARTH_RAY_SCALE_DOWN_SECONDS (2 here)
+        assert time.monotonic() < deadline, api.runners()
+        time.sleep(0.2)
+    assert [r["replica"] for r in _replicas(api, "elastic")] == [0]
+    _unload(api, "elastic")
 
 
 def test_a_second_api_process_uses_the_same_runners(api: HearthServer, cluster: Cluster, cluster_models: Path,

@@ -257,14 +257,18 @@ def test_g711_expands_every_code_as_ffmpeg_does(wire, codec: str) -> None:
 
 def test_a_replica_is_chosen_by_its_cached_prefix_unless_it_is_much_busier(tmp_path: Path) -> None:
     """Of several replicas, a prompt goes to the one that served the longest start of it lately, unless that one has
-    AFFINITY_SLACK more requests in flight than the least busy; a prompt sharing nothing goes to the least busy."""
+    AFFINITY_SLACK more requests in flight than the least busy or no free slot; a prompt sharing nothing goes to the
+    least busy."""
     from hearth.config.schema import ModelConfig
     from hearth.runtime.manager import AFFINITY_SLACK, Runner, RunnerManager, affinity_parts, shared_prefix
     from hearth.runtime.process import RemoteRunner
 
     config = ModelConfig(name="m")
     manager = RunnerManager(load_settings(models_dir=tmp_path))
-    first, second = (Runner(name="m", config=config, process=RemoteRunner("m", "h:1"), replica=i) for i in (0, 1))
+    from hearth.runner import hearth_pb2 as pb
+
+    first, second = (Runner(name="m", config=config, process=RemoteRunner("m", "h:1"), replica=i,
+                            info=pb.ModelInfo(parallel=8)) for i in (0, 1))
     system, question = '{"role":"system","content":"Be brief."}', '{"role":"user","content":"Hi"}'
     assert shared_prefix(affinity_parts([system, question]), affinity_parts([system, "other"])) == len(system)
     assert manager._pick([first, second], affinity_parts([system, question])) is first  # both idle: the first
@@ -276,3 +280,18 @@ def test_a_replica_is_chosen_by_its_cached_prefix_unless_it_is_much_busier(tmp_p
     assert manager._pick([first, second], follow_up) is first  # its conversation's replica, though busier
     first.active = AFFINITY_SLACK + 1
     assert manager._pick([first, second], follow_up) is second  # too much busier: the least busy after all
+    first.active, second.active, first.info.parallel = 2, 0, 2
+    assert manager._pick([first, second], follow_up) is second  # no free slot there: it would wait
+
+
+def test_replica_bounds_must_hold_the_replica_count() -> None:
+    from pydantic import ValidationError
+
+    from hearth.config.schema import ModelConfig
+
+    assert ModelConfig(name="m", replicas=2, min_replicas=1, max_replicas=4).replicated
+    assert not ModelConfig(name="m").replicated and ModelConfig(name="m", max_replicas=2).replicated
+    with pytest.raises(ValidationError, match="max_replicas"):
+        ModelConfig(name="m", replicas=2, max_replicas=1)
+    with pytest.raises(ValidationError, match="min_replicas"):
+        ModelConfig(name="m", replicas=1, min_replicas=2)

@@ -356,7 +356,7 @@ async def chat_events(request: ChatRequest, engine: Engine) -> AsyncIterator[Cha
     max_tokens = request.max_tokens or config.parameters.max_tokens or 0
     request_id = request.request_id or f"chat-{uuid.uuid4().hex[:24]}"
     # Of several replicas, a conversation goes back to the one whose prompt cache holds its earlier turns.
-    affinity = [json.dumps(m, sort_keys=True) for m in request.messages] if config.replicas > 1 else None
+    affinity = [json.dumps(m, sort_keys=True) for m in request.messages] if config.replicated else None
 
     async with engine.runner(config, "generate", affinity) as runner:
         ready = await prepare(request, engine, config, runner)

@@ -232,6 +232,8 @@ class ModelConfig(_Open):
     # beyond `threads` CPUs: memory (unset: estimated from the files and the context), custom resources, and the
     # labels of the nodes it may run on (`ray start --labels`).
     replicas: int = Field(1, ge=1, le=64)
+    min_replicas: int | None = Field(None, ge=1, le=64)  # scaled down to this when idle (default: replicas)
+    max_replicas: int | None = Field(None, ge=1, le=64)  # scaled up to this while every replica's slots are taken
     memory_mb: int | None = Field(None, ge=1, le=2**31 - 1)
     resources: dict[str, float] = Field(default_factory=dict)
     node: dict[str, str] = Field(default_factory=dict)
@@ -296,9 +298,22 @@ class ModelConfig(_Open):
         return self
 
     @model_validator(mode="after")
+    def _replica_bounds(self) -> ModelConfig:
+        if self.min_replicas is not None and self.min_replicas > self.replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is more than replicas ({self.replicas})")
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is less than replicas ({self.replicas})")
+        return self
+
+    @model_validator(mode="after")
     def _speculative_settings(self) -> ModelConfig:
         speculation_from(self.option_map, bool(self.draft_model))  # refused now, with the file's name, not at load
         return self
+
+    @property
+    def replicated(self) -> bool:
+        """Whether the model may run as several replicas (on a Ray cluster), so requests choose among them."""
+        return max(self.replicas, self.max_replicas or 0) > 1
 
     @property
     def speculative(self) -> Speculation | None:

@@ -112,6 +112,13 @@ class RayCluster:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
 
+    def default_threads(self) -> int:
+        """Threads (and CPUs asked) for a model whose YAML sets none: the largest live node's CPUs, at most
+        `--threads` (whose default, this machine's cores, says nothing about the nodes')."""
+        largest = max((int(node.get("Resources", {}).get("CPU", 0)) for node in _ray().nodes() if node.get("Alive")),
+                      default=1)
+        return max(1, min(largest, self.settings.threads))
+
     def ask(self, config: ModelConfig, threads: int) -> dict[str, float]:
         return {"CPU": float(threads), "memory": float(estimated_memory(config)), **config.resources}
 
@@ -134,12 +141,13 @@ class RayCluster:
 class RayRunner:
     """One replica's runner on the cluster: found by name or placed there; the manager's process for it."""
 
-    def __init__(self, config: ModelConfig, replica: int, cluster: RayCluster, threads: int, log_level: str) -> None:
+    def __init__(self, config: ModelConfig, replica: int, cluster: RayCluster, threads: int | None,
+                 log_level: str) -> None:
         self.name = config.name
         self.config = config
         self.replica = replica
         self.cluster = cluster
-        self.threads = threads
+        self.threads = threads or 0  # unset: the largest node's CPUs, at most --threads (see start)
         self.log_level = log_level
         self.actor_name = f"{config.name}/{replica}"
         self.handle: Any = None
@@ -153,6 +161,8 @@ class RayRunner:
 
     async def start(self, timeout: float) -> None:
         ray = _ray()
+        if not self.threads:
+            self.threads = await asyncio.to_thread(self.cluster.default_threads)
         ask = self.cluster.ask(self.config, self.threads)
         await asyncio.to_thread(self.cluster.check_fits, self.config, ask)
         from hearth.runtime.ray_host import RunnerHost

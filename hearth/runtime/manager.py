@@ -158,6 +158,11 @@ def shared_prefix(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]
 AFFINITY_SLACK = 4  # a replica holding a prompt's prefix is preferred unless this many more requests wait on it
 
 
+def _slots(runner: Runner) -> int:
+    """Requests the runner works on at once (llama.cpp's slots); more wait in its queue."""
+    return max(1, runner.info.parallel if runner.info else 1)
+
+
 class RunnerManager:
     """Owns every runner process of the server."""
 
@@ -181,6 +186,8 @@ class RunnerManager:
         self._stopping_slots: set[int | None] = set()  # slots of runners still stopping: not yet free again
         self.cluster = RayCluster(settings) if settings.ray_address else None
         self._replacing: set[str] = set()  # replicas being placed again in the background
+        self._tasks: set[asyncio.Task] = set()
+        self._wanted: dict[str, int] = {}  # replicas each model on the cluster has now (scaled with max_replicas)
 
     async def start(self) -> None:
         self._socket_dir = Path(tempfile.mkdtemp(prefix="hearth-"))
@@ -227,9 +234,12 @@ class RunnerManager:
 
     async def ensure_loaded(self, config: ModelConfig, affinity: list[str] | None = None) -> Runner:
         """A ready runner of the model; with replicas, all are loaded at first, and one that died is placed again
-        in the background while the others serve."""
-        copies = config.replicas if self.cluster is not None and not config.runner else 1
-        if copies == 1:
+        in the background while the others serve. With `max_replicas`, one more is placed when every replica
+        already has as many requests in flight as it has slots (the next would queue)."""
+        clustered = self.cluster is not None and not config.runner
+        copies = self._wanted.get(config.name, config.replicas) if clustered else 1
+        ceiling = max(config.max_replicas or 0, config.replicas) if clustered else 1
+        if copies == 1 and ceiling == 1:
             return await self._ensure_replica(config, 0)
         ready = [r for i in range(copies) if (r := self.runners.get(runner_key(config.name, i)))
                  and r.alive and r.config == config]
@@ -239,13 +249,40 @@ class RunnerManager:
             ready = [r for r in loaded if isinstance(r, Runner)]
             if not ready:
                 raise next(r for r in loaded if isinstance(r, BaseException))
+        if copies < ceiling and all(r.active >= _slots(r) for r in ready):
+            copies += 1
+            log.info("scaling '%s' up to %d replicas: each of the %d ready has its slots taken", config.name, copies,
+                     len(ready))
+        self._wanted[config.name] = copies
         for replica in range(copies):
             key = runner_key(config.name, replica)
             runner = self.runners.get(key)
             if not (runner and runner.alive and runner.config == config) and key not in self._replacing:
                 self._replacing.add(key)
-                asyncio.get_running_loop().create_task(self._replace(config, replica))
+                task = asyncio.get_running_loop().create_task(self._replace(config, replica))
+                self._tasks.add(task)  # (the loop keeps only a weak reference to a task)
+                task.add_done_callback(self._tasks.discard)
         return self._pick(ready, affinity_parts(affinity or []))
+
+    async def _scale_down(self) -> None:
+        """Forget the last replica of a model scaled above its floor (`min_replicas`, else `replicas`) once it has
+        been idle `ray_scale_down_seconds`."""
+        now = time.monotonic()
+        for name, copies in list(self._wanted.items()):
+            group = self.replicas(name)
+            if not group:
+                del self._wanted[name]
+                continue
+            config = group[0].config
+            if copies <= (config.min_replicas or config.replicas):
+                continue
+            last = self.runners.get(runner_key(name, copies - 1))
+            if last is None or (last.active == 0 and last.state == "ready"
+                                and now - last.last_used >= self.settings.ray_scale_down_seconds):
+                log.info("scaling '%s' down to %d replicas: replica %d is idle", name, copies - 1, copies - 1)
+                self._wanted[name] = copies - 1
+                if last is not None:
+                    await self._forget(last)
 
     async def _replace(self, config: ModelConfig, replica: int) -> None:
         key = runner_key(config.name, replica)
@@ -262,7 +299,8 @@ class RunnerManager:
         if prompt:
             scores = {id(r): max((shared_prefix(prompt, seen) for seen in r.recent), default=0) for r in ready}
             best = max(ready, key=lambda r: (scores[id(r)], -r.active))
-            if scores[id(best)] and best.active - least.active < AFFINITY_SLACK:
+            # Its cache saves reading the prefix again; waiting for a slot, or behind many requests, costs more.
+            if scores[id(best)] and best.active < _slots(best) and best.active - least.active < AFFINITY_SLACK:
                 chosen = best
             chosen.recent.append(prompt)
         chosen.last_used = time.monotonic()
@@ -298,8 +336,7 @@ class RunnerManager:
             process = RemoteRunner(config.name, config.runner)
             slot = None
         elif self.cluster is not None:
-            process = RayRunner(config, replica, self.cluster, config.threads or self.settings.threads,
-                                self.settings.log_level)
+            process = RayRunner(config, replica, self.cluster, config.threads, self.settings.log_level)
             slot = None
         else:
             slot = self._free_slot()
@@ -325,7 +362,7 @@ class RunnerManager:
                 backend=backend,
                 model_path=config.model_path or "",
                 config_json=config.model_dump_json(),
-                threads=config.threads or self.settings.threads,
+                threads=process.threads if isinstance(process, RayRunner) else config.threads or self.settings.threads,
                 context_size=config.context_size or 0,
                 parallel=config.parallel or 0,
                 files={**({"mmproj": config.mmproj_path} if config.mmproj_path else {}), **config.part_paths},
@@ -352,7 +389,7 @@ class RunnerManager:
             await self._forget(runner)
             raise
         runner.state = "ready"
-        runner.loaded_at = time.monotonic()
+        runner.loaded_at = runner.last_used = time.monotonic()  # idle from now, not from when its load began
         self.metrics.inc("hearth_model_loads_total", model=config.name, result="ok")
         self.metrics.observe("hearth_model_load_duration_seconds", runner.loaded_at - started, model=config.name)
         self.failures.pop(config.name, None)
@@ -419,6 +456,7 @@ class RunnerManager:
         if not replicas:
             return False
         log.info("unloading model '%s'", name)
+        self._wanted.pop(name, None)
         await asyncio.gather(*(self._forget(runner) for runner in replicas))
         return True
 
@@ -426,7 +464,8 @@ class RunnerManager:
         """Unload runners idle longer than their keep_alive, or than idle_unload_minutes (0: never)."""
         default = self.settings.idle_unload_minutes * 60 or None
         while True:
-            await asyncio.sleep(1.0 if default is None else min(max(default / 4, 1.0), 30.0))
+            await asyncio.sleep(1.0 if default is None or self._wanted else min(max(default / 4, 1.0), 30.0))
+            await self._scale_down()
             now = time.monotonic()
             for runner in list(self.runners.values()):
                 limit = runner.keep_alive if runner.keep_alive is not None else default

@@ -105,7 +105,7 @@ async def completion_events(request: CompletionRequest, engine: Engine) -> Async
     request_id, created = new_id("cmpl"), now()
     # Of several replicas, a prompt goes back to one that read a prompt with the same start (in 256-character parts).
     first = prompts[0] if prompts and isinstance(prompts[0], str) else ""
-    affinity = [first[i:i + 256] for i in range(0, len(first), 256)] if config.replicas > 1 else None
+    affinity = [first[i:i + 256] for i in range(0, len(first), 256)] if config.replicated else None
 
     async with engine.runner(config, "generate", affinity) as runner:
 
