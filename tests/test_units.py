@@ -255,33 +255,33 @@ def test_g711_expands_every_code_as_ffmpeg_does(wire, codec: str) -> None:
     assert np.array_equal(np.frombuffer(wire.to_pcm16(codes), dtype="<i2"), expected)
 
 
-def test_a_replica_is_chosen_by_its_cached_prefix_unless_it_is_much_busier(tmp_path: Path) -> None:
+def test_a_replica_is_chosen_by_its_cached_prefix_unless_it_is_much_busier() -> None:
     """Of several replicas, a prompt goes to the one that served the longest start of it lately, unless that one has
     AFFINITY_SLACK more requests in flight than the least busy or no free slot; a prompt sharing nothing goes to the
     least busy."""
     from hearth.config.schema import ModelConfig
-    from hearth.runtime.manager import AFFINITY_SLACK, Runner, RunnerManager, affinity_parts, shared_prefix
+    from hearth.runtime.manager import Runner
     from hearth.runtime.process import RemoteRunner
+    from hearth.runtime.replicas import AFFINITY_SLACK, affinity_parts, choose, shared_prefix
 
     config = ModelConfig(name="m")
-    manager = RunnerManager(load_settings(models_dir=tmp_path))
     from hearth.runner import hearth_pb2 as pb
 
     first, second = (Runner(name="m", config=config, process=RemoteRunner("m", "h:1"), replica=i,
                             info=pb.ModelInfo(parallel=8)) for i in (0, 1))
     system, question = '{"role":"system","content":"Be brief."}', '{"role":"user","content":"Hi"}'
     assert shared_prefix(affinity_parts([system, question]), affinity_parts([system, "other"])) == len(system)
-    assert manager._pick([first, second], affinity_parts([system, question])) is first  # both idle: the first
+    assert choose([first, second], affinity_parts([system, question])) is first  # both idle: the first
     second.recent.append(affinity_parts(["x", "y"]))
     first.active = 1
-    assert manager._pick([first, second], affinity_parts(["z"])) is second  # nothing shared: the least busy
+    assert choose([first, second], affinity_parts(["z"])) is second  # nothing shared: the least busy
     first.active = AFFINITY_SLACK - 1
     follow_up = affinity_parts([system, question, '{"role":"assistant"}', '{"role":"user","content":"More"}'])
-    assert manager._pick([first, second], follow_up) is first  # its conversation's replica, though busier
+    assert choose([first, second], follow_up) is first  # its conversation's replica, though busier
     first.active = AFFINITY_SLACK + 1
-    assert manager._pick([first, second], follow_up) is second  # too much busier: the least busy after all
+    assert choose([first, second], follow_up) is second  # too much busier: the least busy after all
     first.active, second.active, first.info.parallel = 2, 0, 2
-    assert manager._pick([first, second], follow_up) is second  # no free slot there: it would wait
+    assert choose([first, second], follow_up) is second  # no free slot there: it would wait
 
 
 def test_replica_bounds_must_hold_the_replica_count() -> None:

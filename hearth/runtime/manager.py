@@ -23,6 +23,7 @@ from hearth.runner import hearth_pb2 as pb
 from hearth.runtime.client import RunnerClient, RunnerGone
 from hearth.runtime.cluster import RayCluster, RayRunner
 from hearth.runtime.process import RemoteRunner, RunnerProcess
+from hearth.runtime.replicas import affinity_parts, choose, runner_key, slots
 from hearth.settings import Settings
 
 log = logging.getLogger("hearth.runtime")
@@ -136,33 +137,6 @@ class Runner:
         }
 
 
-def runner_key(name: str, replica: int) -> str:
-    return name if replica == 0 else f"{name}#{replica}"
-
-
-def affinity_parts(parts: list[str]) -> tuple[tuple[int, int], ...]:
-    """A prompt as its parts (a chat's messages), each as its hash and length, for `shared_prefix`."""
-    return tuple((hash(part), len(part)) for part in parts)
-
-
-def shared_prefix(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> int:
-    """How long the leading parts two prompts share are (characters)."""
-    total = 0
-    for left, right in zip(a, b, strict=False):
-        if left != right:
-            break
-        total += left[1]
-    return total
-
-
-AFFINITY_SLACK = 4  # a replica holding a prompt's prefix is preferred unless this many more requests wait on it
-
-
-def _slots(runner: Runner) -> int:
-    """Requests the runner works on at once (llama.cpp's slots); more wait in its queue."""
-    return max(1, runner.info.parallel if runner.info else 1)
-
-
 class RunnerManager:
     """Owns every runner process of the server."""
 
@@ -249,7 +223,7 @@ class RunnerManager:
             ready = [r for r in loaded if isinstance(r, Runner)]
             if not ready:
                 raise next(r for r in loaded if isinstance(r, BaseException))
-        if copies < ceiling and all(r.active >= _slots(r) for r in ready):
+        if copies < ceiling and all(r.active >= slots(r) for r in ready):
             copies += 1
             log.info("scaling '%s' up to %d replicas: each of the %d ready has its slots taken", config.name, copies,
                      len(ready))
@@ -262,7 +236,7 @@ class RunnerManager:
                 task = asyncio.get_running_loop().create_task(self._replace(config, replica))
                 self._tasks.add(task)  # (the loop keeps only a weak reference to a task)
                 task.add_done_callback(self._tasks.discard)
-        return self._pick(ready, affinity_parts(affinity or []))
+        return choose(ready, affinity_parts(affinity or []))
 
     async def _scale_down(self) -> None:
         """Forget the last replica of a model scaled above its floor (`min_replicas`, else `replicas`) once it has
@@ -292,19 +266,6 @@ class RunnerManager:
             log.error("replica %d of '%s' could not be placed again: %s", replica, config.name, exc.message)
         finally:
             self._replacing.discard(key)
-
-    def _pick(self, ready: list[Runner], prompt: tuple[tuple[int, int], ...]) -> Runner:
-        least = min(ready, key=lambda r: r.active)
-        chosen = least
-        if prompt:
-            scores = {id(r): max((shared_prefix(prompt, seen) for seen in r.recent), default=0) for r in ready}
-            best = max(ready, key=lambda r: (scores[id(r)], -r.active))
-            # Its cache saves reading the prefix again; waiting for a slot, or behind many requests, costs more.
-            if scores[id(best)] and best.active < _slots(best) and best.active - least.active < AFFINITY_SLACK:
-                chosen = best
-            chosen.recent.append(prompt)
-        chosen.last_used = time.monotonic()
-        return chosen
 
     async def _ensure_replica(self, config: ModelConfig, replica: int) -> Runner:
         key = runner_key(config.name, replica)
