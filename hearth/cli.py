@@ -66,6 +66,10 @@ def _configure_logging(level: str) -> None:
 def serve(settings: Settings) -> None:
     from hearth.api.app import create_app
 
+    if settings.ray_address:
+        from hearth.runtime.cluster import check_reachable
+
+        check_reachable(settings.ray_address)
     _configure_logging(settings.log_level)
     logging.getLogger("hearth").info("Hearth %s on http://%s:%d (models: %s)", __version__, settings.host,
                                      settings.port, settings.models_dir)

@@ -407,3 +407,11 @@ def test_a_node_that_dies_mid_stream_ends_its_streams_and_the_model_is_placed_ag
     assert reply.status_code == 200, reply.text
     survivor = "c" if victim == "b" else "b"
     assert next(r for r in api.runners() if r["name"] == "slow")["node_id"] == ids[survivor]
+
+
+def test_an_unreachable_cluster_is_a_clear_error_at_start(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run([sys.executable, "-m", "hearth", "serve", "--models-dir", str(tmp_path), "--port",
+                             str(free_port()), "--ray", address], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot reach the Ray cluster at {address}" in result.stderr and "Traceback" not in result.stderr

@@ -45,6 +45,19 @@ def _ray() -> Any:
     return ray
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse to start with a cluster address nothing answers at (ray.init would retry for minutes); `auto` is
+    Ray's to find."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"hearth: cannot reach the Ray cluster at {address} ({exc}); give the head's HOST:PORT "
+                         f"(6379 by default) or 'auto' on a node of the cluster") from None
+
+
 def estimated_memory(config: ModelConfig) -> int:
     """Bytes a replica asks the scheduler for: `memory_mb`, else its files plus a quarter for the context and
     buffers, plus 256 MiB for the runner itself."""
