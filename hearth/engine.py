@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from hearth.config.loader import ModelRegistry
 from hearth.config.schema import ModelConfig
 from hearth.errors import CapabilityNotSupported, HearthError
+from hearth.gallery.jobs import Jobs
 from hearth.runner import hearth_pb2 as pb
 from hearth.runtime.manager import Runner, RunnerManager
 from hearth.settings import Settings
@@ -22,7 +23,8 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = ModelRegistry(settings.models_dir)
-        self.runners = RunnerManager(settings)
+        self.jobs = Jobs()  # installs in the background, and a cluster's installs on its nodes
+        self.runners = RunnerManager(settings, self.jobs)
         self.ready = False
         self.preload_errors: dict[str, str] = {}
 

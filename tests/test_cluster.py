@@ -10,6 +10,7 @@ machine's address; their traffic still never leaves the machine.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -24,10 +25,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from hearth.errors import ModelLoadFailed
 from hearth.runtime.client import RunnerClient
 from tests.conftest import HearthServer, free_port, install_cached, write_yaml
+from tests.standin import StandIn
 
 RAY = str(Path(sys.executable).parent / "ray")
 GIB = 1024**3
@@ -82,7 +85,9 @@ class Cluster:
 
 
 def _start_node(name: str, root: Path, port: int, *, head: bool, resources: dict[str, float],
-                labels: dict[str, str] | None = None) -> Node:
+                labels: dict[str, str] | None = None, hidden: tuple[Path, ...] = ()) -> Node:
+    """A node; with `hidden`, in a mount namespace of its own where those folders are empty (a machine of its own,
+    as far as they go)."""
     log = (root / f"{name}.log").open("w")
     argv = [RAY, "start", "--block", "--num-cpus=1", f"--memory={GIB}",
             f"--resources={json.dumps({f'node_{name}': 1, **resources})}", "--disable-usage-stats"]
@@ -92,6 +97,9 @@ def _start_node(name: str, root: Path, port: int, *, head: bool, resources: dict
         argv += ["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={root / 'head'}"]
     else:
         argv += [f"--address=127.0.0.1:{port}"]
+    if hidden:
+        masks = " && ".join(f"mount -t tmpfs tmpfs {folder}" for folder in hidden)
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{masks} && exec "$0" "$@"', *argv]
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                env={**os.environ, **RAY_ENV})
     return Node(name, process, resources, labels or {})
@@ -153,10 +161,10 @@ def cluster_models(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path)
     return models
 
 
-def _serve(models: Path, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> HearthServer:
+def _serve(models: Path, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, **env: str) -> HearthServer:
     log_path = tmp_path_factory.mktemp("log") / "hearth.log"
     return HearthServer(models, log_path, "--ray", cluster.address, env={**RAY_ENV, "HEARTH_RAY_LEASE_SECONDS": "3",
-                                                                      "HEARTH_RAY_SCALE_DOWN_SECONDS": "2"},
+                                                                      "HEARTH_RAY_SCALE_DOWN_SECONDS": "2", **env},
                         ready_timeout=90)
 
 
@@ -333,15 +341,18 @@ def test_a_second_api_process_uses_the_same_runners(api: HearthServer, cluster: 
     # The other process gave up its lease; this one still holds the runner.
     assert _chat(api, "special").status_code == 200
     assert next(r for r in api.runners() if r["name"] == "special")["pid"] == mine["pid"]
-    assert cluster.actor_exists("special/0")
     _unload(api, "special")  # the last lease given up: the runner and its actor stop
-    _gone(cluster, "special/0")
+    _gone(cluster, "special/0", mine["pid"])
 
 
-def _gone(cluster: Cluster, actor: str) -> None:
+def _gone(cluster: Cluster, actor: str, pid: int) -> None:
+    """The runner (its process on this machine) stops, and its actor with it."""
     deadline = time.monotonic() + 20
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"the runner of {actor} outlived its last lease"
+        time.sleep(0.2)
     while cluster.actor_exists(actor):
-        assert time.monotonic() < deadline, f"the runner's actor {actor} outlived its last lease"
+        assert time.monotonic() < deadline, f"the actor {actor} outlived its runner"
         time.sleep(0.5)
 
 
@@ -350,12 +361,51 @@ def test_a_runner_whose_api_process_was_killed_stops_when_its_lease_lapses(
     other = _serve(cluster_models, cluster, tmp_path_factory)
     try:
         assert _chat(other, "zoned").status_code == 200
-        assert cluster.actor_exists("zoned/0")
+        pid = next(r for r in other.runners() if r["name"] == "zoned")["pid"]
         other.process.kill()  # no unload, no release: only the lease (3 s here) ends it
         other.process.wait(10)
-        _gone(cluster, "zoned/0")
+        time.sleep(1)
+        assert Path(f"/proc/{pid}").exists()  # (not at once: the lease has not lapsed yet)
+        _gone(cluster, "zoned/0", pid)
     finally:
         other.stop()
+
+
+def test_a_node_without_the_model_installs_it_through_the_gallery(
+        cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Node d sees its own, empty models directory and download cache: the runner placed there installs the model
+    from its gallery entry (downloaded again, checked by sha256), with the download's progress in the job API."""
+    payload = os.urandom(2 * 1024 * 1024 + 7)
+    files = StandIn()
+    files.files["/tiny.bin"] = payload
+    models, cache = tmp_path_factory.mktemp("d-models"), tmp_path_factory.mktemp("d-cache")
+    gallery = tmp_path_factory.mktemp("d-gallery") / "gallery.yaml"
+    gallery.write_text(yaml.safe_dump([{"name": "tiny", "config": {"backend": "fake"}, "files": [
+        {"filename": "tiny.bin", "uri": f"{files.base}/tiny.bin", "sha256": hashlib.sha256(payload).hexdigest()}]}]))
+    node = _start_node("d", cluster.root, int(cluster.address.rsplit(":", 1)[1]), head=False,
+                       resources={"isolated": 1}, hidden=(models, cache))
+    cluster.nodes["d"] = node
+    server = None
+    try:
+        _wait_started(node, cluster.root)
+        server = _serve(models, cluster, tmp_path_factory, HEARTH_GALLERIES=str(gallery),
+                        HEARTH_DOWNLOAD_ALLOW="127.0.0.1", HEARTH_CACHE_DIR=str(cache))
+        status = server.install(id="gallery@tiny", overrides={"threads": 1, "memory_mb": 64,
+                                                                "resources": {"isolated": 1}})
+        assert status["state"] == "done", status
+        reply = _chat(server, "tiny")
+        assert reply.status_code == 200, reply.text
+        assert files.hits["/tiny.bin"] == 2  # here, then on node d, whose cache was empty
+        jobs = [j for j in server.http().get("/models/jobs").json() if j["name"].startswith("tiny on node")]
+        assert len(jobs) == 1 and jobs[0]["state"] == "done" and jobs[0]["progress"] == 100.0, jobs
+        assert jobs[0]["total_bytes"] == len(payload)
+        assert next(r for r in server.runners() if r["name"] == "tiny")["node_id"] == cluster.node_ids()["d"]
+    finally:
+        if server is not None:
+            server.stop(60)
+        node.kill()
+        del cluster.nodes["d"]
+        files.close()
 
 
 def test_a_node_that_dies_mid_stream_ends_its_streams_and_the_model_is_placed_again(

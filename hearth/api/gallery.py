@@ -10,9 +10,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,63 +21,12 @@ from hearth.api.routing import HearthRoute
 from hearth.engine import Engine
 from hearth.errors import InvalidRequest, NotFound, Unauthorized
 from hearth.gallery.catalog import Catalog, Listing, fetch_text, parse_entry, read_index, remote_url
-from hearth.gallery.download import DownloadError, Transfer
+from hearth.gallery.download import DownloadError
 from hearth.gallery.entry import GalleryEntry, GalleryFile
-from hearth.gallery.install import delete_model, install_entry, is_installed
+from hearth.gallery.install import delete_model, is_installed
+from hearth.gallery.jobs import Jobs
 
 log = logging.getLogger("hearth.gallery")
-
-
-@dataclass
-class Job:
-    id: str
-    name: str
-    state: str = "queued"  # queued, downloading, done, failed, cancelled
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-    transfer: Transfer = field(default_factory=Transfer)
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task | None = None
-    created: float = field(default_factory=time.time)
-
-    def view(self) -> dict[str, Any]:
-        processed = self.state in ("done", "failed", "cancelled")
-        t = self.transfer
-        return {"uuid": self.id, "name": self.name, "state": self.state, "processed": processed,
-                "progress": 100.0 if self.state == "done" else t.percent, "error": self.error,
-                "message": self.error or "; ".join([self.state, *self.notes]), "notes": self.notes,
-                "downloaded_bytes": t.done, "total_bytes": t.total, "speed_bytes_per_second": round(t.speed),
-                "file": t.stage}
-
-
-class Jobs:
-    def __init__(self) -> None:
-        self.jobs: dict[str, Job] = {}
-
-    def start(self, engine: Engine, catalog: Catalog, entry: GalleryEntry, name: str | None,
-              overrides: dict[str, Any]) -> Job:
-        job = Job(id=str(uuid.uuid4()), name=name or entry.name)
-        self.jobs[job.id] = job
-
-        async def run() -> None:
-            job.state = "downloading"
-            try:
-                await install_entry(entry, engine.settings.models_dir, engine.settings.cache_dir, catalog.sources,
-                                    overrides, name, cancelled=job.cancel.is_set, transfer=job.transfer,
-                                    catalog=catalog, notes=job.notes)
-                job.state = "done"
-                log.info("installed model %s", job.name)
-            except (DownloadError, OSError) as exc:
-                job.state = "cancelled" if job.cancel.is_set() else "failed"
-                job.error = str(exc)
-                log.warning("installing %s failed: %s", job.name, exc)
-            except Exception as exc:  # a fault of Hearth's own: the job still ends, saying so
-                job.state = "failed"
-                job.error = f"the install failed unexpectedly: {type(exc).__name__}: {exc}"
-                log.exception("installing %s failed unexpectedly", job.name)
-
-        job.task = asyncio.create_task(run())
-        return job
 
 
 def catalog_of(request: Request) -> Catalog:
@@ -124,10 +70,7 @@ def require_admin(request: Request) -> None:
 
 
 def jobs_of(request: Request) -> Jobs:
-    state = request.app.state
-    if not hasattr(state, "gallery_jobs"):
-        state.gallery_jobs = Jobs()
-    return state.gallery_jobs
+    return request.app.state.engine.jobs
 
 
 async def find_entry(request: Request, wanted: str) -> GalleryEntry:
@@ -203,7 +146,7 @@ async def apply(body: ApplyRequest, request: Request) -> dict[str, Any]:
         raise InvalidRequest("send 'id' (a gallery entry) or 'url' (a gallery, an entry or a model file)", param="id")
     if body.files:
         entry = entry.model_copy(update={"files": [*entry.files, *body.files]})
-    job = jobs_of(request).start(engine, catalog, entry, body.name, body.overrides)
+    job = jobs_of(request).start(engine.settings, catalog, entry, body.name, body.overrides)
     return {"uuid": job.id, "status": f"{request.base_url}models/jobs/{job.id}"}
 
 

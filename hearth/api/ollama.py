@@ -497,7 +497,7 @@ async def pull(body: NameBody, request: Request) -> Any:
         raise NotFound(f"pull model manifest: file does not exist ('{name}' is in no gallery)")
     if found.entry is None or not found.available:
         raise InvalidRequest(f"'{name}' cannot be installed here: {found.assessment.reason}", param="model")
-    job = jobs_of(request).start(engine, catalog_of(request), found.entry, None, {})
+    job = jobs_of(request).start(engine.settings, catalog_of(request), found.entry, None, {})
 
     async def progress() -> AsyncIterator[dict[str, Any]]:
         yield {"status": "pulling manifest"}

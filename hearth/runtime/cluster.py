@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,8 @@ from typing import Any
 
 from hearth.config.schema import ModelConfig
 from hearth.errors import ModelLoadFailed
+from hearth.gallery.install import manifest_path
+from hearth.gallery.jobs import Jobs
 from hearth.settings import Settings
 
 log = logging.getLogger("hearth.runtime")
@@ -80,8 +83,9 @@ def _shown(ask: dict[str, float]) -> str:
 class RayCluster:
     """This API process's connection to the cluster, and the leases it holds on runners there."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, jobs: Jobs) -> None:
         self.settings = settings
+        self.jobs = jobs  # where installs on nodes show their progress
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.secret = settings.runner_secret
         self.held: set[RayRunner] = set()
@@ -184,6 +188,7 @@ class RayRunner:
             "name": self.actor_name, "namespace": NAMESPACE, "lifetime": "detached", "get_if_exists": True,
             "num_cpus": ask["CPU"], "memory": ask["memory"], "resources": dict(self.config.resources),
             "max_restarts": 0,  # a replica that dies is replaced by the manager on the next request
+            "max_concurrency": 4,  # its install's progress is read while the install runs
         }
         if self.config.node:
             options["label_selector"] = dict(self.config.node)
@@ -214,11 +219,48 @@ class RayRunner:
                 raise RuntimeError(f"replica {self.actor_name} did not start on the Ray cluster: {exc}") from None
         missing = await self._call("missing_files", self.config.file_paths, timeout=30)
         if missing:
-            await self.stop()
-            raise RuntimeError(f"node {self.node_ip} cannot read the model's files ({', '.join(missing)}): give "
-                               f"every node the same models directory")
+            try:
+                await self._install_on_node(missing)
+            except BaseException:
+                await self.stop()
+                raise
         log.info("replica %s of '%s' runs on node %s (runner %s, pid %s)", self.replica, self.name, self.node_ip,
                  self.address, found.get("pid"))
+
+    async def _install_on_node(self, missing: list[str]) -> None:
+        """Install the model on this replica's node the way it was installed here (its gallery entry, through the
+        node's sha256-keyed cache), with the download's progress in a job of the job API."""
+        record: dict[str, Any] = {}
+        if self.config.source_file:
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(manifest_path(Path(self.config.source_file)).read_text(encoding="utf-8"))
+        if not record.get("entry"):
+            raise RuntimeError(f"node {self.node_ip} cannot read the model's files ({', '.join(missing)}), and the "
+                               f"model was not installed from a gallery, so it cannot be installed there: give every "
+                               f"node the same models directory")
+        wanted = f"{record['gallery']}@{record['entry']}" if record.get("gallery") else record["entry"]
+        job = self.cluster.jobs.add(f"{self.name} on node {self.node_ip}")
+        job.state = "downloading"
+        log.info("installing '%s' (%s) on node %s for replica %d (job %s)", self.name, wanted, self.node_ip,
+                 self.replica, job.id)
+        settings = self.cluster.settings.model_dump_json(exclude={"api_keys", "admin_api_key", "runner_secret"})
+        ref = self.handle.install.remote(wanted, record.get("name") or self.name, settings)
+        done = asyncio.wrap_future(ref.future())
+        while True:
+            finished = done.done()
+            with contextlib.suppress(Exception):
+                progress = await self._call("progress", timeout=10)
+                job.transfer.done, job.transfer.total = progress["done"], progress["total"]
+                job.transfer.stage = progress["stage"]
+            if finished:  # (read once more after the end: a quick download may finish between two readings)
+                break
+            await asyncio.wait({done}, timeout=0.5)
+        try:
+            job.notes = list(done.result())
+        except Exception as exc:
+            job.state, job.error = "failed", str(exc).strip().splitlines()[-1][:500]
+            raise RuntimeError(f"installing '{self.name}' on node {self.node_ip} failed: {job.error}") from None
+        job.state = "done"
 
     async def _call(self, method: str, *args: Any, timeout: float) -> Any:
         ref = getattr(self.handle, method).remote(*args)

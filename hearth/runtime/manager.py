@@ -18,6 +18,7 @@ from typing import Any
 from hearth.config.schema import ModelConfig
 from hearth.cores import SLOTS, Board
 from hearth.errors import BackendError, HearthError, ModelLoadFailed, RunnerCrashed
+from hearth.gallery.jobs import Jobs
 from hearth.metrics import Metrics
 from hearth.runner import hearth_pb2 as pb
 from hearth.runtime.client import RunnerClient, RunnerGone
@@ -140,7 +141,7 @@ class Runner:
 class RunnerManager:
     """Owns every runner process of the server."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, jobs: Jobs | None = None) -> None:
         self.settings = settings
         self.runners: dict[str, Runner] = {}
         self.failures: dict[str, str] = {}
@@ -158,7 +159,7 @@ class RunnerManager:
         self.board: Board | None = None
         self.metrics = Metrics()
         self._stopping_slots: set[int | None] = set()  # slots of runners still stopping: not yet free again
-        self.cluster = RayCluster(settings) if settings.ray_address else None
+        self.cluster = RayCluster(settings, jobs or Jobs()) if settings.ray_address else None
         self._replacing: set[str] = set()  # replicas being placed again in the background
         self._tasks: set[asyncio.Task] = set()
         self._wanted: dict[str, int] = {}  # replicas each model on the cluster has now (scaled with max_replicas)

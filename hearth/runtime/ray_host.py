@@ -7,7 +7,8 @@ model. When the last lease ends (released, or not renewed in time because that A
 the runner and exits, so a cluster never keeps a model nobody serves. The runner exits with the actor (it watches
 its parent), and the actor with its node.
 
-This module is imported by Ray workers; it needs only the standard library and Ray.
+A node that cannot read the model's files installs them from the model's gallery entry (`install`), through its own
+sha256-keyed cache, while the API process reads the download's progress (`progress`) into a job.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class RunnerHost:
         self.lease_seconds = lease_seconds
         self.leases: dict[str, float] = {}  # holder -> when its lease ends
         self.held_once = False
+        from hearth.gallery.download import Transfer
+
+        self.transfer = Transfer()  # an install on this node: its progress
         self.started = time.monotonic()
         self.lock = threading.Lock()
         env = runner_environment(os.environ)
@@ -135,6 +139,29 @@ class RunnerHost:
     def missing_files(self, paths: list[str]) -> list[str]:
         """Which of the model's files this node cannot read."""
         return [path for path in paths if not Path(path).is_file() and not Path(path).is_dir()]
+
+    def install(self, wanted: str, name: str, settings_json: str) -> list[str]:
+        """Install gallery entry `wanted` as model `name` into this node's models directory (the API's settings:
+        the same directory path, galleries and download rules), as `hearth models install` does; its notes."""
+        import asyncio
+
+        from hearth.gallery.catalog import Catalog
+        from hearth.gallery.install import install_entry
+        from hearth.settings import Settings
+
+        settings = Settings.model_validate_json(settings_json)
+        catalog = Catalog(settings)
+        found = asyncio.run(catalog.listing()).find(wanted)
+        if found is None or found.entry is None:
+            raise RuntimeError(f"no gallery entry '{wanted}' on this node's galleries")
+        notes: list[str] = []
+        asyncio.run(install_entry(found.entry, settings.models_dir, settings.cache_dir, catalog.sources, name=name,
+                                  transfer=self.transfer, catalog=catalog, notes=notes))
+        return notes
+
+    def progress(self) -> dict[str, Any]:
+        """The running install's download: bytes done and in all, and the file."""
+        return {"done": self.transfer.done, "total": self.transfer.total, "stage": self.transfer.stage}
 
 
 class ClusterSecret:
