@@ -99,7 +99,9 @@ def _start_node(name: str, root: Path, port: int, *, head: bool, resources: dict
         argv += [f"--address=127.0.0.1:{port}"]
     if hidden:
         masks = " && ".join(f"mount -t tmpfs tmpfs {folder}" for folder in hidden)
-        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{masks} && exec "$0" "$@"', *argv]
+        user = ["--user", "--map-root-user"] if os.geteuid() else []  # not root: mounts in a user namespace
+        argv = ["unshare", *user, "--mount", "--propagation", "private", "sh", "-c", f'{masks} && exec "$0" "$@"',
+                *argv]
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                env={**os.environ, **RAY_ENV})
     return Node(name, process, resources, labels or {})
