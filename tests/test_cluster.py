@@ -62,20 +62,20 @@ class Cluster:
 
     def actor_exists(self, name: str) -> bool:
         script = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False)\n"
-                  f"try:\n    ray.get_actor({name!r}, namespace='hearth'); print('yes')\n"
-                  "except ValueError:\n    print('no')")
+                  f"try:\n    ray.get_actor({name!r}, namespace='hearth'); print('ACTOR yes')\n"
+                  "except ValueError:\n    print('ACTOR no')")
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                              env={**os.environ, **RAY_ENV}, check=True).stdout
-        return out.strip().splitlines()[-1] == "yes"
+        return _marked(out, "ACTOR ") == "yes"
 
     def node_ids(self) -> dict[str, str]:
         """Each live node's id, by the node's name here (read from its custom resource)."""
         script = (f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False); "
-                  "print(json.dumps([(n['NodeID'], n['Resources']) for n in ray.nodes() if n['Alive']]))")
+                  "print('NODES', json.dumps([(n['NodeID'], n['Resources']) for n in ray.nodes() if n['Alive']]))")
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                              env={**os.environ, **RAY_ENV}, check=True).stdout
         found = {}
-        for node_id, resources in json.loads(out.strip().splitlines()[-1]):
+        for node_id, resources in json.loads(_marked(out, "NODES ")):
             self.host = next((key[5:] for key in resources if key.startswith("node:") and key[5].isdigit()),
                              self.host)
             for name in self.nodes:
@@ -105,6 +105,12 @@ def _start_node(name: str, root: Path, port: int, *, head: bool, resources: dict
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                env={**os.environ, **RAY_ENV})
     return Node(name, process, resources, labels or {})
+
+
+def _marked(output: str, marker: str) -> str:
+    """The script's answer: its line that starts with `marker` (Ray's driver prints lines of its own, as a worker
+    of a node killed earlier is reported)."""
+    return next(line[len(marker):] for line in output.splitlines() if line.startswith(marker))
 
 
 def _wait_started(node: Node, root: Path) -> None:
@@ -264,6 +270,27 @@ def test_two_replicas_on_two_nodes_serve_eight_streams(api: HearthServer, cluste
     shown = api.http().get("/runners/models").json()["models"]
     smol = next(m for m in shown if m["name"] == "smol")
     assert [r["replica"] for r in smol["replicas"]] == [0, 1] and smol["replicas"][0]["node"] == cluster.host
+    _models_tab_shows_the_replicas(api, cluster.host)
+
+
+def _models_tab_shows_the_replicas(api: HearthServer, host: str) -> None:
+    """The web page's Models tab, in Chromium, lists each replica with its node and state."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_web import CHROMIUM, FLAGS
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(api.base_url + "/")
+            page.click("#tab-models")
+            lines = page.locator("#models-table tr[data-model=smol] .replica")
+            expect(lines).to_have_count(2)
+            expect(lines.nth(0)).to_have_text(f"replica 0 on {host}: idle")
+            expect(lines.nth(1)).to_have_text(f"replica 1 on {host}: idle")
+        finally:
+            browser.close()
 
 
 def test_a_conversation_returns_to_the_replica_that_holds_its_cache(api: HearthServer) -> None:
