@@ -119,9 +119,9 @@ class RayCluster:
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self.settings.ray_lease_seconds / 3)
-            for runner in list(self.held):
-                with contextlib.suppress(Exception):  # a runner that cannot be reached is the manager's to find
-                    await runner.attach(timeout=self.settings.ray_lease_seconds / 3)
+            # All at once, so that runners that cannot be reached (the manager's to find) delay no other's renewal.
+            await asyncio.gather(*(runner.attach(timeout=self.settings.ray_lease_seconds / 3)
+                                   for runner in list(self.held)), return_exceptions=True)
 
     async def close(self) -> None:
         if self._renewer is not None:
