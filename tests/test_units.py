@@ -295,3 +295,19 @@ def test_replica_bounds_must_hold_the_replica_count() -> None:
         ModelConfig(name="m", replicas=2, max_replicas=1)
     with pytest.raises(ValidationError, match="min_replicas"):
         ModelConfig(name="m", replicas=1, min_replicas=2)
+
+
+def test_cluster_resources_and_node_labels_are_checked_in_the_yaml() -> None:
+    """What Ray would refuse at placement (a 500 with its traceback, before) is a clear config error instead."""
+    from pydantic import ValidationError
+
+    from hearth.config.schema import ModelConfig
+
+    assert ModelConfig(name="m", resources={"avx512": 1}, node={"zone": "b"}).resources == {"avx512": 1}
+    for resources in ({"CPU": 2}, {"memory": 1e9}, {"GPU": 1}):
+        with pytest.raises(ValidationError, match="not a custom resource"):
+            ModelConfig(name="m", resources=resources)
+    with pytest.raises(ValidationError, match="must not be negative"):
+        ModelConfig(name="m", resources={"avx512": -1})
+    with pytest.raises(ValidationError, match="matched as they are written"):
+        ModelConfig(name="m", node={"zone": "in(a,b)"})

@@ -204,6 +204,10 @@ class ReasoningConfig(_Open):
     template_kwargs: list[str] = Field(default_factory=list)
 
 
+# Resources Ray counts itself: a model asks for them through threads and memory_mb, not as custom resources.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
 class ModelConfig(_Open):
     """One model: what clients call it, which backend runs it, and its files and defaults."""
 
@@ -296,6 +300,24 @@ class ModelConfig(_Open):
         if self.reasoning_budget is not None and self.reasoning.budget is None:
             self.reasoning.budget = None if self.reasoning_budget < 0 else self.reasoning_budget
         return self
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, amount in value.items():
+            if key in RAY_BUILTIN_RESOURCES:
+                raise ValueError(f"resources: '{key}' is not a custom resource; set threads (CPUs) or memory_mb")
+            if amount < 0:
+                raise ValueError(f"resources: '{key}' must not be negative")
+        return value
+
+    @field_validator("node")
+    @classmethod
+    def _node_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, wanted in value.items():
+            if wanted.startswith("!") or wanted.startswith("in("):
+                raise ValueError(f"node: '{key}' must name one value: labels are matched as they are written")
+        return value
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ModelConfig:

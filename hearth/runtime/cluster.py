@@ -180,7 +180,7 @@ class RayRunner:
         ray = _ray()
         if not self.threads:
             self.threads = await asyncio.to_thread(self.cluster.default_threads)
-        ask = self.cluster.ask(self.config, self.threads)
+        ask = await asyncio.to_thread(self.cluster.ask, self.config, self.threads)  # (it reads the files' sizes)
         await asyncio.to_thread(self.cluster.check_fits, self.config, ask)
         from hearth.runtime.ray_host import RunnerHost
 
@@ -205,9 +205,7 @@ class RayRunner:
                 self.kill()
                 self.returncode = None
         if found is None:
-            self.handle = await asyncio.to_thread(
-                lambda: ray.remote(RunnerHost).options(**options).remote(self.name, self.secret, self.log_level,
-                                                                        self.cluster.settings.ray_lease_seconds))
+            self.handle = await asyncio.to_thread(self._place, RunnerHost, options)
             try:
                 found = await self.attach(timeout=timeout)
             except TimeoutError:
@@ -226,6 +224,14 @@ class RayRunner:
                 raise
         log.info("replica %s of '%s' runs on node %s (runner %s, pid %s)", self.replica, self.name, self.node_ip,
                  self.address, found.get("pid"))
+
+    def _place(self, host: type, options: dict[str, Any]) -> Any:
+        """The replica's actor, created (or found, if another API process just made it)."""
+        try:
+            return _ray().remote(host).options(**options).remote(self.name, self.secret, self.log_level,
+                                                                 self.cluster.settings.ray_lease_seconds)
+        except ValueError as exc:  # Ray's own checks of what the YAML asks (a label selector's syntax, say)
+            raise RuntimeError(f"Ray refuses what the model's YAML asks for: {exc}") from None
 
     async def _install_on_node(self, missing: list[str]) -> None:
         """Install the model on this replica's node the way it was installed here (its gallery entry, through the
