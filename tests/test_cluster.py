@@ -163,9 +163,8 @@ def cluster_models(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path)
     write_yaml(models, "elastic", {"name": "elastic", "backend": "fake", "threads": 1, "memory_mb": 64,
                                    "max_replicas": 2, "fake": {"token_delay": 0.05, "reply": " ".join(["word"] * 60)}})
     write_yaml(models, "too-big", {"name": "too-big", "backend": "fake", "threads": 1, "memory_mb": 100_000})
-    write_yaml(models, "slow", {"name": "slow", "backend": "fake", "threads": 1, "memory_mb": 64,
-                                "resources": {"worker": 1},
-                                "fake": {"token_delay": 0.05, "reply": " ".join(["word"] * 600)}})
+    write_yaml(models, "slow", {"name": "slow", "backend": "llama-cpp", "parameters": {"model": SMOL}, "threads": 1,
+                                "context_size": 2048, "parallel": 4, "resources": {"worker": 1}})
     return models
 
 
@@ -453,7 +452,8 @@ def test_a_node_that_dies_mid_stream_ends_its_streams_and_the_model_is_placed_ag
         got: list[str] = []
         try:
             with api.http(timeout=60).stream("POST", "/v1/chat/completions", json={
-                    "model": "slow", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as reply:
+                    "model": "slow", "stream": True, "max_tokens": 1800, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": "Tell me a story."}]}) as reply:
                 got.append(str(reply.status_code))
                 for line in reply.iter_lines():
                     if line:
