@@ -22,6 +22,8 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", dest="api_keys", action="append",
                         help="require this API key (repeatable; env HEARTH_API_KEYS, comma-separated)")
     parser.add_argument("--threads", type=int, help="threads per runner (default: all cores; env HEARTH_THREADS)")
+    parser.add_argument("--no-adapt-threads", dest="adapt_threads", action="store_const", const=False,
+                        help="runners keep their threads under load from other processes (env HEARTH_ADAPT_THREADS)")
     parser.add_argument("--preload", action="append", help="load this model at start-up (repeatable)")
     parser.add_argument("--max-loaded-models", type=int, help="unload the least recently used beyond this")
     parser.add_argument("--idle-unload-minutes", type=float, help="unload models idle this long (0: never)")
@@ -46,7 +48,7 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     flags: dict[str, Any] = {
         name: getattr(args, name, None)
-        for name in ("host", "port", "models_dir", "cache_dir", "api_keys", "threads", "preload",
+        for name in ("host", "port", "models_dir", "cache_dir", "api_keys", "threads", "adapt_threads", "preload",
                      "max_loaded_models", "idle_unload_minutes", "max_body_bytes", "log_level", "image_fetch", "web",
                      "image_fetch_allow", "galleries", "download_allow", "admin_api_key", "aio", "ray_address")
     }
@@ -130,7 +132,7 @@ def models_list(settings: Settings) -> None:
         print(f"skipped: {problem}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hearth", description="A self-hosted AI server.")
     parser.add_argument("--version", action="version", version=f"hearth {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,8 +161,11 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--gallery", dest="galleries", action="append", help="another gallery (file or URL)")
         sub.add_argument("--download-allow", action="append",
                          help="a host, IP or CIDR range downloads may come from although private (repeatable)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     settings = _settings(args)
     if args.command == "run":
         from hearth.gallery.manage import CommandFailed

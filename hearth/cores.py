@@ -110,12 +110,14 @@ class OutsideLoad:
     llama.cpp's threads (and torch's) wait for one another after every operation, spinning: when another process
     takes one of the cores, the partner of the preempted thread spins through its time, and a step that took 15 ms
     takes hundreds (Qwen2.5-Coder 0.5B on 2 cores, 2 threads: 65 tokens/s quiet, 1 to 3 beside one busy loop at nice 0
-    or even 19; with 1 thread, 50 either way). So the runner watches how long its threads wait for a core: over a
-    window in which they spent more than WAITING of their runnable time waiting, one thread is given up. It is taken
+    or even 19; with 1 thread, 50 either way). So the runner watches how long its threads wait for a core: after two
+    windows in a row in which they spent more than WAITING of their runnable time waiting, one thread is given up
+    (one such window alone is often a load that comes and goes: a process spinning 50 ms of every 100 gave 10-27%
+    windows, a steady busy loop 25-43%, and two threads ride out the short bursts better). It is taken
     back after a window in which the machine's cores stood idle for at least IDLE of a core (a bursty load that
     paused, a build that ended); and, since a low-priority process (nice 19) keeps a core busy that it would give
     up, every PROBE seconds one is tried again for a window anyway; if the waiting comes back, it is given up again
-    and the next blind try waits twice as long (up to MAX_PROBE).
+    (at once: the load was there) and the next blind try waits twice as long (up to MAX_PROBE).
     """
 
     WINDOW = 0.1  # seconds between judgements (a window in which the threads mostly did not compute is not judged)
@@ -140,6 +142,7 @@ class OutsideLoad:
         self._probe_at = 0.0
         self._probe_every = self.PROBE
         self._probing = False
+        self._over = False  # the last window judged had the threads waiting more than WAITING
         self._said: dict[str, float] = {}
 
     def limit(self, threads: int) -> int:
@@ -169,7 +172,9 @@ class OutsideLoad:
             return using  # mostly idle through the window (between requests): too little to judge by
         free = (idle - start_idle) / span if idle is not None else 0.0  # cores standing idle
         waited = waiting / (waiting + running)
-        if waited > self.WAITING and using > 1:
+        over, self._over = self._over, waited > self.WAITING
+        if waited > self.WAITING and using > 1 and (over or self._probing):
+            self._over = False
             self.cap = using - 1
             self._probe_every = min(self.MAX_PROBE, self._probe_every * 2) if self._probing else self.PROBE
             if not self._probing:
@@ -203,18 +208,21 @@ class OutsideLoad:
 
 
 def adapting() -> bool:
-    """Whether runners adapt their threads to outside load (HEARTH_ADAPT_THREADS, on unless 0/false/no)."""
+    """Whether runners adapt their threads to outside load, for a runner whose config does not say (a server sends
+    its model's `adapt_threads` or its own setting): HEARTH_ADAPT_THREADS, on unless 0/false/no/off."""
     return os.environ.get("HEARTH_ADAPT_THREADS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class Share:
     """How many threads a runner computes with right now; asked before each step, by the thread that computes."""
 
-    def __init__(self, threads: int, board: Board | None = None, cores: int | None = None) -> None:
+    def __init__(self, threads: int, board: Board | None = None, cores: int | None = None, *,
+                 adapt: bool | None = None) -> None:
         self.configured = max(1, threads)
         self.board = board
         self.cores = cores or machine_cores()
-        self.outside = OutsideLoad(self.cores) if adapting() and self.configured > 1 else None
+        adapt = adapting() if adapt is None else adapt
+        self.outside = OutsideLoad(self.cores) if adapt and self.configured > 1 else None
 
     def threads(self) -> int:
         threads = self.configured

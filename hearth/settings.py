@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     ray_lease_seconds: float = Field(30.0, ge=1, description="a cluster runner no API process renews this long stops")
     ray_scale_down_seconds: float = Field(60.0, ge=0, description="a replica above min_replicas idle this long stops")
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    # Runners give up a thread while other processes keep theirs waiting for a core (hearth/cores.py); a model's
+    # `adapt_threads` overrides this.
+    adapt_threads: bool = True
     preload: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_loaded_models: int = Field(4, ge=1, description="least recently used runners are unloaded beyond this")
     idle_unload_minutes: float = Field(0, ge=0, description="unload a model unused this long; 0 keeps it")

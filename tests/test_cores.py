@@ -41,7 +41,8 @@ def test_a_thread_is_given_up_while_the_cores_are_taken_and_taken_back_when_one_
     machine = Machine()
     caplog.set_level(logging.INFO, "hearth.cores")
     assert machine.step(2) == 2  # the first look only starts a window
-    assert machine.step(2, waiting=0.5) == 1
+    assert machine.step(2, waiting=0.5) == 2  # one window of waiting alone may be a burst
+    assert machine.step(2, waiting=0.5) == 1  # the second in a row is a load that stays
     for _ in range(5):  # a busy loop holds the other core: nothing idle, no waiting with one thread
         assert machine.step(1) == 1
     assert machine.step(1, idle=0.9) == 2  # the loop paused: the core is taken back at once, not at the next probe
@@ -53,13 +54,14 @@ def test_a_thread_is_given_up_while_the_cores_are_taken_and_taken_back_when_one_
 def test_blind_probes_back_off_while_the_waiting_comes_back() -> None:
     machine = Machine()
     machine.step(2)
+    machine.step(2, waiting=0.5)
     assert machine.step(2, waiting=0.5) == 1
     tries = []
     for _ in range(80):  # 8 s of a nice-19 loop that keeps its core busy (never idle) and makes two threads wait
         using = machine.step(1 if machine.load.cap else 2, waiting=0.0)
         if using == 2:
             tries.append(round(machine.now, 1))
-            assert machine.step(2, waiting=0.5) == 1
+            assert machine.step(2, waiting=0.5) == 1  # a probe's one window of waiting is enough: the load was there
     gaps = [b - a for a, b in itertools.pairwise(tries)]
     assert gaps and gaps == sorted(gaps) and gaps[-1] == pytest.approx(OutsideLoad.MAX_PROBE + 0.11, abs=0.15)
 
@@ -68,16 +70,28 @@ def test_a_load_that_comes_and_goes_is_logged_at_most_once_a_minute(caplog) -> N
     machine = Machine()
     caplog.set_level(logging.INFO, "hearth.cores")
     machine.step(2)
-    for _ in range(50):  # 10 s of a load that spins half of every 0.2 s
+    for _ in range(30):  # 13 s of a load that spins half of every 0.44 s
+        machine.step(machine.load.cap or 2, waiting=0.5)
         machine.step(machine.load.cap or 2, waiting=0.5)
         machine.step(machine.load.cap or 2, idle=0.9)
         machine.step(machine.load.cap or 2)
     assert len(caplog.records) == 2
 
 
+def test_short_bursts_do_not_take_a_thread() -> None:
+    """A load that spins 50 ms of every 100 ms: the windows in which the threads waited most alternate with calmer
+    ones (measured: 10-27% waiting each), and two threads ride it out better than one (benchmarks/README.md)."""
+    machine = Machine()
+    machine.step(2)
+    for _ in range(30):
+        assert machine.step(2, waiting=0.25) == 2
+        assert machine.step(2, waiting=0.12) == 2
+
+
 def test_an_idle_stretch_between_requests_is_not_judged() -> None:
     machine = Machine()
     machine.step(2)
+    machine.step(2, waiting=0.5)
     assert machine.step(2, waiting=0.5) == 1
     machine.now += 30  # no request for 30 s: no computing, so that stretch is not judged
     assert machine.load.limit(2) == 1

@@ -38,6 +38,22 @@ def test_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.models_dir.name == "models" and settings.threads >= 1
 
 
+def test_adapting_threads_is_a_flag_an_environment_variable_and_a_models_own_choice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hearth.cli import _settings, build_parser
+
+    monkeypatch.delenv("HEARTH_ADAPT_THREADS", raising=False)
+    assert _settings(build_parser().parse_args(["serve"])).adapt_threads is True
+    assert _settings(build_parser().parse_args(["serve", "--no-adapt-threads"])).adapt_threads is False
+    monkeypatch.setenv("HEARTH_ADAPT_THREADS", "false")
+    assert load_settings().adapt_threads is False
+    # In the runner: the model's config says (the server sends its model's choice or its own); else the environment.
+    assert Share(2, adapt=True).outside is not None and Share(2, adapt=False).outside is None
+    assert Share(2).outside is None
+    monkeypatch.setenv("HEARTH_ADAPT_THREADS", "1")
+    assert Share(2).outside is not None and Share(1, adapt=True).outside is None  # one thread: nothing to give up
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

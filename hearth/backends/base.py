@@ -44,7 +44,7 @@ class LoadSpec:
 
     def share(self) -> Share:
         """The threads to compute with at each step: `threads` alone, fewer while other runners work too."""
-        return Share(self.threads, self.board)
+        return Share(self.threads, self.board, adapt=self.config.get("adapt_threads"))
 
     @classmethod
     def from_json(cls, model_name: str, backend: str, model_path: str, config_json: str, **rest: Any) -> LoadSpec:

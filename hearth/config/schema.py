@@ -216,6 +216,9 @@ class ModelConfig(_Open):
     parameters: Parameters = Field(default_factory=Parameters)
     context_size: int | None = Field(None, ge=16, le=2**31 - 1)
     threads: int | None = Field(None, ge=1, le=1024)
+    # Give up a thread while other processes keep this model's threads waiting for a core; unset: the server's
+    # --no-adapt-threads / HEARTH_ADAPT_THREADS (on by default).
+    adapt_threads: bool | None = None
     parallel: int | None = Field(None, ge=1, le=64)
     queue_size: int | None = Field(None, ge=0, le=100_000)
     flash_attention: bool | None = None

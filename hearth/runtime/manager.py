@@ -323,7 +323,10 @@ class RunnerManager:
                 model_name=config.name,
                 backend=backend,
                 model_path=config.model_path or "",
-                config_json=config.model_dump_json(),
+                # The model's own adapt_threads, else the server's: the runner reads it from the config.
+                config_json=config.model_copy(update={"adapt_threads": self.settings.adapt_threads
+                                                      if config.adapt_threads is None else config.adapt_threads}
+                                              ).model_dump_json(),
                 threads=process.threads if isinstance(process, RayRunner) else config.threads or self.settings.threads,
                 context_size=config.context_size or 0,
                 parallel=config.parallel or 0,
