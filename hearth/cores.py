@@ -78,8 +78,9 @@ def _thread_times() -> dict[str, tuple[int, int]] | None:
     return times
 
 
-def _idle_seconds(cpus: frozenset[int]) -> float | None:
-    """Seconds the CPUs this process may run on have been idle since boot (Linux's /proc/stat, in clock ticks)."""
+def _spare_seconds(cpus: frozenset[int]) -> float | None:
+    """Seconds the CPUs this process may run on have spent idle, or running processes of lowered priority (nice above
+    0), which give a core up to any other that wants it, since boot (Linux's /proc/stat, in clock ticks)."""
     total = 0
     try:
         with open("/proc/stat", "rb") as stat:
@@ -88,13 +89,20 @@ def _idle_seconds(cpus: frozenset[int]) -> float | None:
                     break
                 name, *fields = line.split()
                 if name != b"cpu" and int(name[3:]) in cpus:
-                    total += int(fields[3]) + int(fields[4])  # idle and iowait
+                    total += int(fields[1]) + int(fields[3]) + int(fields[4])  # nice, idle and iowait
     except (OSError, ValueError, IndexError):
         return None
     return total / _TICKS
 
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _niceness() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):
+        return 0
 
 
 def _cpus() -> frozenset[int]:
@@ -114,16 +122,17 @@ class OutsideLoad:
     windows in a row in which they spent more than WAITING of their runnable time waiting, one thread is given up
     (one such window alone is often a load that comes and goes: a process spinning 50 ms of every 100 gave 10-27%
     windows, a steady busy loop 25-43%, and two threads ride out the short bursts better). It is taken
-    back after a window in which the machine's cores stood idle for at least IDLE of a core (a bursty load that
-    paused, a build that ended); and, since a low-priority process (nice 19) keeps a core busy that it would give
-    up, every PROBE seconds one is tried again for a window anyway; if the waiting comes back, it is given up again
-    (at once: the load was there) and the next blind try waits twice as long (up to MAX_PROBE).
+    back after a window in which the cores were spare for at least SPARE of a core: idle (a bursty load that paused,
+    a build that ended), or running processes of lowered priority (nice above 0), which give way to the runner; and
+    every PROBE seconds one is tried again for a window anyway; if the waiting comes back, it is given up again (at
+    once: the load was there) and the next blind try waits twice as long (up to MAX_PROBE: tries up to 16 s apart
+    made one stream beside two busy loops run at 8 to 9 tokens/s in 5 rounds of 6 where 4 s gave 15 in 7 of 8).
     """
 
     WINDOW = 0.1  # seconds between judgements (a window in which the threads mostly did not compute is not judged)
     WAITING = 0.2  # share of the threads' runnable time spent waiting for a core that means the cores are taken
     COMPUTING = 0.25  # share of a window a thread ran for to count as one that computes
-    IDLE = 0.25  # cores' worth of idle time over a window that means one is free
+    SPARE = 0.25  # cores' worth of spare time (idle, or running niced processes) over a window that means one is free
     PROBE = 1.0
     MAX_PROBE = 4.0
     QUIET = 60.0
@@ -138,7 +147,9 @@ class OutsideLoad:
         self._window = 0.0
         self._times: dict[str, tuple[int, int]] | None = None  # each thread's (running, waiting) at the window's start
         self._cpus = _cpus()
-        self._idle = 0.0  # the machine's idle time (s) at the window's start
+        self._spare = 0.0  # the machine's spare time (s) at the window's start
+        # A runner that is itself niced counts its own time among the niced processes' (it is not spare for it).
+        self._niced = _niceness() > 0
         self._probe_at = 0.0
         self._probe_every = self.PROBE
         self._probing = False
@@ -151,26 +162,27 @@ class OutsideLoad:
         now = self._clock()
         if now - self._window < self.WINDOW:
             return using
-        times, idle = self._read()
+        times, spare = self._read()
         if times is None:
             return using
         before, span = self._times, now - self._window
-        start_idle = self._idle
-        self._window, self._times, self._idle = now, times, idle or 0.0
+        start_spare = self._spare
+        self._window, self._times, self._spare = now, times, spare or 0.0
         if before is None:
             return using
         # Summed over the threads that computed through the window: llama.cpp's (a preempted one waits, its partner
         # spins, running), not the runner's own helpers (gRPC, the event loop), which run a moment at a time and,
         # woken while the computing threads hold the cores, wait for them: that is not load from outside.
-        running = waiting = 0.0
+        running = waiting = own = 0.0
         for task, (ran, waited_ns) in times.items():
             ran0, waited0 = before.get(task, (0, 0))
+            own += (ran - ran0) / 1e9
             if (ran - ran0) / 1e9 >= self.COMPUTING * span:
                 running += (ran - ran0) / 1e9
                 waiting += (waited_ns - waited0) / 1e9
         if running + waiting < self.WINDOW / 2:
             return using  # mostly idle through the window (between requests): too little to judge by
-        free = (idle - start_idle) / span if idle is not None else 0.0  # cores standing idle
+        free = (spare - start_spare - (own if self._niced else 0.0)) / span if spare is not None else 0.0
         waited = waiting / (waiting + running)
         over, self._over = self._over, waited > self.WAITING
         if waited > self.WAITING and using > 1 and (over or self._probing):
@@ -185,14 +197,14 @@ class OutsideLoad:
             self._probing, self._probe_every = False, self.PROBE  # the thread tried again is kept
             if self.cap is None:
                 self._say(f"computing with all {threads} threads again: the cores are free")
-        elif self.cap is not None and (now >= self._probe_at or free >= self.IDLE):
+        elif self.cap is not None and (now >= self._probe_at or free >= self.SPARE):
             self.cap = self.cap + 1 if self.cap + 1 < threads else None
             self._probing = True
         return self._allowed(threads)
 
     def _readings(self) -> tuple[dict[str, tuple[int, int]] | None, float | None]:
-        """Each thread's running and waiting for a core (ns), the machine's idle time (s)."""
-        return _thread_times(), _idle_seconds(self._cpus)
+        """Each thread's running and waiting for a core (ns), the machine's spare time (s)."""
+        return _thread_times(), _spare_seconds(self._cpus)
 
     def _allowed(self, threads: int) -> int:
         return min(threads, self.cap) if self.cap else threads

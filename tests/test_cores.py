@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from hearth.cores import OutsideLoad, _idle_seconds, _thread_times
+from hearth.cores import OutsideLoad, _spare_seconds, _thread_times
 
 
 class Machine:
@@ -110,5 +114,27 @@ def test_the_kernel_readings_exist_here() -> None:
     """The readings the runner judges by are there on this machine (Linux with schedstat)."""
     times = _thread_times()
     assert times and all(ran > 0 and waited >= 0 for ran, waited in times.values())
-    idle = _idle_seconds(frozenset(range(64)))
+    idle = _spare_seconds(frozenset(range(64)))
     assert idle is not None and idle > 0
+
+
+def test_a_core_held_by_a_niced_process_counts_as_spare() -> None:
+    """A busy loop at nice 19 gives its core up to any process that wants it: its time is spare for a runner (which
+    then takes its thread back at once instead of waiting for a blind try); a loop at nice 0 is not."""
+    cpus = frozenset(os.sched_getaffinity(0))
+
+    def spare_beside(nice: int) -> float:
+        loop = subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.3)
+            before, start = _spare_seconds(cpus), time.monotonic()
+            time.sleep(1.0)
+            after, span = _spare_seconds(cpus), time.monotonic() - start
+        finally:
+            loop.kill()
+            loop.wait()
+        assert before is not None and after is not None
+        return (after - before) / span  # cores' worth of spare time
+
+    niced, plain = spare_beside(19), spare_beside(0)
+    assert niced > plain + 0.5, (niced, plain)  # the loop's core, about 1.0 more
