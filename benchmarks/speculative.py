@@ -1,8 +1,9 @@
 """Speculative decoding: Hearth beside llama.cpp's `llama-server`, same GGUFs and draft settings, rounds alternating.
 
 Target Qwen2.5-Coder-1.5B; guesses from Qwen2.5-Coder-0.5B (a draft model: Hearth's `draft_model:`, llama-server's
-`-md`) or from the sequence itself (n-gram lookup: `spec_type:ngram-simple`, llama-server's `--spec-type
-ngram-simple`); and plain decoding for each. Two prompts: prose, and a code edit (a 60-line function asked back with
+`-md`), from the sequence itself (n-gram lookup: `spec_type:ngram-simple`, llama-server's `--spec-type
+ngram-simple`), or both (lookup first, the draft where it finds nothing: `ngram-simple,draft-simple` in both); and
+plain decoding for each. Two prompts: prose, and a code edit (a 60-line function asked back with
 one change). Greedy, one stream; then several streams of the code edit at once (`--streams`, default 4), with and
 without speculation.
 
@@ -149,6 +150,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=None, help="spec_max_batch (default: Hearth's)")
     parser.add_argument("--streams", type=int, nargs="*", default=[4], help="streams at once, after one stream")
     parser.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
+    parser.add_argument("--kinds", nargs="+", default=["plain", "draft", "ngram", "both"],
+                        choices=["plain", "draft", "ngram", "both"])
     parser.add_argument("--draft-q4-0", action="store_true",
                         help="guess with the draft requantized to Q4_0 throughout (output and embeddings too)")
     args = parser.parse_args()
@@ -165,6 +168,9 @@ def main() -> None:
                   f"  - spec_p_min:{args.draft_p_min}", *batch],
         "ngram": ["options:", "  - spec_type:ngram-simple", f"  - spec_n_max:{args.ngram_max}",
                   f"  - spec_ngram_size_n:{args.ngram_n}", *batch],
+        "both": [f"draft_model: {draft.name}", "options:", "  - spec_type:ngram-simple,draft-simple",
+                 f"  - spec_n_max:{args.ngram_max}", f"  - spec_ngram_size_n:{args.ngram_n}",
+                 f"  - spec_p_min:{args.draft_p_min}", *batch],
     }
     for kind, lines in variants.items():
         text = base_yaml.replace(f"name: {TARGET}", f"name: {TARGET}-{kind}") + "\n".join(lines) + "\n"
@@ -175,18 +181,16 @@ def main() -> None:
                        draft_file=draft.name))
     hearth, hearth_base = start_hearth(models, args.threads)
     binary = args.llama_cpp_bin / "llama-server"
-    servers = {
-        "plain": start_llama_server(binary, target, args.threads),
-        "draft": start_llama_server(binary, target, args.threads, "-md", str(draft), "--spec-type", "draft-simple",
-                                    "--spec-draft-n-max",
-                                    str(args.draft_max), "--spec-draft-p-min", str(args.draft_p_min),
-                                    "-td", str(args.threads), "-tbd", str(args.threads)),
-        "ngram": start_llama_server(binary, target, args.threads, "--spec-type", "ngram-simple",
-                                    "--spec-ngram-simple-size-n", str(args.ngram_n),
-                                    "--spec-ngram-simple-size-m", str(args.ngram_max)),
-    }
+    draft_args = ["-md", str(draft), "--spec-draft-n-max", str(args.draft_max), "--spec-draft-p-min",
+                  str(args.draft_p_min), "-td", str(args.threads), "-tbd", str(args.threads)]
+    ngram_args = ["--spec-ngram-simple-size-n", str(args.ngram_n), "--spec-ngram-simple-size-m", str(args.ngram_max)]
+    flags = {"plain": [], "draft": ["--spec-type", "draft-simple", *draft_args],
+             "ngram": ["--spec-type", "ngram-simple", *ngram_args],
+             "both": ["--spec-type", "ngram-simple,draft-simple", *draft_args, *ngram_args]}
+    servers = {kind: start_llama_server(binary, target, args.threads, *extra) for kind, extra in flags.items()
+               if kind in args.kinds}
     runs = [(f"Hearth {kind}", hearth_base, TARGET if kind == "plain" else f"{TARGET}-{kind}")
-            for kind in ("plain", "draft", "ngram")]
+            for kind in ("plain", "draft", "ngram", "both") if kind in args.kinds]
     runs += [(f"llama-server {kind}", base, TARGET) for kind, (_, base) in servers.items()]
     try:
         for _, base, model in runs:  # load and warm each

@@ -109,11 +109,22 @@ def test_settings_from_localai_options() -> None:
     assert ngram is not None and (ngram.kind, ngram.n_max, ngram.ngram) == ("ngram-simple", 8, 4)
     draft = speculation_from(parse_options(["spec_p_min:0.75", "spec_n_min:2"]), True)
     assert draft is not None and (draft.kind, draft.p_min, draft.n_min) == ("draft-simple", 0.75, 2)
+    assert (draft.n_max, draft.draft_n_max, draft.lookup, draft.drafts) == (6, 6, False, True)
+    # llama.cpp's list of kinds (--spec-type a,b): lookup first, the draft where lookup finds nothing; spec_n_max is
+    # then the lookup's, and the draft guesses its own 6.
+    both = speculation_from(parse_options(["spec_type:draft-simple, ngram-simple", "spec_n_max:32"]), True)
+    assert both is not None and (both.kind, both.n_max, both.draft_n_max) == ("ngram-simple,draft-simple", 32, 6)
+    assert both.lookup and both.drafts
+    mixed = parse_options(["spec_type:ngram-simple,draft-mtp"])  # the kinds Hearth does, and the log says the rest
+    assert speculation_from(mixed, False).kind == "ngram-simple"  # type: ignore[union-attr]
+    assert "runs with ngram-simple only" in not_done(mixed)
 
 
 @pytest.mark.parametrize(("options", "has_draft", "message"), [
     (["spec_type:eagle3"], False, "'eagle3' is not a kind of speculation Hearth does"),
     (["spec_type:draft-simple"], False, "draft-simple needs a draft_model"),
+    (["spec_type:ngram-simple,draft-simple"], False, "draft-simple needs a draft_model"),
+    (["spec_type:none,ngram-simple"], False, "'none' cannot be combined"),
     (["spec_type:ngram-simple", "spec_n_max:1000"], False, "spec_n_max: 1000 is out of range"),
     (["spec_p_min:lots"], True, "spec_p_min: 'lots' is not a number"),
 ])

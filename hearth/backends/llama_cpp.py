@@ -222,7 +222,7 @@ class Backend(BaseBackend):
                 log.warning("%s: %s", path.name, not_done(options))
         except ValueError as exc:  # (the server refuses such a YAML; a runner started by hand may get one)
             raise ModelLoadFailed(str(exc)) from None
-        if speculation is not None and speculation.kind == "draft-simple":
+        if speculation is not None and speculation.drafts:
             draft = spec.files.get("draft_model")
             if not draft:
                 raise ModelLoadFailed(f"draft_model '{spec.config.get('draft_model')}' is neither a GGUF file in the "
@@ -537,13 +537,14 @@ class Backend(BaseBackend):
         if kind == "none" or n_max == 0:
             return None
         found = self.speculation
-        if kind and (found is None or found.kind != kind):
+        if kind and (found is None or found.kind != kind):  # (a request names one kind; the model may use both)
             if kind == "draft-simple" and self.drafter is None:
                 raise InvalidRequest("speculative.type draft-simple needs a model with a draft_model",
                                      param="speculative.type")
             found = speculation_from({"spec_type": kind}, self.drafter is not None)
         if found is not None and n_max is not None:
-            found = dataclasses.replace(found, n_max=n_max, n_min=min(found.n_min, n_max))
+            found = dataclasses.replace(found, n_max=n_max, n_min=min(found.n_min, n_max),
+                                        draft_n_max=min(found.draft_n_max, n_max))
         return found
 
     def _media(self, spec: GenerationSpec) -> Media:

@@ -603,7 +603,7 @@ class Scheduler:
         slot.drafted = []
         slot.draft_n = slot.draft_accepted = 0
         speculation = slot.speculation = job.speculation
-        slot.ngram = NgramIndex(speculation.ngram) if speculation and speculation.kind == "ngram-simple" else None
+        slot.ngram = NgramIndex(speculation.ngram) if speculation and speculation.lookup else None
         slot.draft_len = min(FIRST_GUESS, speculation.n_max) if speculation else 0
         slot.balance = Balance()
         slot.admitted = time.perf_counter()
@@ -696,10 +696,12 @@ class Scheduler:
             if room[slot.seq] < max(speculation.n_min, 1):
                 continue
             space -= room[slot.seq]
-            if slot.ngram is not None:
+            if slot.ngram is not None:  # lookup first: its guesses cost nothing to make (llama.cpp's order too)
                 slot.drafted = slot.ngram.guess(slot.tokens, slot.next_token, room[slot.seq])
-            elif (self.drafter is not None and self.drafter.behind(slot.seq, len(slot.tokens))
-                  <= READ_PER_TOKEN_LEFT * (slot.limit - slot.produced)):
+            if (not slot.drafted and speculation.drafts and self.drafter is not None
+                    and self.drafter.behind(slot.seq, len(slot.tokens)) <= READ_PER_TOKEN_LEFT * (slot.limit
+                                                                                                 - slot.produced)):
+                room[slot.seq] = min(room[slot.seq], speculation.draft_n_max)
                 wanted[slot.seq] = (slot.tokens, slot.next_token)
                 p_min = max(p_min, speculation.p_min)
         if wanted and self.drafter is not None:

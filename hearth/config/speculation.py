@@ -25,12 +25,21 @@ MAX_BATCH = 1
 class Speculation:
     """How a model guesses."""
 
-    kind: str  # one of KINDS
+    kind: str  # one of KINDS, or both, comma-separated in llama.cpp's order of preference: lookup, then the draft
     n_max: int  # most tokens guessed for a sequence in one step
     n_min: int  # fewer guessed than this: none are checked
     p_min: float  # a draft model stops guessing where its own top token is less likely than this
     ngram: int  # ngram-simple: how many of the last tokens must match an earlier stretch
     max_batch: int  # guess only while at most this many sequences generate (a fuller batch gains nothing)
+    draft_n_max: int = 0  # with both kinds: most tokens the draft model guesses (n_max is the lookup's)
+
+    @property
+    def lookup(self) -> bool:
+        return "ngram-simple" in self.kind.split(",")
+
+    @property
+    def drafts(self) -> bool:
+        return "draft-simple" in self.kind.split(",")
 
 
 def speculation_from(options: dict[str, str | bool], has_draft: bool) -> Speculation | None:
@@ -48,28 +57,39 @@ def speculation_from(options: dict[str, str | bool], has_draft: bool) -> Specula
             raise ValueError(f"options {key}: {value} is out of range ({low} to {high})")
         return value
 
-    kind = str(options.get("spec_type") or "").lower() or ("draft-simple" if has_draft else "")
-    if kind in NOT_DONE:
+    named = [kind.strip() for kind in str(options.get("spec_type") or "").lower().split(",") if kind.strip()]
+    if named and all(kind in NOT_DONE for kind in named):
         return None
-    if kind not in ("", "none", *KINDS):
-        raise ValueError(f"options spec_type: '{kind}' is not a kind of speculation Hearth does; use "
-                         f"{' or '.join(KINDS)} (or none)")
-    if kind == "draft-simple" and not has_draft:
+    named = [kind for kind in named if kind not in NOT_DONE]  # (the log says which were left out: not_done)
+    for kind in named:
+        if kind not in ("none", *KINDS):
+            raise ValueError(f"options spec_type: '{kind}' is not a kind of speculation Hearth does; use "
+                             f"{' or '.join(KINDS)}, both comma-separated, or none")
+    if "none" in named and len(named) > 1:
+        raise ValueError("options spec_type: 'none' cannot be combined with another kind")
+    kinds = [kind for kind in KINDS if kind in named] or (["draft-simple"] if has_draft and not named else [])
+    if "draft-simple" in kinds and not has_draft:
         raise ValueError("options spec_type: draft-simple needs a draft_model")
-    defaults = DRAFT_DEFAULTS if kind == "draft-simple" else NGRAM_DEFAULTS
+    if not kinds:
+        return None
+    defaults = DRAFT_DEFAULTS if kinds == ["draft-simple"] else NGRAM_DEFAULTS
     n_max = int(number("spec_n_max", int, defaults["n_max"], 1, 64))
-    settings = Speculation(kind=kind, n_max=n_max,
-                           n_min=min(int(number("spec_n_min", int, defaults["n_min"], 0, 64)), n_max),
-                           p_min=number("spec_p_min", float, P_MIN, 0.0, 1.0),
-                           ngram=int(number("spec_ngram_size_n", int, NGRAM, 1, 64)),
-                           max_batch=int(number("spec_max_batch", int, MAX_BATCH, 1, 256)))
-    return settings if kind in KINDS else None
+    return Speculation(kind=",".join(kinds), n_max=n_max,
+                       n_min=min(int(number("spec_n_min", int, defaults["n_min"], 0, 64)), n_max),
+                       p_min=number("spec_p_min", float, P_MIN, 0.0, 1.0),
+                       ngram=int(number("spec_ngram_size_n", int, NGRAM, 1, 64)),
+                       max_batch=int(number("spec_max_batch", int, MAX_BATCH, 1, 256)),
+                       # With both, spec_n_max is the lookup's (llama.cpp's size-m) and the draft keeps its own.
+                       draft_n_max=DRAFT_DEFAULTS["n_max"] if len(kinds) > 1 else n_max)
 
 
 def not_done(options: dict[str, str | bool]) -> str:
     """Why the options' speculation is not done ('' when it is, or none is asked for)."""
-    kind = str(options.get("spec_type") or "").lower()
-    if kind not in NOT_DONE:
+    kind = next((kind.strip() for kind in str(options.get("spec_type") or "").lower().split(",")
+                 if kind.strip() in NOT_DONE), "")
+    if not kind:
         return ""
+    others = [kind for kind in map(str.strip, str(options.get("spec_type")).lower().split(",")) if kind in KINDS]
     return (f"options spec_type: llama.cpp's '{kind}' speculation is not done here (Hearth does "
-            f"{' and '.join(KINDS)}); the model runs without speculation")
+            f"{' and '.join(KINDS)}); the model runs " + (f"with {','.join(others)} only" if others
+                                                          else "without speculation"))
