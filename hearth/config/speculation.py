@@ -70,17 +70,16 @@ def speculation_from(options: dict[str, str | bool], has_draft: bool) -> Specula
     kinds = [kind for kind in KINDS if kind in named] or (["draft-simple"] if has_draft and not named else [])
     if "draft-simple" in kinds and not has_draft:
         raise ValueError("options spec_type: draft-simple needs a draft_model")
-    if not kinds:
-        return None
     defaults = DRAFT_DEFAULTS if kinds == ["draft-simple"] else NGRAM_DEFAULTS
     n_max = int(number("spec_n_max", int, defaults["n_max"], 1, 64))
-    return Speculation(kind=",".join(kinds), n_max=n_max,
-                       n_min=min(int(number("spec_n_min", int, defaults["n_min"], 0, 64)), n_max),
-                       p_min=number("spec_p_min", float, P_MIN, 0.0, 1.0),
-                       ngram=int(number("spec_ngram_size_n", int, NGRAM, 1, 64)),
-                       max_batch=int(number("spec_max_batch", int, MAX_BATCH, 1, 256)),
-                       # With both, spec_n_max is the lookup's (llama.cpp's size-m) and the draft keeps its own.
-                       draft_n_max=DRAFT_DEFAULTS["n_max"] if len(kinds) > 1 else n_max)
+    settings = Speculation(kind=",".join(kinds), n_max=n_max,
+                           n_min=min(int(number("spec_n_min", int, defaults["n_min"], 0, 64)), n_max),
+                           p_min=number("spec_p_min", float, P_MIN, 0.0, 1.0),
+                           ngram=int(number("spec_ngram_size_n", int, NGRAM, 1, 64)),
+                           max_batch=int(number("spec_max_batch", int, MAX_BATCH, 1, 256)),
+                           # With both, spec_n_max is the lookup's (llama.cpp's size-m) and the draft keeps its own.
+                           draft_n_max=DRAFT_DEFAULTS["n_max"] if len(kinds) > 1 else n_max)
+    return settings if kinds else None  # (the numbers are checked all the same)
 
 
 def not_done(options: dict[str, str | bool]) -> str:
