@@ -31,7 +31,8 @@ class Speculation:
     p_min: float  # a draft model stops guessing where its own top token is less likely than this
     ngram: int  # ngram-simple: how many of the last tokens must match an earlier stretch
     max_batch: int  # guess only while at most this many sequences generate (a fuller batch gains nothing)
-    draft_n_max: int = 0  # with both kinds: most tokens the draft model guesses (n_max is the lookup's)
+    draft_n_max: int  # most tokens the draft model guesses: n_max, or with both kinds the draft's own (n_max is then
+    # the lookup's)
 
     @property
     def lookup(self) -> bool:
