@@ -30,9 +30,6 @@ def test_threads_follow_outside_load_and_the_output_does_not_change(start_server
     fixed = {**body, "model": "fixed", "max_tokens": 4}
     quiet = server.client().chat.completions.create(**body).choices[0].message.content
     server.client().chat.completions.create(**fixed)
-    # OpenMP's threads poll a barrier briefly, then sleep (hearth/runtime/process.py): the runner was started so.
-    environ = Path(f"/proc/{server.runner_pid('smollm2')}/environ").read_bytes().split(b"\0")
-    assert b"GOMP_SPINCOUNT=300" in environ
     start = len(server.log())  # (the log from here on: what the runners said under the loads)
     loads = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:

@@ -236,22 +236,12 @@ def test_runners_ask_glibc_for_huge_pages_unless_told_otherwise() -> None:
     """Runners start with glibc's malloc asking for transparent huge pages; other tunables are kept, and a
     hugetlb setting of the user's own wins."""
     assert runner_environment({"PATH": "/bin"}) == {"PATH": "/bin", "PYTHONUNBUFFERED": "1",
-                                                    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
-                                                    "GOMP_SPINCOUNT": "300"}
+                                                    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     kept = runner_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"]
     assert kept == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     for own in ("glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2"):
         assert runner_environment({"GLIBC_TUNABLES": own})["GLIBC_TUNABLES"] == own
     assert runner_environment({"PYTHONUNBUFFERED": "0"})["PYTHONUNBUFFERED"] == "0"
-
-
-def test_runners_poll_openmp_barriers_briefly_unless_told_otherwise() -> None:
-    """OpenMP's threads sleep on a barrier after a short poll (a preempted partner must not cost a whole time slice
-    of spinning); the user's own spin count or wait policy wins."""
-    assert runner_environment({})["GOMP_SPINCOUNT"] == "300"
-    assert runner_environment({"GOMP_SPINCOUNT": "infinite"})["GOMP_SPINCOUNT"] == "infinite"
-    policy = runner_environment({"OMP_WAIT_POLICY": "active"})
-    assert policy["OMP_WAIT_POLICY"] == "active" and "GOMP_SPINCOUNT" not in policy
 
 
 @pytest.mark.parametrize(("written", "first", "spoken", "rest"), [

@@ -15,11 +15,6 @@ from pathlib import Path
 log = logging.getLogger("hearth.runtime")
 
 HUGE_PAGES = "glibc.malloc.hugetlb"  # the glibc tunable (2.35 and later) for malloc's transparent huge pages
-# How many times GNU OpenMP's threads (llama.cpp's, whisper.cpp's, torch's) poll a barrier before they sleep on it:
-# about 3 microseconds' worth, where libgomp's default is about 3 ms (300000). Measured with Qwen2.5-Coder 0.5B on
-# 2 cores, 2 threads: quiet, the same 36 tokens/s either way; beside two busy loops, 13 to 18 where the default gave
-# under 1 (a thread whose partner was preempted spun through its own time slice at every one of a step's barriers).
-SPIN_COUNT = "300"
 
 
 def runner_environment(base: Mapping[str, str]) -> dict[str, str]:
@@ -28,14 +23,8 @@ def runner_environment(base: Mapping[str, str]) -> dict[str, str]:
     tunable. Model weights read into a runner's memory then sit in 2 MiB pages instead of 4 KiB ones, and llama.cpp
     decodes from them 4 to 11% faster on CPU (benchmarks/README.md), for 15 to 17 MiB more memory per llama.cpp
     runner as measured. Where the kernel's transparent huge pages are off, or the C library is not glibc, the setting
-    does nothing.
-
-    GNU OpenMP's threads poll a barrier only briefly before they sleep on it (GOMP_SPINCOUNT, SPIN_COUNT), unless the
-    user set GOMP_SPINCOUNT or OMP_WAIT_POLICY: with another process on a core, llama.cpp's two threads otherwise
-    take seconds over one step (benchmarks/README.md, speed on a busy machine)."""
+    does nothing."""
     env = dict(base)
-    if "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
-        env["GOMP_SPINCOUNT"] = SPIN_COUNT
     env.setdefault("PYTHONUNBUFFERED", "1")
     tunables = env.get("GLIBC_TUNABLES", "")
     if not any(item.split("=", 1)[0] == HUGE_PAGES for item in tunables.split(":")):
