@@ -123,10 +123,14 @@ class OutsideLoad:
     (one such window alone is often a load that comes and goes: a process spinning 50 ms of every 100 gave 10-27%
     windows, a steady busy loop 25-43%, and two threads ride out the short bursts better). It is taken
     back after a window in which the cores were spare for at least SPARE of a core: idle (a bursty load that paused,
-    a build that ended), or running processes of lowered priority (nice above 0), which give way to the runner; and
-    every PROBE seconds one is tried again for a window anyway; if the waiting comes back, it is given up again (at
-    once: the load was there) and the next blind try waits twice as long (up to MAX_PROBE: tries up to 16 s apart
-    made one stream beside two busy loops run at 8 to 9 tokens/s in 5 rounds of 6 where 4 s gave 15 in 7 of 8).
+    a build that ended), or running processes of lowered priority (nice above 0), which give way to the runner. And
+    it is tried again for a window anyway (for a load of lower priority that the kernel's counts do not show: a
+    cgroup's weight, SCHED_IDLE), after PROBE seconds of computing; if the waiting comes back, it is given up again
+    (at once: the load was there) and the next blind try waits twice as long, up to MAX_PROBE, and at least
+    PROBE_COST times what the window with the thread cost (up to LONGEST_PROBE). Beside two busy loops one step with
+    two threads took 0.1 to 2.8 s (each thread preempted at the step's barriers while its partner spun), and tries
+    every 4 s made one stream run at about 8 tokens/s in half the rounds where it otherwise ran at 15. The tries are
+    timed in computing time, so a pause between requests does not bring the next one nearer.
     """
 
     WINDOW = 0.1  # seconds between judgements (a window in which the threads mostly did not compute is not judged)
@@ -135,6 +139,8 @@ class OutsideLoad:
     SPARE = 0.25  # cores' worth of spare time (idle, or running niced processes) over a window that means one is free
     PROBE = 1.0
     MAX_PROBE = 4.0
+    PROBE_COST = 20.0
+    LONGEST_PROBE = 60.0
     QUIET = 60.0
 
     def __init__(self, cores: int,
@@ -150,6 +156,7 @@ class OutsideLoad:
         self._spare = 0.0  # the machine's spare time (s) at the window's start
         # A runner that is itself niced counts its own time among the niced processes' (it is not spare for it).
         self._niced = _niceness() > 0
+        self._computed = 0.0  # seconds the threads computed through the windows judged: the clock of blind tries
         self._probe_at = 0.0
         self._probe_every = self.PROBE
         self._probing = False
@@ -174,30 +181,38 @@ class OutsideLoad:
         # spins, running), not the runner's own helpers (gRPC, the event loop), which run a moment at a time and,
         # woken while the computing threads hold the cores, wait for them: that is not load from outside.
         running = waiting = own = 0.0
+        computing = 0
         for task, (ran, waited_ns) in times.items():
             ran0, waited0 = before.get(task, (0, 0))
             own += (ran - ran0) / 1e9
             if (ran - ran0) / 1e9 >= self.COMPUTING * span:
+                computing += 1
                 running += (ran - ran0) / 1e9
                 waiting += (waited_ns - waited0) / 1e9
         if running + waiting < self.WINDOW / 2:
             return using  # mostly idle through the window (between requests): too little to judge by
+        runnable = (running + waiting) / computing  # seconds the computing threads could have computed, each
+        self._computed += runnable
         free = (spare - start_spare - (own if self._niced else 0.0)) / span if spare is not None else 0.0
         waited = waiting / (waiting + running)
         over, self._over = self._over, waited > self.WAITING
         if waited > self.WAITING and using > 1 and (over or self._probing):
             self._over = False
             self.cap = using - 1
-            self._probe_every = min(self.MAX_PROBE, self._probe_every * 2) if self._probing else self.PROBE
+            # A try costs about what this window did: the time the threads were runnable with the thread now given
+            # up (steps with a thread too many can take seconds while the cores are taken). Tries are kept to at
+            # most one such cost in PROBE_COST of the time.
+            doubled = min(self.MAX_PROBE, self._probe_every * 2) if self._probing else self.PROBE
+            self._probe_every = max(doubled, min(self.LONGEST_PROBE, self.PROBE_COST * runnable))
             if not self._probing:
                 self._say(f"computing with {self.cap} of {threads} threads: other processes keep this runner's "
                           f"threads waiting for a core ({waited:.0%} of their time)")
-            self._probe_at, self._probing = now + self._probe_every, False
+            self._probe_at, self._probing = self._computed + self._probe_every, False
         elif self._probing:
             self._probing, self._probe_every = False, self.PROBE  # the thread tried again is kept
             if self.cap is None:
                 self._say(f"computing with all {threads} threads again: the cores are free")
-        elif self.cap is not None and (now >= self._probe_at or free >= self.SPARE):
+        elif self.cap is not None and (self._computed >= self._probe_at or free >= self.SPARE):
             self.cap = self.cap + 1 if self.cap + 1 < threads else None
             self._probing = True
         return self._allowed(threads)

@@ -99,7 +99,28 @@ def test_an_idle_stretch_between_requests_is_not_judged() -> None:
     assert machine.step(2, waiting=0.5) == 1
     machine.now += 30  # no request for 30 s: no computing, so that stretch is not judged
     assert machine.load.limit(2) == 1
-    assert machine.step(1) == 2  # the next window of computing is: the probe long due tries the thread again
+    # Nor does it count towards the next blind try, which comes after the computing time it would have come after
+    # (the longer of PROBE and PROBE_COST times the last window's).
+    computed = 0.11  # (the window that gave the thread up)
+    while machine.step(1) == 1:
+        computed += 0.11
+    assert computed == pytest.approx(max(OutsideLoad.PROBE, OutsideLoad.PROBE_COST * 0.11), abs=0.25)
+
+
+def test_a_try_that_crawled_is_not_made_again_for_a_long_while() -> None:
+    """Beside two busy loops a step with two threads can take seconds (each thread preempted at the barriers while
+    its partner spins): blind tries are kept to at most one such cost in PROBE_COST of the computing time."""
+    machine = Machine()
+    machine.step(2)
+    machine.step(2, waiting=0.5)
+    assert machine.step(2, waiting=0.5) == 1
+    while machine.step(1) == 1:
+        pass
+    assert machine.step(2, waiting=0.5, seconds=2.0) == 1  # the try: one step of two seconds
+    computed = 0.11
+    while machine.step(1) == 1:
+        computed += 0.11
+    assert computed == pytest.approx(min(OutsideLoad.LONGEST_PROBE, OutsideLoad.PROBE_COST * 2.0), abs=0.25)
 
 
 def test_the_runners_own_helper_threads_waiting_is_not_outside_load() -> None:
