@@ -126,11 +126,11 @@ class OutsideLoad:
     a build that ended), or running processes of lowered priority (nice above 0), which give way to the runner. And
     it is tried again for a window anyway (for a load of lower priority that the kernel's counts do not show: a
     cgroup's weight, SCHED_IDLE), after PROBE seconds of computing; if the waiting comes back, it is given up again
-    (at once: the load was there) and the next blind try waits twice as long, up to MAX_PROBE, and at least
-    PROBE_COST times what the window with the thread cost (up to LONGEST_PROBE). Beside two busy loops one step with
-    two threads took 0.1 to 2.8 s (each thread preempted at the step's barriers while its partner spun), and tries
-    every 4 s made one stream run at about 8 tokens/s in half the rounds where it otherwise ran at 15. The tries are
-    timed in computing time, so a pause between requests does not bring the next one nearer.
+    (at once: the load was there) and the next blind try waits twice as long, up to MAX_PROBE. Every try also waits
+    at least PROBE_COST times what the last window with the thread cost (up to LONGEST_PROBE): beside two busy loops
+    one step with two threads took 0.1 to 2.8 s (each thread preempted at the step's barriers while its partner
+    spun), and tries every 4 s made one stream run at about 8 tokens/s in 3 to 5 rounds of 10 where it otherwise ran
+    at 15. The tries are timed in computing time, so a pause between requests does not bring the next one nearer.
     """
 
     WINDOW = 0.1  # seconds between judgements (a window in which the threads mostly did not compute is not judged)
